@@ -18,6 +18,10 @@ class ProtocolError(InstrumentError):
         self.raw = raw
 
 
+class ArgumentError(InstrumentError, ValueError):
+    """A value that cannot be encoded as its wire type (wrong type, out of the type's range, non-ASCII text)."""
+
+
 class NanonisError(InstrumentError):
     """The server answered with error status 1."""
 
