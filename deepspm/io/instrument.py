@@ -1,0 +1,252 @@
+"""The high-level operations the controller uses, and `NanonisInstrument`, which performs them over the client.
+
+Conventions (explicit because the original left them unchecked, reference deepspm.md section 8 item 13):
+- z is positive away from the sample; `ZState.extension` is 0 at the top of the z range (retracted) and 1 at
+  the bottom (fully extended towards the sample). Lost contact = extension near 1, crash = near 0.
+- `Frame.data_m` has row 0 at the top (+y) edge and column 0 at the left (-x) edge, whatever the scan
+  direction; `FrameOrientation` says how the server orders rows (reference nanonis-tcp.md section 4).
+- Nothing here retries an operation that changes the instrument; every step goes through the client and
+  therefore through the safety envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from deepspm.io.client import NanonisClient, TipShaperProps
+from deepspm.io.errors import InstrumentError
+
+
+class ApproachFailed(InstrumentError):
+    """The auto-approach did not finish within its deadline (the approach was stopped)."""
+
+
+class ScanFailed(InstrumentError):
+    """A scan did not end within its deadline (the scan was stopped)."""
+
+
+@dataclass(frozen=True)
+class PiezoRange:
+    x_m: float
+    y_m: float
+    z_m: float
+
+
+@dataclass(frozen=True)
+class ZState:
+    z_m: float
+    z_low_m: float
+    z_high_m: float
+    controller_on: bool
+
+    @property
+    def extension(self) -> float:
+        """0 = fully retracted (top of the range), 1 = fully extended towards the sample."""
+        span = self.z_high_m - self.z_low_m
+        return float((self.z_high_m - self.z_m) / span) if span > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Frame:
+    data_m: np.ndarray  # (lines, pixels) float32 heights; row 0 = top (+y) edge
+    centre_x_m: float
+    centre_y_m: float
+    size_m: float
+    channel_name: str
+    scan_up: bool
+    complete: bool  # False when lines are missing (NaN)
+
+
+@dataclass(frozen=True)
+class FrameOrientation:
+    """How the server orders a frame's rows: acquisition order (row 0 = first line scanned) or top first."""
+
+    acquisition_order: bool = True
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    pixels: int = 64
+    fwd_speed_mps: float = 80e-9
+    bwd_speed_mps: float = 160e-9
+    z_channel_name: str = "Z (m)"
+    scan_up: bool = True
+    timeout_margin_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ApproachSettings:
+    timeout_s: float = 600.0
+    poll_s: float = 1.0
+    target_extension: float = 0.8
+    extension_tolerance: float = 0.08
+    z_steps_per_adjust: int = 1
+    max_adjustments: int = 20
+    towards_sample_direction: int = 5  # Motor direction that closes the gap (5 = Z-)
+    away_from_sample_direction: int = 4
+    crash_retract_steps: int = 3
+    area_move_steps: int = 30  # coarse steps between approach areas
+    withdraw_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class DipSettings:
+    switch_off_delay_s: float = 0.05
+    bias_settling_s: float = 0.05
+    end_wait_s: float = 0.5  # the original waited 500 ms after every action
+    timeout_s: float = 30.0
+
+
+@runtime_checkable
+class Instrument(Protocol):
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    async def piezo_range(self) -> PiezoRange: ...
+    async def z_state(self) -> ZState: ...
+    async def approach(self) -> ZState: ...
+    async def withdraw(self) -> None: ...
+    async def set_z_extension(self) -> ZState: ...
+    async def retract_after_crash(self) -> ZState: ...
+    async def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame: ...
+    async def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None: ...
+    async def dip(self, x_m: float, y_m: float, depth_m: float, bias_V: float, duration_s: float) -> None: ...
+    async def move_area(self, direction: int) -> ZState: ...
+
+
+@dataclass
+class NanonisInstrument:
+    """`Instrument` over the Nanonis TCP client."""
+
+    client: NanonisClient
+    scan_settings: ScanSettings = field(default_factory=ScanSettings)
+    approach_settings: ApproachSettings = field(default_factory=ApproachSettings)
+    dip_settings: DipSettings = field(default_factory=DipSettings)
+    orientation: FrameOrientation = field(default_factory=FrameOrientation)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    monotonic: Callable[[], float] = time.monotonic
+    _z_channel: int | None = None
+    _configured: tuple | None = None
+    _range: PiezoRange | None = None
+
+    async def connect(self) -> None:
+        await self.client.connect()
+        await self.piezo_range()
+        names = await self.client.signal_names()
+        try:
+            self._z_channel = names.index(self.scan_settings.z_channel_name)
+        except ValueError:
+            raise InstrumentError(f"signal {self.scan_settings.z_channel_name!r} not among the server's signals") from None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def piezo_range(self) -> PiezoRange:
+        r = await self.client.piezo_range_get()  # also teaches the safety envelope the range
+        self._range = PiezoRange(r.x_m, r.y_m, r.z_m)
+        return self._range
+
+    async def z_state(self) -> ZState:
+        z = await self.client.z_pos_get()
+        high, low = await self.client.z_limits_get()
+        on = await self.client.z_ctrl_on_get()
+        return ZState(z, low, high, on)
+
+    async def withdraw(self) -> None:
+        await self.client.z_withdraw(self.approach_settings.withdraw_timeout_s)
+
+    async def approach(self) -> ZState:
+        """Auto-approach and poll until it ends; stops the approach if it overruns."""
+        s = self.approach_settings
+        await self.client.auto_approach_set(True)
+        start = self.monotonic()
+        while await self.client.auto_approach_running():
+            if self.monotonic() - start > s.timeout_s:
+                await self.client.auto_approach_set(False)
+                raise ApproachFailed(f"auto-approach still running after {s.timeout_s:g} s; stopped")
+            await self.sleep(s.poll_s)
+        return await self.z_state()
+
+    async def set_z_extension(self) -> ZState:
+        """Bring the z piezo to the target extension (about 80 %) with single coarse steps and re-approaches."""
+        s = self.approach_settings
+        state = await self.z_state()
+        for _ in range(s.max_adjustments):
+            if abs(state.extension - s.target_extension) <= s.extension_tolerance:
+                return state
+            direction = s.towards_sample_direction if state.extension > s.target_extension else s.away_from_sample_direction
+            await self.withdraw()
+            await self.client.motor_start_move(direction, s.z_steps_per_adjust)
+            state = await self.approach()
+        raise ApproachFailed(f"z extension {state.extension:.2f} not within {s.target_extension}+-{s.extension_tolerance} "
+                             f"after {s.max_adjustments} coarse adjustments")
+
+    async def retract_after_crash(self) -> ZState:
+        """Withdraw, back off with the coarse motor, approach again and re-centre z."""
+        s = self.approach_settings
+        await self.withdraw()
+        await self.client.motor_start_move(s.away_from_sample_direction, s.crash_retract_steps)
+        await self.approach()
+        return await self.set_z_extension()
+
+    async def move_area(self, direction: int) -> ZState:
+        """Move the coarse positioner to a new approach area (X/Y direction code) and approach there."""
+        s = self.approach_settings
+        await self.withdraw()
+        await self.client.motor_start_move(direction, s.area_move_steps)
+        await self.approach()
+        return await self.set_z_extension()
+
+    async def _configure_scan(self, size_m: float) -> None:
+        s = self.scan_settings
+        key = (size_m, s.pixels, s.fwd_speed_mps, s.bwd_speed_mps)
+        if self._configured == key:
+            return
+        assert self._z_channel is not None, "connect() first"
+        await self.client.scan_buffer_set([self._z_channel], s.pixels, s.pixels)
+        await self.client.scan_speed_set(s.fwd_speed_mps, s.bwd_speed_mps)
+        self._configured = key
+
+    def frame_time_s(self, size_m: float) -> float:
+        s = self.scan_settings
+        return s.pixels * (size_m / s.fwd_speed_mps + size_m / s.bwd_speed_mps)
+
+    async def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame:
+        """Scan one square frame and return its forward z data, top row first."""
+        s = self.scan_settings
+        await self._configure_scan(size_m)
+        await self.client.scan_frame_set(centre_x_m, centre_y_m, size_m, size_m, 0.0)
+        await self.client.scan_start(s.scan_up)
+        timeout_s = self.frame_time_s(size_m) + s.timeout_margin_s
+        timed_out, _ = await self.client.scan_wait_end(timeout_s)
+        if timed_out:
+            await self.client.scan_stop()
+            raise ScanFailed(f"scan at ({centre_x_m:.3g}, {centre_y_m:.3g}) m did not end within {timeout_s:.0f} s; stopped")
+        assert self._z_channel is not None
+        grabbed = await self.client.scan_frame_data_grab(self._z_channel, forward=True)
+        data = grabbed.data
+        if self.orientation.acquisition_order and grabbed.scan_up:
+            data = data[::-1]  # an up-scan acquires the bottom line first
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        return Frame(data, centre_x_m, centre_y_m, size_m, grabbed.channel_name, grabbed.scan_up, not np.isnan(data).any())
+
+    async def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None:
+        await self.client.folme_xy_set(x_m, y_m)
+        await self.client.bias_pulse(width_s, bias_V, z_hold=1, absolute=True)
+
+    async def dip(self, x_m: float, y_m: float, depth_m: float, bias_V: float, duration_s: float) -> None:
+        """Move the tip `depth_m` towards the sample at `bias_V`, hold, and come back (the tip shaper)."""
+        d = self.dip_settings
+        scan_bias = await self.client.bias_get()
+        props = TipShaperProps(
+            switch_off_delay_s=d.switch_off_delay_s, change_bias=1, bias_V=bias_V, tip_lift_m=-depth_m,
+            lift_time1_s=duration_s, bias_lift_V=scan_bias, bias_settling_s=d.bias_settling_s,
+            lift_height_m=depth_m, lift_time2_s=duration_s, end_wait_s=d.end_wait_s, restore_feedback=1,
+        )
+        await self.client.folme_xy_set(x_m, y_m)
+        await self.client.tip_shaper_props_set(props)
+        await self.client.tip_shaper_start(d.timeout_s)
