@@ -33,6 +33,7 @@ import ipaddress
 import itertools
 import socket
 import struct
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,9 +98,9 @@ class LoggedRequest:
 
 @dataclass(frozen=True)
 class LoggedReply:
-    """What was written for one request. `raw` holds the bytes actually written (after faults; empty when
-    a fault closed the connection first); `writes` the size of each write call; `closed` whether a fault
-    closed the connection after it."""
+    """What was written for one request: `raw` the bytes after faults (empty when a fault closed the
+    connection first), `writes` the size of each completed write call, `closed` whether a fault closed the
+    connection after it. Requests with response flag 0 get no entry unless a fault closed the link."""
 
     conn: int
     seq: int  # the request's seq
@@ -156,6 +157,11 @@ def _ascii_text(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
 
+def _wire_text(text: str) -> str:
+    """Descriptions given by tests: sent as given, one byte per character ("?" where that is impossible)."""
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
 class FakeNanonisServer:
     """A Nanonis TCP server on 127.0.0.1 with per-command handlers and fault injection.
 
@@ -194,8 +200,7 @@ class FakeNanonisServer:
         self.events: list[ServerEvent] = []
 
         self._handlers: dict[str, Handler] = {"util.versionget": self._version_handler}
-        for name, handler in (handlers or {}).items():
-            self.set_handler(name, handler)
+        self.set_handlers(handlers or {})
         self._faults = FaultPlan()
         self._calls: dict[str, int] = {}
         self._request_count = 0
@@ -214,6 +219,11 @@ class FakeNanonisServer:
         """Answer `name` (any case; must be in the command table) with `handler`."""
         spec = commands.lookup(name)  # raises UnsupportedCommand on a typo
         self._handlers[spec.name.lower()] = handler
+
+    def set_handlers(self, handlers: Mapping[str, Handler]) -> None:
+        """Set many handlers at once (e.g. the physics simulator's handler table)."""
+        for name, handler in handlers.items():
+            self.set_handler(name, handler)
 
     def remove_handler(self, name: str) -> None:
         """Forget the handler: the command then gets a status-1 "not supported" reply."""
@@ -319,7 +329,7 @@ class FakeNanonisServer:
         return b"".join(bytes(self._received[c]) for c in sorted(self._received))
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Wait until `predicate()` holds; it is rechecked on every request, reply and connection event.
+        """Wait until `predicate()` holds; it is rechecked whenever bytes arrive and on every reply and event.
 
         Raises TimeoutError after `timeout` seconds.
         """
@@ -424,8 +434,7 @@ class FakeNanonisServer:
                     return "protocol_error"
                 for message in messages:
                     conn.queue.put_nowait(self._accept(conn, message))
-                if messages:
-                    self._notify()
+                self._notify()
         finally:
             conn.peer_gone.set()
             conn.queue.put_nowait(None)
@@ -474,66 +483,43 @@ class FakeNanonisServer:
         """Answer one request, applying its faults. Returns False when the connection must end."""
         request = pending.request
         faults = request.faults
-
-        def first(kind: type) -> Any:
-            return next((f for f in faults if isinstance(f, kind)), None)
-
         delay = sum(f.seconds for f in faults if isinstance(f, Delay))
         if delay:
             await asyncio.sleep(delay)
-        if first(NeverReply):
+        if _first(faults, NeverReply):
             await conn.peer_gone.wait()
             return False
 
-        injected = first(ErrorReply)
+        injected = _first(faults, ErrorReply)
         if pending.unsupported is not None:
             if not self.unknown_reply:
                 return True
-            status, message = 1, injected.message if injected else pending.unsupported
+            status, message = 1, _wire_text(injected.message) if injected else pending.unsupported
             body = codec.encode_error_section(status, message)
         else:
             assert pending.spec is not None
             status, message, body = await self._run(pending.spec, request, injected)
-        if not request.want_reply:
-            closing = first(CloseBeforeReply) or first(CloseAfterHeader) or first(CloseMidBody)
-            if closing:
-                self._log_reply(conn, request, status, message, b"", (), closed=True)
-            return not closing
 
-        wrong = first(WrongName)
-        frame = codec.encode_reply(wrong.name if wrong else request.name, body)
-        bad_size = first(BadBodySize)
-        if bad_size:
-            frame = frame[:32] + struct.pack(">i", len(body) + bad_size.delta) + frame[36:]
-        garbage = first(Garbage)
-        if garbage:
-            frame = garbage.raw
-        close = True
-        if first(CloseBeforeReply):
-            frame = b""
-        elif first(CloseAfterHeader):
-            frame = frame[: codec.HEADER_SIZE]
-        elif (cut := first(CloseMidBody)) is not None:
-            frame = frame[: codec.HEADER_SIZE + cut.after_bytes]
-        else:
-            close = False
-
-        writes = await self._write(conn, frame, first(Chunked))
-        extra = first(Unsolicited)
-        if extra and not close:
+        frame, close = _shape(request, body) if request.want_reply else (b"", _closes(faults))
+        writes = await self._write(conn, frame, _first(faults, Chunked))
+        extra = _first(faults, Unsolicited)
+        if extra and request.want_reply and not close:
             writes += await self._write(conn, extra.raw, None)
             frame += extra.raw
         if close:
             conn.writer.close()
-        self._log_reply(conn, request, status, message, frame, writes, closed=close)
+        if request.want_reply or close:
+            self._log_reply(conn, request, status, message, frame, writes, closed=close)
         return not close
 
-    async def _run(self, spec: CommandSpec, request: LoggedRequest, injected: ErrorReply | None) -> tuple[int, str, bytes]:
+    async def _run(
+        self, spec: CommandSpec, request: LoggedRequest, injected: ErrorReply | None
+    ) -> tuple[int, str, bytes]:
         """Run the handler (unless an ErrorReply fault pre-empts it); returns status, message, reply body."""
         if request.args is None:
             message = request.error or "bad arguments"
         elif injected is not None:
-            message = injected.message
+            message = _wire_text(injected.message)
         elif (handler := self._handlers.get(spec.name.lower())) is None:
             message = f"{spec.name} is not supported by this test server (no handler set)"
         else:
@@ -543,11 +529,13 @@ class FakeNanonisServer:
                     result = await result
                 return 0, "", spec.encode_reply(result, self.release)
             except CommandFailed as exc:
-                message = exc.message
+                message = _wire_text(exc.message)
             except Exception as exc:  # a handler bug is a status-1 reply, never silence or a dead server
                 message = _ascii_text(f"{spec.name} handler failed: {type(exc).__name__}: {exc}")
                 self._event(request.conn, "handler_error", message)
-                log.error("fake_nanonis.handler_error", conn=request.conn, command=spec.name, exc_info=exc)
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                log.error("fake_nanonis.handler_error", conn=request.conn, error=message,
+                          at=f"{where.filename}:{where.lineno} in {where.name}")
         return 1, message, spec.encode_reply(None, self.release, 1, message)
 
     async def _write(self, conn: _Connection, data: bytes, chunked: Chunked | None) -> tuple[int, ...]:
@@ -568,7 +556,7 @@ class FakeNanonisServer:
         return tuple(sizes)
 
     def _log_reply(self, conn: _Connection, request: LoggedRequest, status: int, message: str, raw: bytes,
-                         writes: tuple[int, ...], *, closed: bool) -> None:
+                   writes: tuple[int, ...], *, closed: bool) -> None:
         self._reply_count += 1
         if self.record:
             self.replies.append(LoggedReply(conn.id, request.seq, request.name, status, message, raw, writes,
@@ -580,6 +568,32 @@ class FakeNanonisServer:
     def _version_handler(self, args: dict[str, Any]) -> dict[str, Any]:
         product, version, host_release, rt_release = self.version
         return {"product": product, "version": version, "host_release": host_release, "rt_release": rt_release}
+
+
+def _first(faults: tuple[Fault, ...], kind: type) -> Any:
+    return next((f for f in faults if isinstance(f, kind)), None)
+
+
+def _closes(faults: tuple[Fault, ...]) -> bool:
+    return any(isinstance(f, (CloseBeforeReply, CloseAfterHeader, CloseMidBody)) for f in faults)
+
+
+def _shape(request: LoggedRequest, body: bytes) -> tuple[bytes, bool]:
+    """The reply frame after the request's faults, and whether the connection closes after it."""
+    faults = request.faults
+    wrong = _first(faults, WrongName)
+    frame = codec.encode_reply(wrong.name if wrong else request.name, body)
+    if bad_size := _first(faults, BadBodySize):
+        frame = frame[:32] + struct.pack(">i", len(body) + bad_size.delta) + frame[36:]
+    if garbage := _first(faults, Garbage):
+        frame = garbage.raw
+    if _first(faults, CloseBeforeReply):
+        return b"", True
+    if _first(faults, CloseAfterHeader):
+        return frame[: codec.HEADER_SIZE], True
+    if cut := _first(faults, CloseMidBody):
+        return frame[: codec.HEADER_SIZE + cut.after_bytes], True
+    return frame, False
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
