@@ -93,6 +93,10 @@ def test_bad_arguments_are_typed() -> None:
         lookup("Util.SessionPathSet").encode_args(["\u2603", 0], Release.R14718)
     with pytest.raises(ArgumentError):
         lookup("Bias.Set").encode_args([], Release.R14718)
+    with pytest.raises(ArgumentError, match="u32"):
+        lookup("Scan.StatusGet").encode_reply({"running": 1.7}, Release.R14718)
+    with pytest.raises(ArgumentError):
+        lookup("Bias.Set").encode_args(["1.0"], Release.R14718)
 
 
 def args_for(spec, release):

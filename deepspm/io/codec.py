@@ -66,6 +66,8 @@ class Scalar(WireType):
         self._kind = kind
 
     def encode(self, value: Any, out: bytearray, what: str) -> None:
+        if isinstance(value, (str, bytes)) or (self._kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ArgumentError(f"{what}: {value!r} is not a valid {self.label}")
         try:
             v = self._kind(value)
             out += self._struct.pack(v)

@@ -60,6 +60,7 @@ class Frame:
     channel_name: str
     scan_up: bool
     complete: bool  # False when lines are missing (NaN)
+    z_after: ZState  # the z piezo right after the scan: lost contact and crashes show here
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Instrument(Protocol):
     async def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame: ...
     async def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None: ...
     async def dip(self, x_m: float, y_m: float, depth_m: float, bias_V: float, duration_s: float) -> None: ...
-    async def move_area(self, direction: int) -> ZState: ...
+    async def move_area(self, direction: int) -> None: ...
 
 
 @dataclass
@@ -193,13 +194,12 @@ class NanonisInstrument:
         await self.approach()
         return await self.set_z_extension()
 
-    async def move_area(self, direction: int) -> ZState:
-        """Move the coarse positioner to a new approach area (X/Y direction code) and approach there."""
-        s = self.approach_settings
+    async def move_area(self, direction: int) -> None:
+        """Withdraw and move the coarse positioner to a new approach area (X/Y direction code).
+
+        The approach in the new area is a separate operation (the run's `approaching` state)."""
         await self.withdraw()
-        await self.client.motor_start_move(direction, s.area_move_steps)
-        await self.approach()
-        return await self.set_z_extension()
+        await self.client.motor_start_move(direction, self.approach_settings.area_move_steps)
 
     async def _configure_scan(self, size_m: float) -> None:
         s = self.scan_settings
@@ -232,7 +232,9 @@ class NanonisInstrument:
         if self.orientation.acquisition_order and grabbed.scan_up:
             data = data[::-1]  # an up-scan acquires the bottom line first
         data = np.ascontiguousarray(data, dtype=np.float32)
-        return Frame(data, centre_x_m, centre_y_m, size_m, grabbed.channel_name, grabbed.scan_up, not np.isnan(data).any())
+        z_after = await self.z_state()
+        complete = not np.isnan(data).any()
+        return Frame(data, centre_x_m, centre_y_m, size_m, grabbed.channel_name, grabbed.scan_up, complete, z_after)
 
     async def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None:
         await self.client.folme_xy_set(x_m, y_m)

@@ -1,0 +1,120 @@
+"""Decisions as data: each command the run loop can emit, one `Instrument` operation each.
+
+Policies return these; the executor performs them in one place and journals each command with its
+reply or failure. Because every command maps to exactly one `Instrument` method, a `ReplayInstrument`
+can answer a run from its journal and check that the controller asks for the same things in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Command:
+    op: ClassVar[str]  # the Instrument method, or "settle"/"stall" which need no instrument
+    touches_instrument: ClassVar[bool] = True
+    meta_fields: ClassVar[tuple[str, ...]] = ()  # journaled, but not passed to the instrument
+
+    def instrument_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.meta_fields}
+
+    def to_record(self) -> dict[str, Any]:
+        return {"op": self.op, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Approach(Command):
+    op = "approach"
+
+
+@dataclass(frozen=True)
+class SetZ(Command):
+    op = "set_z_extension"
+
+
+@dataclass(frozen=True)
+class ReadZ(Command):
+    op = "z_state"
+
+
+@dataclass(frozen=True)
+class Withdraw(Command):
+    op = "withdraw"
+
+
+@dataclass(frozen=True)
+class RetractAfterCrash(Command):
+    op = "retract_after_crash"
+
+
+@dataclass(frozen=True)
+class MoveArea(Command):
+    op = "move_area"
+    direction: int
+
+
+@dataclass(frozen=True)
+class Settle(Command):
+    """Wait for drift and z creep to settle after an approach (the paper: about 120 s)."""
+
+    op = "settle"
+    touches_instrument = False
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Scan(Command):
+    """Scan one frame; `purpose` is "creep" (discarded first frame of a region) or "frame"."""
+
+    op = "scan"
+    meta_fields = ("purpose",)
+    centre_x_m: float
+    centre_y_m: float
+    size_m: float
+    purpose: str = "frame"
+
+
+@dataclass(frozen=True)
+class Pulse(Command):
+    op = "pulse"
+    meta_fields = ("action",)
+    x_m: float
+    y_m: float
+    bias_V: float
+    width_s: float
+    action: int
+
+
+@dataclass(frozen=True)
+class Dip(Command):
+    op = "dip"
+    meta_fields = ("action",)
+    x_m: float
+    y_m: float
+    depth_m: float
+    bias_V: float
+    duration_s: float
+    action: int
+
+
+@dataclass(frozen=True)
+class Stall(Command):
+    """The 'do nothing, scan elsewhere' action: nothing reaches the instrument."""
+
+    op = "stall"
+    touches_instrument = False
+    action: int
+
+
+COMMANDS: dict[str, type[Command]] = {
+    c.op: c for c in (Approach, SetZ, ReadZ, Withdraw, RetractAfterCrash, MoveArea, Settle, Scan, Pulse, Dip, Stall)
+}
+
+
+def command_from_record(record: dict[str, Any]) -> Command:
+    """Rebuild a command from its journal record (for replay)."""
+    data = dict(record)
+    cls = COMMANDS[data.pop("op")]
+    return cls(**data)

@@ -1,0 +1,76 @@
+"""The one place where commands meet the instrument: perform, and journal command, reply or failure.
+
+Failures are inputs too: a timeout, a lost connection or a refused (safety) request is journaled with its
+type and message before it propagates to the loop, which decides what it means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Awaitable, Callable, Protocol
+
+import numpy as np
+
+from deepspm.controller.commands import Command, Settle
+from deepspm.io.instrument import Frame, Instrument, ZState
+
+
+class JournalSink(Protocol):
+    def event(self, kind: str, **data: Any) -> int: ...
+    async def save_frame(self, array: np.ndarray) -> str: ...
+
+
+def zstate_to_record(z: ZState) -> dict[str, Any]:
+    return dataclasses.asdict(z)
+
+
+def result_to_record(result: Any, frame_ref: str | None) -> Any:
+    if result is None:
+        return None
+    if isinstance(result, ZState):
+        return {"type": "ZState", **zstate_to_record(result)}
+    if isinstance(result, Frame):
+        meta = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("data_m", "z_after")}
+        return {"type": "Frame", "frame": frame_ref, "z_after": zstate_to_record(result.z_after), **meta}
+    raise TypeError(f"cannot journal a result of type {type(result).__name__}")
+
+
+def result_from_record(record: Any, load_frame: Callable[[str], np.ndarray]) -> Any:
+    """Inverse of `result_to_record` (replay)."""
+    if record is None:
+        return None
+    data = dict(record)
+    kind = data.pop("type")
+    if kind == "ZState":
+        return ZState(**data)
+    if kind == "Frame":
+        ref = data.pop("frame")
+        z_after = ZState(**data.pop("z_after"))
+        return Frame(data_m=load_frame(ref), z_after=z_after, **data)
+    raise ValueError(f"unknown result type {kind!r} in journal")
+
+
+class Executor:
+    def __init__(self, instrument: Instrument, journal: JournalSink, sleep: Callable[[float], Awaitable[None]]) -> None:
+        self.instrument = instrument
+        self.journal = journal
+        self.sleep = sleep
+
+    async def execute(self, command: Command) -> Any:
+        seq = self.journal.event("command", **command.to_record())
+        try:
+            if isinstance(command, Settle):
+                await self.sleep(command.seconds)
+                result = None
+            elif not command.touches_instrument:
+                result = None
+            else:
+                method = getattr(self.instrument, command.op)
+                result = await method(**command.instrument_kwargs())
+        except Exception as exc:
+            self.journal.event("failure", of=seq, op=command.op, error=type(exc).__name__, message=str(exc))
+            raise
+        ref = await self.journal.save_frame(result.data_m) if isinstance(result, Frame) else None
+        self.journal.event("reply", of=seq, op=command.op, result=result_to_record(result, ref))
+        return result
+
