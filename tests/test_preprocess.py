@@ -7,6 +7,7 @@ import pytest
 from sklearn.linear_model import LinearRegression, RANSACRegressor
 
 from deepspm.controller.preprocess import (
+    PlaneLeastSquares,
     Preprocessed,
     RoughnessMeasure,
     empty_mask,
@@ -148,3 +149,22 @@ def test_empty_mask_tolerance_and_border() -> None:
     valid[1, 1] = False
     assert not empty_mask(v, valid=valid)[1, 1]
     assert empty_mask(v, tolerance=0.2)[2, 3]
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        [(0, 0), (5, 9), (63, 2)],  # a general triangle: the closed form
+        [(0, 0), (1, 1), (2, 2)],  # collinear: minimum-norm least squares
+        [(4, 4), (4, 4), (4, 4)],  # one point three times
+        [(0, 0), (0, 1), (1, 0), (7, 7), (3, 60)],  # more than three points
+    ],
+)
+def test_plane_estimator_equals_linear_regression(points: list[tuple[int, int]]) -> None:
+    X = np.array(points, dtype=float)
+    y = np.random.default_rng(len(points)).normal(1e-9, 1e-10, len(points))
+    grid = np.indices((64, 64)).reshape(2, -1).T.astype(float)
+    ours = PlaneLeastSquares().fit(X, y)
+    reference = LinearRegression().fit(X, y)
+    np.testing.assert_allclose(ours.predict(grid), reference.predict(grid), rtol=0, atol=1e-18)
+    assert ours.score(X, y) == pytest.approx(reference.score(X, y), abs=1e-9)
