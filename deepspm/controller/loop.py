@@ -30,7 +30,7 @@ from deepspm.fsm.guards import DecisionContext
 from deepspm.fsm.machine import RunModel, build_machine
 from deepspm.fsm.states import State
 from deepspm.io.actions import ACTIONS, ActionKind
-from deepspm.io.errors import InstrumentError
+from deepspm.io.errors import InstrumentError, SafetyError
 from deepspm.io.instrument import Frame, Instrument
 
 log = structlog.get_logger(__name__)
@@ -57,6 +57,7 @@ class LoopSettings:
     epsilon: float = 0.05  # exploration in operation (training uses the agent's schedule)
     area_move_direction: int = 0  # Motor direction code for moving to a new approach area (0 = X+)
     withdraw_on_stop: bool = True
+    max_consecutive_faults: int = 3  # instrument errors in a row (timeouts, lost connections, error replies) before giving up
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
 
@@ -130,6 +131,7 @@ class RunLoop:
         self._monotonic = monotonic or asyncio.get_running_loop().time
         self._started = self._monotonic()
         self._episode_start_actions = 0
+        self._consecutive_faults = 0
 
     @property
     def state(self) -> State:
@@ -199,6 +201,22 @@ class RunLoop:
             self.journal.event("note", message=f"withdraw after '{why}' failed: {type(exc).__name__}: {exc}")
 
     async def step(self) -> None:
+        """One state's work. An instrument error leaves the state unchanged, so the next step decides again
+        (a new, journaled decision, never a blind re-send); too many in a row end the run."""
+        try:
+            await self._dispatch()
+        except SafetyError:
+            raise
+        except InstrumentError as exc:
+            self._consecutive_faults += 1
+            self.journal.event("note", message=f"instrument fault in {self.state.value}: {type(exc).__name__}: {exc}",
+                               consecutive=self._consecutive_faults)
+            if self._consecutive_faults >= self.settings.max_consecutive_faults:
+                raise RunFailed(f"{self._consecutive_faults} instrument faults in a row; last: {exc}") from exc
+            return
+        self._consecutive_faults = 0
+
+    async def _dispatch(self) -> None:
         handler = {
             State.idle: self._idle,
             State.approaching: self._approaching,
@@ -307,7 +325,7 @@ class RunLoop:
             await self._fire("sample_bad")
             return
         pos.consecutive_bad_sample = 0
-        site = locate_action(pre.normalised, pos.target_xy_m, s.frame_size_m)
+        site = locate_action(pre.normalised, pos.target_xy_m, s.frame_size_m, valid=pre.valid)
         mask = action_mask(site.free_side_m)
         self._remember(ref, pre.normalised, mask)
         p_good = await self.brain.classify(pre.normalised)
@@ -386,14 +404,22 @@ class RunLoop:
         await self._fire("reset_done")
 
     async def _act(self, index: int, last: LastFrame) -> None:
+        """Execute a conditioning action. If its outcome is unknown (timeout, lost connection) it counts as
+        done: a pulse or dip is never repeated, the next frame shows what happened."""
         action = ACTIONS[index]
         x, y = last.site.x_m, last.site.y_m
         if action.kind is ActionKind.PULSE:
-            await self._do(Pulse(x, y, action.bias_V, action.duration_s, index))
+            command: Command = Pulse(x, y, action.bias_V, action.duration_s, index)
         elif action.kind is ActionKind.DIP:
-            await self._do(Dip(x, y, action.dip_depth_m, action.bias_V, action.duration_s, index))
+            command = Dip(x, y, action.dip_depth_m, action.bias_V, action.duration_s, index)
         else:
-            await self._do(Stall(index))
+            command = Stall(index)
+        try:
+            await self._do(command)
+        except SafetyError:
+            raise
+        except InstrumentError as exc:
+            self.journal.event("note", message=f"action {index} outcome unknown ({type(exc).__name__}); not repeated")
         self.planner.block_circle((x, y), action.forbidden_radius_m)
         self.position.previous_xy_m = (x, y)  # the original's reference point during conditioning
 
