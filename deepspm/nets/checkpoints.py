@@ -1,0 +1,202 @@
+"""Self-describing orbax checkpoints for nets and for the DQN training state.
+
+A checkpoint directory holds two orbax items: `arrays` (a flat dict of named arrays) and `meta` (JSON:
+format tag, kind, preset name and full layer plan, head size, library versions, caller metadata). Restoring
+reads `meta` first, rebuilds the net abstractly (`nnx.eval_shape`, no allocation) and restores the arrays
+against that abstract state, so a fresh process needs nothing but the path. Orbax writes into a temporary
+directory and renames it when complete, so a killed process never leaves a half-written checkpoint.
+
+Saving is blocking I/O: from the event loop use the `*_async` variants (they run in a worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from deepspm.nets.dqn import DQNConfig, Learner, make_optimizer
+from deepspm.nets.model import NetDef, NetVars
+from deepspm.nets.presets import NetSpec
+from deepspm.nets.replay_buffer import ReplayBuffer
+
+FORMAT = "deepspm.nets.checkpoint/1"
+KINDS = ("classifier", "agent", "dqn_training")
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flatten_named(tree: Any) -> dict[str, Any]:
+    """{'convs.0.conv.kernel.value': array, ...}: stable, readable names for every leaf."""
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def unflatten_named(abstract: Any, named: dict[str, Any]) -> Any:
+    """Inverse of `flatten_named` against an abstract tree of the same structure."""
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves = []
+    for path, leaf in paths_and_leaves:
+        name = ".".join(_key_name(k) for k in path)
+        if name not in named:
+            raise KeyError(f"checkpoint lacks array {name}")
+        leaves.append(named[name])
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _write(path: Path | str, arrays: dict[str, Any], meta: dict[str, Any], overwrite: bool) -> Path:
+    path = Path(path).absolute()
+    # orbax cannot store zero-size arrays; they are recreated from the abstract shape on restore.
+    stored = {name: value for name, value in arrays.items() if np.size(value) > 0}
+    _checkpointer().save(
+        path, ocp.args.Composite(arrays=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(meta)), force=overwrite
+    )
+    return path
+
+
+def read_meta(path: Path | str) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (cheap: no arrays are read)."""
+    meta = _checkpointer().restore(Path(path).absolute(), ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def _read_arrays(path: Path | str, abstract: dict[str, Any]) -> dict[str, Any]:
+    wanted = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in abstract.items() if np.prod(a.shape) > 0}
+    restored = _checkpointer().restore(
+        Path(path).absolute(), ocp.args.Composite(arrays=ocp.args.StandardRestore(wanted))
+    )["arrays"]
+    return {n: restored[n] if n in restored else np.zeros(a.shape, a.dtype) for n, a in abstract.items()}
+
+
+def _base_meta(kind: str, net: NetDef, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "preset": net.spec.name,
+        "spec": net.spec.to_dict(),
+        "n_outputs": net.n_outputs,
+        "versions": {"jax": jax.__version__, "flax": flax.__version__},
+        "metadata": metadata or {},
+    }
+
+
+def _net_from_meta(meta: dict[str, Any]) -> NetDef:
+    return NetDef(NetSpec.from_dict(meta["spec"]), int(meta["n_outputs"]))
+
+
+def _to_device(tree: Any) -> Any:
+    return jax.tree.map(jnp.asarray, tree)
+
+
+# --- nets -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NetCheckpoint:
+    net: NetDef
+    variables: NetVars
+    kind: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # the caller's metadata (metrics, seed, data...)
+
+
+def save_net(
+    path: Path | str, net: NetDef, variables: NetVars, *, kind: str, metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a classifier or agent net (params + BN statistics) with self-describing metadata."""
+    return _write(path, flatten_named(variables), _base_meta(kind, net, metadata), overwrite)
+
+
+async def save_net_async(
+    path: Path | str, net: NetDef, variables: NetVars, *, kind: str, metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    return await asyncio.to_thread(
+        save_net, path, net, variables, kind=kind, metadata=metadata, overwrite=overwrite
+    )
+
+
+def load_net(path: Path | str, expect_kind: str | None = None) -> NetCheckpoint:
+    """Restore a net into a fresh process: metadata first, then arrays against the abstract variables."""
+    meta = read_meta(path)
+    if expect_kind is not None and meta["kind"] != expect_kind:
+        raise ValueError(f"{path} holds a {meta['kind']} net, expected {expect_kind}")
+    net = _net_from_meta(meta)
+    abstract = net.abstract_vars()
+    arrays = _read_arrays(path, flatten_named(abstract))
+    return NetCheckpoint(net, _to_device(unflatten_named(abstract, arrays)), meta["kind"], meta["metadata"])
+
+
+# --- DQN training state -----------------------------------------------------------------------------------
+
+
+def save_dqn(
+    path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """Everything to resume learning exactly: online and target nets, Adam state, replay buffer (with its
+    sampling RNG), step and update counters, config and seed."""
+    tree, learner_meta = learner.training_state()
+    meta = _base_meta("dqn_training", learner.net, metadata)
+    meta["learner"] = learner_meta
+    return _write(path, flatten_named(tree), meta, overwrite)
+
+
+async def save_dqn_async(
+    path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    return await asyncio.to_thread(save_dqn, path, learner, metadata=metadata, overwrite=overwrite)
+
+
+def load_dqn(path: Path | str) -> tuple[Learner, dict[str, Any]]:
+    """A fresh `Learner` in the saved state, and the caller's metadata."""
+    meta = read_meta(path)
+    if meta["kind"] != "dqn_training":
+        raise ValueError(f"{path} holds a {meta['kind']} net, not a DQN training state")
+    net = _net_from_meta(meta)
+    learner_meta = meta["learner"]
+    config = DQNConfig(**learner_meta["config"])
+    abstract_vars = net.abstract_vars()
+    buffer_meta = learner_meta["buffer"]
+    size, side, n_actions = int(buffer_meta["size"]), int(buffer_meta["image_side_px"]), int(buffer_meta["n_actions"])
+
+    def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+
+    abstract = {
+        "online": abstract_vars,
+        "target": abstract_vars,
+        "opt_state": jax.eval_shape(make_optimizer(config).init, abstract_vars.params),
+        "buffer": {
+            "states": sds((size, side, side), np.float32), "next_states": sds((size, side, side), np.float32),
+            "actions": sds((size,), np.int32), "rewards": sds((size,), np.float32), "dones": sds((size,), bool),
+            "next_masks": sds((size, n_actions), bool),
+        },
+    }
+    tree = unflatten_named(abstract, _read_arrays(path, flatten_named(abstract)))
+    tree = {**tree, "online": _to_device(tree["online"]), "target": _to_device(tree["target"]),
+            "opt_state": _to_device(tree["opt_state"]),
+            "buffer": {k: np.asarray(v) for k, v in tree["buffer"].items()}}
+    buffer = ReplayBuffer(n_actions, int(buffer_meta["capacity"]), side, seed=int(learner_meta["seed"]))
+    learner = Learner(net, tree["online"], config, seed=int(learner_meta["seed"]), buffer=buffer,
+                      opt_state=tree["opt_state"])
+    learner.load_training_state(tree, learner_meta)
+    return learner, meta["metadata"]

@@ -1,0 +1,187 @@
+"""Labelled image sets for the classifier: raw arrays and labels, no levelling.
+
+Two layouts:
+- the original DeepSPM folders `<root>/good/*.npy`, `<root>/bad/*.npy` (reference section 7): heights in
+  metres, returned raw (RANSAC levelling and the v = h / 1 Å - 1 mapping belong to the controller);
+  files named `*Ransac.npy` are flagged as already levelled;
+- the real H:Si(100) tip-state set (`hsi100_tipstates_64.npz`, see its README): returned already mapped to
+  the nets' input range, because its absolute heights are lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LABEL_FOLDERS = {"good": 1, "bad": 0}
+LEVELLED_SUFFIX = "Ransac.npy"
+
+
+class DataError(ValueError):
+    """A data set cannot be read as asked (missing folders, unsupported image sizes...)."""
+
+
+@dataclass
+class FolderDataset:
+    """Images (N, side, side) float32 raw heights in metres, labels (N,) int (1 = good probe)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[Path]
+    levelled: np.ndarray  # (N,) bool: file name ends in `Ransac.npy` (already plane-levelled)
+    rejected: list[tuple[Path, tuple[int, ...]]] = field(default_factory=list)  # (file, shape) not loaded
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+
+def halve_to(image: np.ndarray, side_px: int) -> np.ndarray:
+    """Downsample a square image whose side is side_px * 2^k by repeated 2x2 means; other sizes refused.
+
+    (The original zoomed 128 -> 64 with a cubic spline; a 2x2 mean is the cheap exact-halving equivalent.)
+    """
+    image = np.asarray(image)
+    side = image.shape[0]
+    if image.ndim != 2 or image.shape[1] != side or side < side_px or side % side_px:
+        raise DataError(f"cannot bring an image of shape {image.shape} to {side_px}x{side_px}")
+    factor = side // side_px
+    if factor & (factor - 1):
+        raise DataError(f"image side {side} is not {side_px} times a power of two")
+    while image.shape[0] > side_px:
+        n = image.shape[0] // 2
+        image = image.reshape(n, 2, n, 2).mean(axis=(1, 3))
+    return image
+
+
+def _supported(shape: tuple[int, ...], side_px: int) -> bool:
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] < side_px or shape[0] % side_px:
+        return False
+    factor = shape[0] // side_px
+    return factor & (factor - 1) == 0
+
+
+def load_deepspm_folders(
+    roots: Path | str | Iterable[Path | str],
+    *,
+    pattern: str = "*.npy",
+    side_px: int = 64,
+    strict: bool = True,
+) -> FolderDataset:
+    """Read `<root>/good/<pattern>` and `<root>/bad/<pattern>` for each root (exactly one level deep).
+
+    The label comes from the file's immediate parent folder name (`good` or `bad`), never from a substring
+    of the path. Images of side `side_px * 2^k` are halved by 2x2 means; any other shape is an error listing
+    the offending files (`strict`), or the files are skipped and listed in `rejected`.
+    """
+    root_list = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    if not root_list:
+        raise DataError("no data roots given")
+    files: list[tuple[Path, int]] = []
+    for root in root_list:
+        found = [(root / name) for name in LABEL_FOLDERS if (root / name).is_dir()]
+        if not found:
+            raise DataError(f"{root} has neither a good/ nor a bad/ folder")
+        for folder in found:
+            files.extend((path, LABEL_FOLDERS[path.parent.name]) for path in sorted(folder.glob(pattern)) if path.is_file())
+    images, labels, paths, rejected = [], [], [], []
+    for path, label in files:
+        array = np.load(path, allow_pickle=False)
+        if not _supported(array.shape, side_px):
+            rejected.append((path, tuple(array.shape)))
+            continue
+        images.append(halve_to(array.astype(np.float64), side_px).astype(np.float32))
+        labels.append(label)
+        paths.append(path)
+    if rejected and strict:
+        listing = "\n".join(f"  {p}: shape {s}" for p, s in rejected[:20])
+        more = f"\n  ... and {len(rejected) - 20} more" if len(rejected) > 20 else ""
+        raise DataError(
+            f"{len(rejected)} file(s) are not square with a side of {side_px} x 2^k px:\n{listing}{more}"
+        )
+    if not images:
+        raise DataError(f"no {pattern} files under good/ or bad/ of {', '.join(map(str, root_list))}")
+    return FolderDataset(
+        images=np.stack(images),
+        labels=np.asarray(labels, dtype=np.int64),
+        paths=paths,
+        levelled=np.array([p.name.endswith(LEVELLED_SUFFIX) for p in paths], dtype=bool),
+        rejected=rejected,
+    )
+
+
+HSI100_CATEGORIES = ("Asymmetries", "Individual Atoms", "Dimers", "Rows", "Tip Change", "Bad/Blurry")
+_GOOD_CLASSES = [0, 1, 2]  # asymmetries, individual atoms, dimers: a sharp tip resolves them
+_BAD_CLASSES = [4, 5]  # tip change, bad/blurry
+
+
+@dataclass
+class NpzDataset:
+    """Images (N, 64, 64) float32 in [-1, 1]; labels (N,) int (binary) or (N, 6) int multi-hot."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    names: np.ndarray
+    scores: np.ndarray  # (N, 6) mean crowd vote per class
+    categories: tuple[str, ...]
+    indices: np.ndarray  # rows of the npz that were kept
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def hsi100_to_input_range(height_index: np.ndarray) -> np.ndarray:
+    """uint8 height index 0..254 -> float32 in [-1, 1] (index / 254 scaled), the nets' range for a flat
+    surface (-1) up to a ~2 Å feature (+1). The images are min-max stretched by their authors, so only
+    relative topography survives; this is the best available stand-in for v = h / 1 Å - 1."""
+    return (np.asarray(height_index, dtype=np.float32) / 254.0) * 2.0 - 1.0
+
+
+def load_hsi100_npz(path: Path | str, *, mode: str = "binary", min_responses: int = 1) -> NpzDataset:
+    """Read the labelled H:Si(100) set; images already mapped to the nets' input range (see above).
+
+    mode="binary": good = max(Asymmetries, Individual Atoms, Dimers) >= 0.99 and max(Tip Change,
+    Bad/Blurry) == 0; bad = max(Tip Change, Bad/Blurry) >= 0.99 and the three good classes are 0 (the
+    README's mapping); Rows-only and mixed votes are left out. Labels (N,) with 1 = good.
+    mode="multiclass": every image, labels (N, 6) multi-hot, a class is on when its mean vote >= 0.5
+    (an image can be in several classes).
+    `min_responses` keeps images with at least that many votes (>= 2 is the cleaner subset).
+    """
+    with np.load(Path(path), allow_pickle=False) as npz:
+        images = npz["images"]
+        scores = npz["scores"].astype(np.float32)
+        names = npz["names"]
+        responses = npz["n_responses"]
+        categories = tuple(str(c) for c in npz["categories"])
+    if categories != HSI100_CATEGORIES:
+        raise DataError(f"unexpected categories {categories}; expected {HSI100_CATEGORIES}")
+    keep = responses >= min_responses
+    if mode == "binary":
+        good_vote = scores[:, _GOOD_CLASSES].max(axis=1)
+        bad_vote = scores[:, _BAD_CLASSES].max(axis=1)
+        good = (good_vote >= 0.99) & (bad_vote == 0)
+        bad = (bad_vote >= 0.99) & (good_vote == 0)
+        keep &= good | bad
+        labels = good.astype(np.int64)
+    elif mode == "multiclass":
+        labels = (scores >= 0.5).astype(np.int64)
+    else:
+        raise DataError(f"unknown mode {mode!r}; use 'binary' or 'multiclass'")
+    indices = np.flatnonzero(keep)
+    return NpzDataset(
+        images=hsi100_to_input_range(images[indices]),
+        labels=labels[indices],
+        names=names[indices],
+        scores=scores[indices],
+        categories=categories,
+        indices=indices,
+    )
+
+
+def class_names(dataset: NpzDataset | FolderDataset) -> Sequence[str] | None:
+    """Names of the label columns for a multi-label set, None for a binary one."""
+    if isinstance(dataset, NpzDataset) and dataset.labels.ndim == 2:
+        return dataset.categories
+    return None

@@ -1,0 +1,349 @@
+"""Double DQN for probe conditioning (reference section 4.3), with acting decoupled from learning.
+
+- `agent_from_classifier`: trunk, hidden FC layers and every BN parameter and running statistic copied from
+  a trained classifier; a fresh Glorot output layer with one Q-value per action.
+- `double_dqn_targets`: y = r if terminal else r + gamma * Q_target(s', argmax over allowed a of Q_main(s', a)).
+- `select_action`: epsilon-greedy over the allowed actions only.
+- `Learner`: owns the online/target nets, the optimiser and the replay buffer. The actor reads an immutable
+  `PolicySnapshot` (a reference swapped under a lock after each update), so it never sees a half-updated
+  net and never waits for a gradient step; updates follow a fixed update-to-data ratio.
+
+Acting and the targets use BN in inference mode; the Q(s, a) regression pass is a training pass (batch
+statistics, running statistics updated, dropout), as in the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from deepspm.nets.inference import Predictor, TraceCounter
+from deepspm.nets.losses import l2_on_kernels
+from deepspm.nets.model import NetDef, NetVars, apply_eval, apply_train
+from deepspm.nets.replay_buffer import DEFAULT_CAPACITY, Batch, ReplayBuffer
+
+_HEAD = "head"  # the output layer's attribute name in ProbeNet
+
+
+@dataclass(frozen=True)
+class DQNConfig:
+    gamma: float = 0.95
+    learning_rate: float = 5e-4
+    batch_size: int = 64
+    target_update_every: int = 100  # hard copy online -> target every N gradient updates
+    random_steps: int = 500  # epsilon = 1 and no updates for the first N environment steps
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.05
+    epsilon_decay_steps: int = 500  # linear decay after the random steps
+    updates_per_step: float = 1.0  # update-to-data ratio once learning has started
+    l2: float = 5e-5  # on the online net's kernels only (the original also decayed the target net's)
+    buffer_capacity: int = DEFAULT_CAPACITY
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_optimizer(config: DQNConfig) -> optax.GradientTransformation:
+    """Adam at a constant learning rate, default betas, no clipping (as the original)."""
+    return optax.adam(config.learning_rate)
+
+
+def epsilon_at(step: int, config: DQNConfig = DQNConfig()) -> float:
+    """Exploration rate for the `step`-th environment step (0-based): 1 during the random steps, then a
+    linear decay to `epsilon_end` over `epsilon_decay_steps`, then constant."""
+    if step < config.random_steps:
+        return config.epsilon_start
+    if config.epsilon_decay_steps <= 0:
+        return config.epsilon_end
+    fraction = min(1.0, (step - config.random_steps) / config.epsilon_decay_steps)
+    return config.epsilon_start + fraction * (config.epsilon_end - config.epsilon_start)
+
+
+class NoAllowedAction(ValueError):
+    """The mask allows no action (the caller must handle 'no room' before asking the agent)."""
+
+
+@dataclass(frozen=True)
+class ActionChoice:
+    action: int
+    explored: bool  # drawn at random (epsilon) rather than greedy
+
+
+def select_action(q_values: Any, mask: Any, epsilon: float, rng: np.random.Generator) -> ActionChoice:
+    """Epsilon-greedy restricted to allowed actions: explore uniformly among them with probability
+    `epsilon`, else take the allowed action with the highest Q (masked actions count as -inf)."""
+    q_values = np.asarray(q_values, dtype=np.float64).ravel()
+    mask = np.asarray(mask, dtype=bool).ravel()
+    if q_values.shape != mask.shape:
+        raise ValueError(f"{q_values.size} Q-values but a mask of {mask.size}")
+    allowed = np.flatnonzero(mask)
+    if allowed.size == 0:
+        raise NoAllowedAction("no action is allowed")
+    if rng.random() < epsilon:
+        return ActionChoice(int(rng.choice(allowed)), True)
+    masked = np.where(mask, np.nan_to_num(q_values, nan=-np.inf), -np.inf)
+    best = allowed[np.argmax(masked[allowed])]
+    return ActionChoice(int(best), False)
+
+
+def masked_argmax(q_values: jax.Array, mask: jax.Array) -> jax.Array:
+    """argmax over the last axis with disallowed entries at -inf."""
+    return jnp.argmax(jnp.where(mask, q_values, -jnp.inf), axis=-1)
+
+
+def double_dqn_targets(
+    q_online_next: jax.Array,
+    q_target_next: jax.Array,
+    rewards: jax.Array,
+    dones: jax.Array,
+    next_masks: jax.Array,
+    gamma: float,
+) -> jax.Array:
+    """y = r if done else r + gamma * Q_target(s', a*), a* = argmax over allowed a of Q_online(s', a)."""
+    best = masked_argmax(q_online_next, next_masks)
+    value = jnp.take_along_axis(q_target_next, best[:, None], axis=-1)[:, 0]
+    return jnp.where(dones, rewards, rewards + gamma * value)
+
+
+def agent_from_classifier(
+    classifier_net: NetDef, classifier_vars: NetVars, n_actions: int, key: jax.Array
+) -> tuple[NetDef, NetVars]:
+    """An agent net of the classifier's preset: everything but the output layer copied (weights, BN scale and
+    shift, BN running statistics); a fresh Glorot-uniform output layer with `n_actions` Q-values."""
+    agent_net = NetDef(classifier_net.spec, n_actions)
+    fresh = agent_net.init(key)
+    trained = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(classifier_vars.params)}
+
+    def take(path: tuple[Any, ...], new: Any) -> Any:
+        if getattr(path[0], "key", None) == _HEAD:
+            return new
+        name = jax.tree_util.keystr(path)
+        if name not in trained or np.shape(trained[name]) != np.shape(new):
+            raise ValueError(f"classifier has no parameter {name} of shape {np.shape(new)}")
+        return trained[name]
+
+    params = jax.tree_util.tree_map_with_path(take, fresh.params)
+    return agent_net, NetVars(params, classifier_vars.batch_stats)
+
+
+def make_update_step(
+    net: NetDef, optimizer: optax.GradientTransformation, config: DQNConfig, traces: TraceCounter | None = None
+):
+    """A jitted `(online, target, opt_state, batch arrays, key) -> (online, opt_state, metrics)`.
+
+    Nothing is donated: the actor may still be reading the previous online variables.
+    """
+    traces = traces if traces is not None else TraceCounter()
+
+    def update(online: NetVars, target: NetVars, opt_state: Any, states: jax.Array, actions: jax.Array,
+               rewards: jax.Array, next_states: jax.Array, dones: jax.Array, next_masks: jax.Array,
+               key: jax.Array):
+        y = double_dqn_targets(
+            apply_eval(net, online, next_states), apply_eval(net, target, next_states),
+            rewards, dones, next_masks, config.gamma,
+        )
+        y = jax.lax.stop_gradient(y)
+
+        def loss_of(params: Any):
+            q, stats = apply_train(net, NetVars(params, online.batch_stats), states, key)
+            q_taken = jnp.take_along_axis(q, actions[:, None], axis=-1)[:, 0]
+            mse = jnp.mean(jnp.square(q_taken - y))
+            return mse + config.l2 * l2_on_kernels(params), (stats, mse, jnp.mean(q_taken))
+
+        (loss, (stats, mse, mean_q)), grads = jax.value_and_grad(loss_of, has_aux=True)(online.params)
+        updates, opt_state = optimizer.update(grads, opt_state, online.params)
+        params = optax.apply_updates(online.params, updates)
+        metrics = {"loss": loss, "mse": mse, "mean_q": mean_q, "mean_target": jnp.mean(y)}
+        return NetVars(params, stats), opt_state, metrics
+
+    return jax.jit(traces.wrap("dqn_update", update))
+
+
+def _batch_arrays(batch: Batch) -> tuple[np.ndarray, ...]:
+    return (
+        batch.states[..., None], batch.actions.astype(np.int32), batch.rewards.astype(np.float32),
+        batch.next_states[..., None], batch.dones.astype(bool), batch.next_masks.astype(bool),
+    )
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """An immutable view of the online net for acting. `version` = gradient updates behind it."""
+
+    version: int
+    net: NetDef
+    variables: NetVars
+
+
+class Learner:
+    """Online + target nets, Adam state and replay memory; one gradient update at a time.
+
+    Thread model: the actor calls `snapshot()` and `record()`, which take `_lock` only for a reference read
+    or a buffer copy; `update()` samples under the lock, computes outside it, then publishes the new
+    snapshot under it. Run updates either synchronously (`catch_up`, e.g. in tests) or as the learner task
+    (`run`), which does the work in a worker thread so the event loop is never blocked.
+    """
+
+    def __init__(
+        self, net: NetDef, variables: NetVars, config: DQNConfig = DQNConfig(), seed: int = 0,
+        buffer: ReplayBuffer | None = None, opt_state: Any = None,
+    ) -> None:
+        self.net = net
+        self.config = config
+        self.seed = seed
+        self.buffer = buffer if buffer is not None else ReplayBuffer(
+            net.n_outputs, config.buffer_capacity, net.spec.image_side_px, seed=seed
+        )
+        self.optimizer = make_optimizer(config)
+        self.traces = TraceCounter()
+        self._update_step = make_update_step(net, self.optimizer, config, self.traces)
+        self._key_root = jax.random.fold_in(jax.random.key(seed), 0xD09)
+        self.online = variables
+        self.target = variables  # arrays are immutable: a reference is a hard copy
+        self.opt_state = self.optimizer.init(variables.params) if opt_state is None else opt_state
+        self.env_steps = 0
+        self.updates = 0
+        self.last_metrics: dict[str, float] = {}
+        self._lock = threading.Lock()  # buffer, counters and the snapshot reference
+        self._update_lock = threading.Lock()  # serialises gradient updates
+        self._snapshot = PolicySnapshot(0, net, variables)
+        self._stop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    # --- actor side -----------------------------------------------------------------------------------
+    def snapshot(self) -> PolicySnapshot:
+        with self._lock:
+            return self._snapshot
+
+    def record(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, done: bool,
+               next_mask: Any) -> None:
+        """Store one transition (4 flipped copies) and count one environment step."""
+        with self._lock:
+            self.buffer.add(state, action, reward, next_state, done, next_mask)
+            self.env_steps += 1
+        self._signal()
+
+    # --- learner side ---------------------------------------------------------------------------------
+    def updates_due(self) -> int:
+        """Updates owed under the update-to-data ratio (0 during the random steps or while the buffer is
+        smaller than a batch)."""
+        with self._lock:
+            learning_steps = self.env_steps - self.config.random_steps
+            if learning_steps <= 0 or len(self.buffer) < self.config.batch_size:
+                return 0
+            return max(0, math.floor(self.config.updates_per_step * learning_steps) - self.updates)
+
+    def update(self) -> dict[str, float]:
+        """One gradient step on a sampled batch; publishes a new snapshot; hard-copies the target net every
+        `target_update_every` updates."""
+        with self._update_lock:
+            with self._lock:
+                batch = self.buffer.sample(self.config.batch_size)
+                key = jax.random.fold_in(self._key_root, self.updates)
+            online, opt_state, metrics = self._update_step(
+                self.online, self.target, self.opt_state, *_batch_arrays(batch), key
+            )
+            metrics = {k: float(v) for k, v in metrics.items()}
+            self.online, self.opt_state = online, opt_state
+            with self._lock:
+                self.updates += 1
+                if self.updates % self.config.target_update_every == 0:
+                    self.target = online
+                self._snapshot = PolicySnapshot(self.updates, self.net, online)
+            self.last_metrics = metrics
+            return metrics
+
+    def catch_up(self, max_updates: int | None = None) -> int:
+        """Run the updates that are due (at most `max_updates`); returns how many ran."""
+        done = 0
+        while not self._stop and (max_updates is None or done < max_updates) and self.updates_due() > 0:
+            self.update()
+            done += 1
+        return done
+
+    async def run(self) -> None:
+        """The learner task: wait for data, catch up in a worker thread, repeat until `stop()`."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stop = False
+        try:
+            while not self._stop:
+                if self.updates_due() > 0:
+                    await asyncio.to_thread(self.catch_up)
+                    continue
+                await self._wake.wait()
+                self._wake.clear()
+        finally:
+            self._loop = self._wake = None
+
+    def stop(self) -> None:
+        """Ask `run`/`catch_up` to finish after the update in progress."""
+        self._stop = True
+        self._signal()
+
+    def _signal(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            loop.call_soon_threadsafe(wake.set)
+
+    # --- resume ---------------------------------------------------------------------------------------
+    def training_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`(arrays pytree, JSON-able meta)` of everything needed to resume learning exactly."""
+        with self._update_lock, self._lock:
+            buffer_state = self.buffer.state_dict()
+            tree = {"online": self.online, "target": self.target, "opt_state": self.opt_state,
+                    "buffer": buffer_state["arrays"]}
+            meta = {"env_steps": self.env_steps, "updates": self.updates, "seed": self.seed,
+                    "config": self.config.to_dict(), "buffer": buffer_state["meta"]}
+        return tree, meta
+
+    def load_training_state(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
+        with self._update_lock, self._lock:
+            self.online, self.target, self.opt_state = tree["online"], tree["target"], tree["opt_state"]
+            self.buffer.load_state_dict({"arrays": tree["buffer"], "meta": meta["buffer"]})
+            self.env_steps, self.updates = int(meta["env_steps"]), int(meta["updates"])
+            self._snapshot = PolicySnapshot(self.updates, self.net, self.online)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the actor chose and why (journaled by the controller)."""
+
+    action: int
+    q_values: np.ndarray
+    epsilon: float
+    explored: bool
+    net_version: int
+
+
+class Actor:
+    """Chooses actions with the learner's latest snapshot through one compiled batch-1 Q predictor."""
+
+    def __init__(self, learner: Learner, compile_now: bool = True) -> None:
+        self.learner = learner
+        snapshot = learner.snapshot()
+        self.predictor = Predictor(snapshot.net, snapshot.variables, "values")
+        if compile_now:
+            self.predictor.compile([1])
+
+    def q_values(self, image: np.ndarray) -> tuple[np.ndarray, int]:
+        snapshot = self.learner.snapshot()  # one consistent set of parameters for this decision
+        return self.predictor(image, snapshot.variables)[0], snapshot.version
+
+    def act(self, image: np.ndarray, mask: Any, epsilon: float, rng: np.random.Generator) -> Decision:
+        q, version = self.q_values(image)
+        choice = select_action(q, mask, epsilon, rng)
+        return Decision(choice.action, q, float(epsilon), choice.explored, version)
+
+    async def act_async(self, image: np.ndarray, mask: Any, epsilon: float, rng: np.random.Generator) -> Decision:
+        """`act` in a worker thread (the forward pass is CPU work)."""
+        return await asyncio.to_thread(self.act, image, mask, epsilon, rng)
