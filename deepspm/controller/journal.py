@@ -1,0 +1,584 @@
+"""The run directory and its journal: what a run leaves behind (design.md section 7), the contract that
+replay and resume rely on.
+
+    RUN_DIR/journal.jsonl   one JSON object per line: {"seq", "t_mono", "t_wall", "kind", ...data}
+    RUN_DIR/frames/         <sha256>.npy side files, referenced from records by that hash
+    RUN_DIR/checkpoints/    nets (orbax, written by their owners) and JSON states (`save_state`)
+
+Records: "start" (seq 0, once), event kinds ("command", "reply", "failure", "decision", "transition",
+"operator", "note", "checkpoint", or any other lower-case name), "resume" (written when a killed or
+stopped run continues) and "stop" (exit status and reason, from the loop's `finally`). Sequence numbers
+are contiguous from 0; `check_journal` verifies it.
+
+Writing never blocks the event loop: `event()` encodes the record and assigns its seq synchronously, then
+only appends it to an in-memory queue. `writer()` (a task in the loop's TaskGroup) drains the queue in
+batches; each batch is one write + flush in a worker thread (`asyncio.to_thread`), with `os.fsync` if
+`fsync=True`. `flush()` returns once every record enqueued before the call is on disk (it works with or
+without the writer task). A batch is written in seq order even if batches are taken by several callers:
+a worker waits for its turn (`_on_disk_next`).
+
+Durability: a record is durable once `flush()` returned. Call `await journal.flush()` before a command
+that changes the instrument (pulse, dip, motor), so a resumed run knows it may have happened. A kill -9
+can leave at most the last line torn (no trailing newline); readers drop it and report it, and resume
+truncates it.
+
+JSON encoding (`to_jsonable`): numpy scalars -> Python numbers, arrays -> nested lists, non-finite floats
+-> the strings "nan", "inf", "-inf" (strict JSON has no such numbers, and null would lose which one it
+was; `float(value)` reads them back), Enums -> their value, dataclasses -> dicts of their fields, Paths ->
+str, tuples/sets -> lists (sets sorted), mapping keys -> str. Anything else is a TypeError at the call
+site of `event()`, not later in the writer.
+
+Frames are content-addressed: ref = sha256 of (dtype, shape, C-order bytes), written to a temp file in
+frames/ and renamed with `os.replace`, so frames/<ref>.npy is either complete or absent. Saving a ref
+that exists is a no-op. Leftover temp files (a kill mid-write) are ignored by readers and removed when a
+journal is opened on the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path, PurePath
+from typing import Any, Protocol
+
+import numpy as np
+
+JOURNAL_FILE = "journal.jsonl"
+FRAMES_DIR = "frames"
+CHECKPOINTS_DIR = "checkpoints"
+TEMP_SUFFIX = ".tmp"
+
+START, STOP, RESUME = "start", "stop", "resume"
+# The event kinds the run loop uses; `event()` accepts any lower-case name.
+COMMAND, REPLY, FAILURE, DECISION, TRANSITION, OPERATOR, NOTE, CHECKPOINT = (
+    "command", "reply", "failure", "decision", "transition", "operator", "note", "checkpoint")
+_RESERVED = frozenset({START, STOP, RESUME})
+_HEADER_KEYS = ("seq", "t_mono", "t_wall", "kind")
+_KIND = re.compile(r"[a-z][a-z0-9_]*\Z")
+_REF = re.compile(r"[0-9a-f]{64}\Z")
+_STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be written, read or resumed as asked."""
+
+
+class TornJournalWarning(UserWarning):
+    """The journal's last line was incomplete (the process was killed mid-write); it was left out."""
+
+
+# -- clocks -----------------------------------------------------------------------------------------------
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards (differences only)."""
+
+    def wall(self) -> float:
+        """Seconds since the Unix epoch (for people; may jump)."""
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+
+@dataclass
+class ManualClock:
+    """A clock that moves only when told (tests, replay): both readings advance together."""
+
+    t_mono: float = 0.0
+    t_wall: float = 1_700_000_000.0
+
+    def monotonic(self) -> float:
+        return self.t_mono
+
+    def wall(self) -> float:
+        return self.t_wall
+
+    def advance(self, dt_s: float) -> None:
+        self.t_mono += dt_s
+        self.t_wall += dt_s
+
+
+# -- encoding ---------------------------------------------------------------------------------------------
+
+
+def _float(x: float) -> float | str:
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON types (see the module docstring for the rules)."""
+    if isinstance(obj, Enum):  # before str/int: str- and int-Enums are also str and int
+        return to_jsonable(obj.value)
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return _float(float(obj))
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise TypeError("cannot journal an object array")
+        return to_jsonable(obj.tolist())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {_key(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        items = [to_jsonable(v) for v in obj]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(obj, PurePath):
+        return str(obj)
+    raise TypeError(f"cannot journal a value of type {type(obj).__name__}: {obj!r:.80}")
+
+
+def _key(k: Any) -> str:
+    if isinstance(k, Enum):
+        k = k.value
+    if isinstance(k, np.generic):
+        k = k.item()
+    return k if isinstance(k, str) else str(k)
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """One journal line (UTF-8, newline-terminated, strict JSON)."""
+    text = json.dumps(to_jsonable(record), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8") + b"\n"
+
+
+# -- frames -----------------------------------------------------------------------------------------------
+
+
+def frame_ref(array: np.ndarray) -> str:
+    """The content hash naming a frame: sha256 over dtype, shape and the C-order bytes."""
+    a = np.ascontiguousarray(array)
+    if a.dtype == object:
+        raise TypeError("frames must be numeric arrays")
+    h = hashlib.sha256()
+    h.update(json.dumps({"dtype": a.dtype.str, "shape": list(a.shape)}).encode())
+    h.update(b"\n")
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def frame_path(run_dir: Path, ref: str) -> Path:
+    if not isinstance(ref, str) or not _REF.match(ref):
+        raise JournalError(f"not a frame reference: {ref!r}")
+    return Path(run_dir) / FRAMES_DIR / f"{ref}.npy"
+
+
+def load_frame(run_dir: Path, ref: str, *, verify: bool = True) -> np.ndarray:
+    """The frame saved under `ref`; with `verify`, its content must still hash to `ref`."""
+    path = frame_path(run_dir, ref)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise JournalError(f"frame {ref} not in {path.parent}") from None
+    if verify and frame_ref(array) != ref:
+        raise JournalError(f"frame {path} does not match its hash (corrupted)")
+    return array
+
+
+def list_frames(run_dir: Path) -> list[str]:
+    """Refs of every complete frame in the run directory (temp files are not frames)."""
+    folder = Path(run_dir) / FRAMES_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.npy") if _REF.match(p.stem))
+
+
+def _write_atomic(path: Path, write: Any, fsync: bool) -> None:
+    """Create `path` via a temp file in the same directory + os.replace: complete or absent."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _remove_temp_files(folder: Path) -> list[str]:
+    removed = []
+    for p in folder.glob(f".*{TEMP_SUFFIX}"):
+        try:
+            p.unlink()
+            removed.append(p.name)
+        except OSError:
+            pass
+    return removed
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JournalContents:
+    """What is in a journal file. torn_tail: bytes after the last newline (b"" if the file ended cleanly);
+    valid_bytes: the length of the file without them."""
+
+    records: list[dict[str, Any]]
+    torn_tail: bytes
+    valid_bytes: int
+
+
+def scan_journal(run_dir: Path) -> JournalContents:
+    """Parse journal.jsonl. Only the last line may be incomplete; any other bad line is a JournalError."""
+    path = Path(run_dir) / JOURNAL_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise JournalError(f"no journal in {run_dir}") from None
+    end = data.rfind(b"\n") + 1
+    body, tail = data[:end], data[end:]
+    records = []
+    for number, line in enumerate(body.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise JournalError(f"{path}: line {number} is not JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise JournalError(f"{path}: line {number} is not a JSON object")
+        records.append(record)
+    return JournalContents(records, tail, end)
+
+
+def read_journal(run_dir: Path) -> list[dict[str, Any]]:
+    """The journal's records; a torn last line is left out and reported with a TornJournalWarning."""
+    contents = scan_journal(run_dir)
+    if contents.torn_tail:
+        warnings.warn(
+            f"{Path(run_dir) / JOURNAL_FILE}: incomplete last line ({len(contents.torn_tail)} bytes) left out",
+            TornJournalWarning,
+            stacklevel=2,
+        )
+    return contents.records
+
+
+def check_journal(records: list[dict[str, Any]], *, require_stop: bool = False) -> list[str]:
+    """Problems of a journal's records (empty = sound): missing or repeated start, seq gaps, duplicates
+    or disorder, missing header fields, records after a stop that is not followed by a resume, t_mono
+    going backwards within one process's segment; with `require_stop`, a missing final stop."""
+    problems: list[str] = []
+    if not records:
+        return ["no records (missing start)"]
+    first = records[0]
+    if first.get("kind") != START or first.get("seq") != 0:
+        problems.append(f"missing start: the first record is {first.get('kind')!r} with seq {first.get('seq')!r}")
+    seen: dict[int, int] = {}
+    expected, last_mono, previous_kind = 0, -math.inf, None
+    for index, r in enumerate(records):
+        missing = [k for k in _HEADER_KEYS if k not in r]
+        if missing:
+            problems.append(f"record {index} lacks {', '.join(missing)}")
+        seq, kind = r.get("seq"), r.get("kind")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            problems.append(f"record {index}: seq {seq!r} is not an integer")
+            continue
+        if seq in seen:
+            problems.append(f"duplicate seq {seq} (records {seen[seq]} and {index})")
+        elif seq > expected:
+            problems.append(f"gap: seq {expected}..{seq - 1} missing before record {index}")
+        elif seq < expected:
+            problems.append(f"seq {seq} out of order at record {index} (expected {expected})")
+        seen.setdefault(seq, index)
+        expected = max(expected, seq + 1)
+        if kind == START and index != 0:
+            problems.append(f"second start at seq {seq}")
+        if previous_kind == STOP and kind != RESUME:
+            problems.append(f"record after stop at seq {seq} without a resume")
+        t_mono = r.get("t_mono")
+        if kind == RESUME:
+            last_mono = -math.inf  # a new process: its monotonic clock has a new origin
+        if isinstance(t_mono, (int, float)):
+            if t_mono < last_mono:
+                problems.append(f"t_mono goes backwards at seq {seq}")
+            last_mono = t_mono
+        previous_kind = kind
+    if require_stop and records[-1].get("kind") != STOP:
+        problems.append("no stop record at the end")
+    return problems
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    """What `Journal(..., resume=True)` found: the start record, the last record before the resume,
+    and how many bytes of a torn last line it cut off."""
+
+    start: dict[str, Any]
+    last: dict[str, Any]
+    torn_bytes: int
+    removed_temp_files: tuple[str, ...]
+
+
+class Journal:
+    """Writes one run directory. Call `start()` once (new runs), then `event()` from the event loop's
+    thread (or any thread: it is locked), run `writer()` as a task, and `close()` from a `finally`."""
+
+    def __init__(self, run_dir: Path, clock: Clock, *, resume: bool = False, fsync: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.clock = clock
+        self.fsync = fsync
+        self.path = self.run_dir / JOURNAL_FILE
+        self.frames_dir = self.run_dir / FRAMES_DIR
+        self.checkpoints_dir = self.run_dir / CHECKPOINTS_DIR
+        for folder in (self.run_dir, self.frames_dir, self.checkpoints_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        removed = tuple(_remove_temp_files(self.frames_dir) + _remove_temp_files(self.checkpoints_dir))
+
+        self._lock = threading.Lock()  # seq assignment + queue
+        self._pending: list[tuple[int, bytes]] = []
+        self._next_seq = 0
+        self._started = False
+        self._closing = False
+        self._disk = threading.Condition()  # guards _on_disk_next, _file, _failure
+        self._on_disk_next = 0  # every seq below this is written and flushed
+        self._file: Any = None
+        self._failure: BaseException | None = None
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.resume_info: ResumeInfo | None = None
+
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        if not resume:
+            if exists:
+                raise JournalError(f"{self.path} already exists; resume the run or choose another directory")
+            self.path.touch()  # the directory is recognisably a run directory from the start
+            return
+        if not self.path.exists():
+            raise JournalError(f"nothing to resume: no journal in {self.run_dir}")
+        contents = scan_journal(self.run_dir)
+        if not contents.records:  # killed before the start record was complete: begin afresh
+            os.truncate(self.path, 0)
+            return
+        problems = check_journal(contents.records)
+        if problems:
+            raise JournalError(f"cannot resume {self.path}: " + "; ".join(problems[:5]))
+        if contents.torn_tail:
+            os.truncate(self.path, contents.valid_bytes)
+        last = contents.records[-1]
+        self._next_seq = self._on_disk_next = last["seq"] + 1
+        self._started = True
+        self.resume_info = ResumeInfo(contents.records[0], last, len(contents.torn_tail), removed)
+        self._enqueue(RESUME, {
+            "previous_seq": last["seq"],
+            "previous_kind": last["kind"],
+            "torn_bytes": len(contents.torn_tail),
+            "removed_temp_files": list(removed),
+        })
+
+    # -- records ------------------------------------------------------------------------------------------
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def start(self, record: Mapping[str, Any]) -> int:
+        """Write the start record (seq 0) with `record`'s fields (run id, config, seed, versions, ...)."""
+        if self._started:
+            raise JournalError("the journal already has a start record")
+        self._check_data(record)
+        self._started = True
+        return self._enqueue(START, record)
+
+    def event(self, kind: str, **data: Any) -> int:
+        """Enqueue a record and return its seq. Never blocks; encoding errors raise here."""
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise ValueError(f"event kind must be a lower-case name, got {kind!r}")
+        if kind in _RESERVED:
+            raise ValueError(f"{kind!r} records are written by start()/close()/resume, not event()")
+        if not self._started:
+            raise JournalError("event() before start()")
+        self._check_data(data)
+        return self._enqueue(kind, data)
+
+    @staticmethod
+    def _check_data(data: Mapping[str, Any]) -> None:
+        clash = [k for k in _HEADER_KEYS if k in data]
+        if clash:
+            raise ValueError(f"record fields {clash} are set by the journal")
+
+    def _enqueue(self, kind: str, data: Mapping[str, Any], *, last: bool = False) -> int:
+        """Assign the next seq and queue the encoded line; `last` closes the journal in the same step,
+        so nothing can slip in after the stop record."""
+        with self._lock:
+            if self._closing:
+                raise JournalError(f"journal closed; cannot record {kind!r}")
+            seq = self._next_seq
+            line = encode_record({"seq": seq, "t_mono": self.clock.monotonic(), "t_wall": self.clock.wall(),
+                                  "kind": kind, **data})
+            self._pending.append((seq, line))
+            self._next_seq = seq + 1
+            self._closing = last
+        self._notify()
+        return seq
+
+    def _notify(self) -> None:
+        wake, loop = self._wake, self._loop
+        if wake is None or loop is None:
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                wake.set()
+                return
+        except RuntimeError:
+            pass
+        loop.call_soon_threadsafe(wake.set)
+
+    # -- the disk side (worker threads) --------------------------------------------------------------------
+    def _take(self) -> list[tuple[int, bytes]]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        return batch
+
+    def _write_batch(self, batch: list[tuple[int, bytes]]) -> None:
+        """Append a batch in seq order (waiting for earlier batches taken by other callers), then flush."""
+        first, last = batch[0][0], batch[-1][0]
+        with self._disk:
+            self._disk.wait_for(lambda: self._on_disk_next == first or self._failure is not None)
+            if self._failure is not None:
+                raise JournalError("journal writing failed earlier") from self._failure
+            try:
+                if self._file is None:
+                    self._file = open(self.path, "ab")
+                self._file.write(b"".join(line for _, line in batch))
+                self._file.flush()
+                if self.fsync:
+                    os.fsync(self._file.fileno())
+            except BaseException as e:
+                self._failure = e
+                self._disk.notify_all()
+                raise
+            self._on_disk_next = last + 1
+            self._disk.notify_all()
+
+    def _wait_on_disk(self, target: int) -> None:
+        with self._disk:
+            self._disk.wait_for(lambda: self._on_disk_next > target or self._failure is not None)
+            if self._failure is not None:
+                raise JournalError("journal writing failed") from self._failure
+
+    def _close_file(self) -> None:
+        with self._disk:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    # -- the event-loop side -------------------------------------------------------------------------------
+    async def writer(self) -> None:
+        """Drain the queue until `close()`; a long-running task of the run loop's TaskGroup."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._wake.set()  # records enqueued before the writer started
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch = self._take()
+            if batch:
+                await asyncio.to_thread(self._write_batch, batch)
+            if self._closing and not self._pending:
+                return
+
+    async def flush(self) -> None:
+        """Return once every record enqueued before this call is written (and fsynced if asked)."""
+        target = self._next_seq - 1
+        while self._on_disk_next <= target:
+            if self._failure is not None:
+                raise JournalError("journal writing failed") from self._failure
+            batch = self._take()
+            if batch:
+                await asyncio.to_thread(self._write_batch, batch)
+            else:  # the records are in a batch another task is writing
+                await asyncio.to_thread(self._wait_on_disk, target)
+
+    async def close(self, status: str, reason: str = "", **data: Any) -> int | None:
+        """Write the stop record, drain, stop the writer and close the file. Idempotent: a second call
+        returns None. If the journal was never started, nothing is written."""
+        if self._closing:
+            return None
+        seq = None
+        if self._started:
+            self._check_data(data)
+            seq = self._enqueue(STOP, {"status": status, "reason": reason, **data}, last=True)
+        else:
+            with self._lock:
+                self._closing = True
+            self._notify()
+        try:
+            await self.flush()
+        finally:
+            await asyncio.to_thread(self._close_file)
+        return seq
+
+    # -- side files ----------------------------------------------------------------------------------------
+    async def save_frame(self, array: np.ndarray) -> str:
+        """Store `array` as frames/<ref>.npy (atomically, in a worker thread) and return its ref; saving
+        the same content again is a no-op. The array is copied first, so the caller may reuse it."""
+        snapshot = np.array(array, copy=True, order="C")
+        if snapshot.dtype == object:
+            raise TypeError("frames must be numeric arrays")
+        return await asyncio.to_thread(self._save_frame_sync, snapshot)
+
+    def _save_frame_sync(self, array: np.ndarray) -> str:
+        ref = frame_ref(array)
+        path = frame_path(self.run_dir, ref)
+        if not path.exists():
+            _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), self.fsync)
+        return ref
+
+    async def save_state(self, name: str, state: Any) -> str:
+        """Write checkpoints/<name>.json atomically (planner, episode, counters: what resume needs);
+        returns the path relative to the run directory. Overwrites an older state of that name."""
+        if not _STATE_NAME.match(name):
+            raise ValueError(f"state name must be a simple file name, got {name!r}")
+        text = json.dumps(to_jsonable(state), ensure_ascii=False, allow_nan=False, indent=1).encode("utf-8")
+        path = self.checkpoints_dir / f"{name}.json"
+        await asyncio.to_thread(_write_atomic, path, lambda f: f.write(text), self.fsync)
+        return f"{CHECKPOINTS_DIR}/{name}.json"
+
+
+def load_state(run_dir: Path, name: str) -> Any:
+    """A state written by `Journal.save_state`."""
+    path = Path(run_dir) / CHECKPOINTS_DIR / f"{name}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JournalError(f"no state {name!r} in {path.parent}") from None
