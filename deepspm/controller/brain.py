@@ -1,18 +1,20 @@
 """What the run loop asks of the nets: p(good) for a frame, an action for a conditioning step, learning.
 
-`Brain` is the loop's view; `NetBrain` implements it with the JAX predictors and the double-DQN learner.
-All net work runs in worker threads (`asyncio.to_thread`), so the event loop keeps serving the instrument;
-the learner runs as its own task and swaps a new parameter snapshot in atomically after each update, so
-acting always reads a consistent copy and never waits for learning.
+`Brain` is the loop's view; `NetBrain` implements it with the compiled JAX predictors and the double-DQN
+learner of `deepspm.nets`. Net work runs in worker threads (`asyncio.to_thread`), so the event loop keeps
+serving the instrument; the learner is its own task and publishes a new parameter snapshot atomically after
+each update, so acting always reads a consistent copy and never waits for learning.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from deepspm.nets.dqn import Actor, Learner, epsilon_at
+from deepspm.nets.inference import Predictor, predict_async
 
 
 @dataclass(frozen=True)
@@ -20,13 +22,12 @@ class ActionDecision:
     action: int
     q_values: list[float]
     epsilon: float
-    explored: bool  # True when the action was drawn at random (epsilon-greedy)
+    explored: bool  # drawn at random (epsilon-greedy) rather than greedy
     net_version: str
 
 
 class Brain(Protocol):
     classifier_version: str
-    agent_version: str
 
     async def classify(self, image: np.ndarray) -> float: ...
 
@@ -35,37 +36,55 @@ class Brain(Protocol):
     def store(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, terminal: bool,
               next_mask: np.ndarray) -> None: ...
 
-    async def learner(self) -> None: ...
+    async def learn(self) -> None: ...
 
     def stop_learning(self) -> None: ...
 
 
-def epsilon_greedy(q_values: np.ndarray, mask: np.ndarray, epsilon: float, rng: np.random.Generator) -> tuple[int, bool]:
-    """Greedy over allowed actions, or uniform among them with probability epsilon."""
-    allowed = np.flatnonzero(mask)
-    if allowed.size == 0:
-        raise ValueError("no allowed action")
-    if rng.random() < epsilon:
-        return int(allowed[rng.integers(allowed.size)]), True
-    masked = np.where(mask, q_values, -np.inf)
-    return int(np.argmax(masked)), False
+class NetBrain:
+    """The classifier and the agent. `epsilon=None` follows the DQN schedule (training); a number fixes it."""
 
+    def __init__(
+        self,
+        classifier: Predictor,
+        learner: Learner,
+        *,
+        classifier_version: str,
+        agent_version: str,
+        epsilon: float | None,
+        learn_online: bool,
+    ) -> None:
+        self.classifier = classifier
+        self.learner = learner
+        self.actor = Actor(learner, compile_now=False)
+        self.classifier_version = classifier_version
+        self.agent_version = agent_version
+        self.epsilon = epsilon
+        self.learn_online = learn_online
 
-class LearnerGate:
-    """Wakes the learner task when new experience arrives; `stop()` ends it."""
+    def compile(self) -> None:
+        """Compile both nets for batch 1 before the run starts (the first frame must not pay for tracing)."""
+        self.classifier.compile([1])
+        self.actor.predictor.compile([1])
 
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self.stopped = False
+    async def classify(self, image: np.ndarray) -> float:
+        return float((await predict_async(self.classifier, image))[0])
 
-    def notify(self) -> None:
-        self._event.set()
+    async def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:
+        epsilon = self.epsilon if self.epsilon is not None else epsilon_at(self.learner.env_steps, self.learner.config)
+        d = await self.actor.act_async(image, mask, epsilon, rng)
+        return ActionDecision(d.action, [float(q) for q in d.q_values], d.epsilon, d.explored,
+                              f"{self.agent_version}+{d.net_version}")
 
-    def stop(self) -> None:
-        self.stopped = True
-        self._event.set()
+    def store(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, terminal: bool,
+              next_mask: np.ndarray) -> None:
+        if self.learn_online:
+            self.learner.record(state, action, reward, next_state, terminal, next_mask)
 
-    async def wait(self) -> bool:
-        await self._event.wait()
-        self._event.clear()
-        return not self.stopped
+    async def learn(self) -> None:
+        """The learner task; returns at once when online learning is off."""
+        if self.learn_online:
+            await self.learner.run()
+
+    def stop_learning(self) -> None:
+        self.learner.stop()

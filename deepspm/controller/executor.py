@@ -17,7 +17,12 @@ from deepspm.io.instrument import Frame, Instrument, ZState
 
 class JournalSink(Protocol):
     def event(self, kind: str, **data: Any) -> int: ...
+    async def flush(self) -> None: ...
     async def save_frame(self, array: np.ndarray) -> str: ...
+
+
+# Before these the journal is flushed to disk: a resumed run must know they may have happened.
+FLUSH_BEFORE = frozenset({"pulse", "dip", "move_area", "approach", "retract_after_crash", "set_z_extension"})
 
 
 def zstate_to_record(z: ZState) -> dict[str, Any]:
@@ -58,6 +63,8 @@ class Executor:
 
     async def execute(self, command: Command) -> Any:
         seq = self.journal.event("command", **command.to_record())
+        if command.op in FLUSH_BEFORE:
+            await self.journal.flush()
         try:
             if isinstance(command, Settle):
                 await self.sleep(command.seconds)
