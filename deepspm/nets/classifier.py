@@ -242,8 +242,15 @@ def train_classifier(
                        tuple(class_names) if class_names is not None else None, traces)
 
 
-def mean_loss(net: NetDef, variables: NetVars, images: Any, labels: Any, config: ClassifierConfig) -> float:
-    """Eval-mode loss (no flips, no dropout, running BN statistics) of a batch: for tests and diagnostics."""
+def mean_loss(
+    net: NetDef, variables: NetVars, images: Any, labels: Any, config: ClassifierConfig,
+    dropout_key: jax.Array | None = None,
+) -> float:
+    """The loss of a batch without updating anything: eval mode by default (no flips, no dropout, running
+    BN statistics), or a training-mode pass with `dropout_key` (batch statistics, dropout; no flips)."""
     batch = jnp.asarray(as_image_batch(images, net.spec.image_side_px))
-    loss, _ = classifier_loss(net, variables, batch, jnp.asarray(labels, jnp.float32), None, config)
+    loss, _ = _jitted_loss(net, variables, batch, jnp.asarray(labels, jnp.float32), dropout_key, config)
     return float(loss)
+
+
+_jitted_loss = jax.jit(classifier_loss, static_argnums=(0, 5))

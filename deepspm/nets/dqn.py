@@ -218,6 +218,7 @@ class Learner:
         self._stop = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
 
     # --- actor side -----------------------------------------------------------------------------------
     def snapshot(self) -> PolicySnapshot:
@@ -246,47 +247,67 @@ class Learner:
         """One gradient step on a sampled batch; publishes a new snapshot; hard-copies the target net every
         `target_update_every` updates."""
         with self._update_lock:
-            with self._lock:
-                batch = self.buffer.sample(self.config.batch_size)
-                key = jax.random.fold_in(self._key_root, self.updates)
-            online, opt_state, metrics = self._update_step(
-                self.online, self.target, self.opt_state, *_batch_arrays(batch), key
-            )
-            metrics = {k: float(v) for k, v in metrics.items()}
-            self.online, self.opt_state = online, opt_state
-            with self._lock:
-                self.updates += 1
-                if self.updates % self.config.target_update_every == 0:
-                    self.target = online
-                self._snapshot = PolicySnapshot(self.updates, self.net, online)
-            self.last_metrics = metrics
-            return metrics
+            return self._update_locked()
 
-    def catch_up(self, max_updates: int | None = None) -> int:
-        """Run the updates that are due (at most `max_updates`); returns how many ran."""
+    def _update_locked(self) -> dict[str, float]:
+        with self._lock:
+            batch = self.buffer.sample(self.config.batch_size)
+            key = jax.random.fold_in(self._key_root, self.updates)
+        online, opt_state, metrics = self._update_step(
+            self.online, self.target, self.opt_state, *_batch_arrays(batch), key
+        )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.online, self.opt_state = online, opt_state
+        with self._lock:
+            self.updates += 1
+            if self.updates % self.config.target_update_every == 0:
+                self.target = online
+            self._snapshot = PolicySnapshot(self.updates, self.net, online)
+        self.last_metrics = metrics
+        return metrics
+
+    def catch_up(self, max_updates: int | None = None, stoppable: bool = False) -> int:
+        """Run the updates that are due (at most `max_updates`); returns how many ran. With `stoppable`
+        (the learner task), `stop()` ends it after the update in progress."""
         done = 0
-        while not self._stop and (max_updates is None or done < max_updates) and self.updates_due() > 0:
-            self.update()
+        while not (stoppable and self._stop) and (max_updates is None or done < max_updates):
+            with self._update_lock:  # checked under the lock: two callers never overshoot the ratio
+                if self.updates_due() == 0:
+                    break
+                self._update_locked()
             done += 1
         return done
 
     async def run(self) -> None:
         """The learner task: wait for data, catch up in a worker thread, repeat until `stop()`."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._stop = False
+        self._wake, self._idle = asyncio.Event(), asyncio.Event()
         try:
             while not self._stop:
                 if self.updates_due() > 0:
-                    await asyncio.to_thread(self.catch_up)
+                    self._idle.clear()
+                    await asyncio.to_thread(self.catch_up, None, True)
                     continue
+                self._idle.set()
                 await self._wake.wait()
                 self._wake.clear()
         finally:
             self._loop = self._wake = None
+            self._idle.set()
+            self._stop = False  # a later `run` starts afresh
+
+    async def wait_idle(self) -> None:
+        """Return once the running learner task has done every update that is due (or has stopped)."""
+        if self._idle is None:
+            raise RuntimeError("the learner task is not running")
+        while True:
+            await self._idle.wait()
+            if self._loop is None or self.updates_due() == 0:
+                return
+            await asyncio.sleep(0)  # a record() woke the task: let it pick the work up
 
     def stop(self) -> None:
-        """Ask `run`/`catch_up` to finish after the update in progress."""
+        """Ask the learner task (`run`) to finish after the update in progress."""
         self._stop = True
         self._signal()
 

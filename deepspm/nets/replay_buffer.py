@@ -40,6 +40,8 @@ class Batch:
 
 
 class ReplayBuffer:
+    _ARRAYS = ("states", "next_states", "actions", "rewards", "dones", "next_masks")
+
     def __init__(
         self,
         n_actions: int,
@@ -108,16 +110,16 @@ class ReplayBuffer:
         return (np.arange(self.capacity) + self.cursor) % self.capacity
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: `arrays` (numpy, oldest first) and `meta` (JSON-able)."""
-        rows = self.ordered_rows()
-        arrays = {
-            "states": self.states[rows], "next_states": self.next_states[rows], "actions": self.actions[rows],
-            "rewards": self.rewards[rows], "dones": self.dones[rows], "next_masks": self.next_masks[rows],
+        """Everything needed to resume exactly: `arrays` (the filled rows in storage order, so sampled
+        indices mean the same rows after a resume) and `meta` (JSON-able: sizes, cursor, RNG state)."""
+        n = self.size  # the ring fills rows 0..size-1 before wrapping, so these are all the filled rows
+        arrays = {  # copies: the caller may write them out while the actor keeps adding
+            name: getattr(self, name)[:n].copy() for name in self._ARRAYS
         }
         meta = {
             "capacity": self.capacity, "n_actions": self.n_actions, "augment": self.augment,
-            "image_side_px": int(self.states.shape[1]), "size": self.size, "added": self.added,
-            "rng_state": self._rng.bit_generator.state,
+            "image_side_px": int(self.states.shape[1]), "size": self.size, "cursor": self.cursor,
+            "added": self.added, "rng_state": self._rng.bit_generator.state,
         }
         return {"arrays": arrays, "meta": meta}
 
@@ -129,11 +131,11 @@ class ReplayBuffer:
         if found != expected:
             raise ValueError(f"buffer layout (capacity, n_actions, side) {found} != this buffer's {expected}")
         size = int(meta["size"])
-        for name in ("states", "next_states", "actions", "rewards", "dones", "next_masks"):
+        for name in self._ARRAYS:
             target = getattr(self, name)
             target[:size] = arrays[name][:size]
         self.size = size
-        self.cursor = size % self.capacity
+        self.cursor = int(meta["cursor"])
         self.added = int(meta["added"])
         self.augment = bool(meta["augment"])
         self._rng.bit_generator.state = meta["rng_state"]
