@@ -7,6 +7,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from dataclasses import dataclass
 from enum import Enum, IntEnum
@@ -18,6 +22,7 @@ import pytest
 from deepspm.controller import journal as journal_module
 from deepspm.controller.journal import (
     JOURNAL_FILE,
+    SCHEMA_VERSION,
     Journal,
     JournalError,
     ManualClock,
@@ -91,7 +96,7 @@ async def test_records_are_contiguous_and_carry_both_times(tmp_path: Path) -> No
     await write_run(tmp_path, 40)
     records = read_journal(tmp_path)
     assert [r["seq"] for r in records] == list(range(42))
-    assert records[0]["kind"] == "start" and records[0]["run_id"] == "r1"
+    assert records[0]["kind"] == "start" and records[0]["run_id"] == "r1" and records[0]["schema"] == SCHEMA_VERSION
     assert records[-1] == {"seq": 41, "t_mono": 20.0, "t_wall": 1_700_000_020.0, "kind": "stop", "status": "ok", "reason": "done"}
     assert [r["i"] for r in records[1:-1]] == list(range(40))
     assert check_journal(records, require_stop=True) == []
@@ -354,6 +359,51 @@ async def test_resume_before_the_start_record_was_complete_begins_afresh(tmp_pat
     assert [r["kind"] for r in records] == ["start", "stop"] and check_journal(records) == []
 
 
+_CHILD = textwrap.dedent("""
+    import asyncio, sys
+    import numpy as np
+    from deepspm.controller.journal import Journal, SystemClock
+
+    async def main():
+        journal = Journal(sys.argv[1], SystemClock())
+        writer = asyncio.create_task(journal.writer())
+        journal.start({"run_id": "killed"})
+        rng = np.random.default_rng(0)
+        i = 0
+        while True:  # until killed
+            ref = await journal.save_frame(rng.normal(size=(64, 64)).astype(np.float32))
+            journal.event("note", i=i, frame=ref)
+            i += 1
+            if i % 5 == 0:
+                await journal.flush()
+            if i == 40:
+                print("ready", flush=True)
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+async def test_a_real_kill_9_then_resume(tmp_path: Path) -> None:
+    """A writer process killed at an arbitrary point while writing records and frames: the resumed journal
+    has no gap and no duplicate, and every frame it references is complete."""
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"  # blocks on the pipe, not a timer
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    journal = new_journal(run_dir, resume=True)
+    await journal.close("ok", "after kill")
+    records = read_journal(run_dir)
+    assert check_journal(records, require_stop=True) == []
+    assert [r["seq"] for r in records] == list(range(len(records))) and len(records) >= 42
+    refs = [r["frame"] for r in records if r["kind"] == "note"]
+    assert refs and all(load_frame(run_dir, ref).shape == (64, 64) for ref in refs)  # verified against their hash
+    assert not [p for p in (run_dir / "frames").iterdir() if p.suffix != ".npy"]  # no temp file left
+
+
 # -- frames ------------------------------------------------------------------------------------------------
 
 
@@ -457,4 +507,3 @@ def test_system_clock_reads_both_clocks() -> None:
     clock = SystemClock()
     a, b = clock.monotonic(), clock.monotonic()
     assert b >= a and clock.wall() > 1.6e9
-    assert os.path.basename(JOURNAL_FILE) == "journal.jsonl"

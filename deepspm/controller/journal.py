@@ -55,6 +55,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+SCHEMA_VERSION = 1  # of the record layout; start() adds it to the start record as "schema"
 JOURNAL_FILE = "journal.jsonl"
 FRAMES_DIR = "frames"
 CHECKPOINTS_DIR = "checkpoints"
@@ -412,12 +413,14 @@ class Journal:
         return self._closing
 
     def start(self, record: Mapping[str, Any]) -> int:
-        """Write the start record (seq 0) with `record`'s fields (run id, config, seed, versions, ...)."""
+        """Write the start record (seq 0) with `record`'s fields: design.md section 7 asks for the run id,
+        the resolved config (`config_to_dict`), the root seed, package versions, the FSM table and its
+        hash and the checkpoint ids. "schema" (SCHEMA_VERSION) is added unless given."""
         if self._started:
             raise JournalError("the journal already has a start record")
         self._check_data(record)
         self._started = True
-        return self._enqueue(START, record)
+        return self._enqueue(START, {"schema": SCHEMA_VERSION, **record})
 
     def event(self, kind: str, **data: Any) -> int:
         """Enqueue a record and return its seq. Never blocks; encoding errors raise here."""
