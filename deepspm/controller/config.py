@@ -73,6 +73,7 @@ class RunSettings:
     settle_s: float = 120.0
     time_scale: float = 0.0  # simulator only: wall seconds per simulated second (0 = as fast as possible)
     out: str | None = None  # run directory; None = a fresh one chosen by the CLI
+    withdraw_on_stop: bool = True  # withdraw the tip when the run stops normally (always on a fault)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class DetectionSettings:
     crash_extension: float = 0.05
     max_consecutive_crashes: int = 2  # the original stopped on the second crash in a row
     max_consecutive_lost_contacts: int = 5  # ours: the original re-approached without limit (weakness 12)
+    max_consecutive_faults: int = 3  # ours: instrument errors in a row (timeouts, lost connections) that end the run
     crash_forbidden_radius_m: float = 150e-9
     bad_sample_peak_to_peak_m: float = BAD_SAMPLE_THRESHOLD_M
     bad_sample_base_radius_m: float = 25e-9  # forbidden radius sqrt(t) x this after t bad regions in a row
@@ -299,6 +301,7 @@ RANGES: dict[str, Bounds | Choices] = {
     "detection.crash_extension": _fraction_open(),
     "detection.max_consecutive_crashes": _closed(1, 100),
     "detection.max_consecutive_lost_contacts": _closed(1, 1000),
+    "detection.max_consecutive_faults": _closed(1, 1000),
     "detection.crash_forbidden_radius_m": _closed(0, 1e-6),
     "detection.bad_sample_peak_to_peak_m": _positive(1e-6),
     "detection.bad_sample_base_radius_m": _closed(0, 1e-6),
@@ -320,6 +323,7 @@ NOTES: dict[str, str] = {
     "run.settle_s": "wait after an approach for drift and z creep to settle [paper]",
     "run.time_scale": "simulator only: wall seconds per simulated second (0 = as fast as possible, 1 = real time)",
     "run.out": "run directory (unset: a fresh directory chosen by the CLI)",
+    "run.withdraw_on_stop": "withdraw the tip when the run stops normally (a fault always withdraws it)",
     "instrument.host": "Nanonis TCP server address",
     "instrument.port": "Nanonis TCP port (the first of the server's ports)",
     "instrument.release": "force the Nanonis release layout instead of detecting it with Util.VersionGet",
@@ -382,6 +386,8 @@ NOTES: dict[str, str] = {
     "detection.crash_extension": "z extension (fraction, 0 = retracted) below which the tip has crashed",
     "detection.max_consecutive_crashes": "crashes in a row that end the run (fault) [code]",
     "detection.max_consecutive_lost_contacts": "lost contacts in a row that end the run (fault) [ours]",
+    "detection.max_consecutive_faults": "instrument errors in a row (timeouts, lost connections, error replies) "
+                                        "that end the run [ours]",
     "detection.crash_forbidden_radius_m": "radius of the circle blocked around a crash, 150 nm [code]",
     "detection.bad_sample_peak_to_peak_m": "raw peak-to-peak height at which a frame is bad sample, 6 A [code]",
     "detection.bad_sample_base_radius_m": "bad-sample circle radius is sqrt(t) times this, 25 nm [paper]",
