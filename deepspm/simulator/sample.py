@@ -140,8 +140,10 @@ class SampleArea:
         target = min(self.molecule_density_per_m2 * core, 0.95)
         self._candidate_density_per_m2 = -math.log(1.0 - target) / core
         self.steps = self._make_steps(rng)
-        # (n, 5) columns nx, ny, offset, height, meander amplitude: for vectorised "does it cross the frame?"
-        self.step_table = np.array([(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m) for st in self.steps]).reshape(-1, 5)
+        # (n, 7) columns nx, ny, offset, height, meander amplitude, meander k, phase (vectorised step queries)
+        self.step_table = np.array(
+            [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase) for st in self.steps]
+        ).reshape(-1, 7)
         self.patches = self._make_patches(rng)
         self._raw_tiles: dict[tuple[int, int], np.ndarray] = {}
         self._tiles: dict[tuple[int, int], np.ndarray] = {}
@@ -290,10 +292,14 @@ class SampleArea:
 
     def terrace_height(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Sharp terrace height (no blur) at points, metres."""
-        h = np.zeros(np.broadcast(x, y).shape)
-        for s in self.steps:
-            h = h + s.height_m * (s.signed_distance(x, y) >= 0)
-        return h
+        x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
+        if not self.steps:
+            return np.zeros(x.shape)
+        t = self.step_table
+        xf, yf = x.reshape(1, -1), y.reshape(1, -1)
+        along = -t[:, 1:2] * xf + t[:, 0:1] * yf
+        sd = t[:, 0:1] * xf + t[:, 1:2] * yf - t[:, 2:3] - t[:, 4:5] * np.sin(t[:, 5:6] * along + t[:, 6:7])
+        return ((sd >= 0) * t[:, 3:4]).sum(axis=0).reshape(x.shape)
 
     def is_rough(self, x: float, y: float) -> bool:
         """Ground truth: whether (x, y) lies in a contaminated patch."""
