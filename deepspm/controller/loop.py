@@ -20,11 +20,12 @@ import numpy as np
 import structlog
 
 from deepspm.controller.brain import Brain
+from deepspm.controller.config import RunConfig
 from deepspm.controller.commands import Approach, Command, Dip, MoveArea, Pulse, RetractAfterCrash, Scan, SetZ, Settle, Stall, Withdraw
-from deepspm.controller.episode import EpisodeConfig, EpisodeTracker, ProbeOutcome, random_reset_action
+from deepspm.controller.episode import EpisodeTracker, ProbeOutcome, random_reset_action
 from deepspm.controller.executor import Executor, JournalSink
 from deepspm.controller.locator import ActionSite, action_mask, locate_action
-from deepspm.controller.planner import PlannerConfig, RegionPlanner, bad_sample_radius_m
+from deepspm.controller.planner import RegionPlanner, bad_sample_radius_m
 from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess
 from deepspm.fsm.guards import DecisionContext
 from deepspm.fsm.machine import RunModel, build_machine
@@ -38,28 +39,6 @@ log = structlog.get_logger(__name__)
 
 class RunFailed(Exception):
     """An unrecoverable condition (repeated crashes, a failed recovery): the run goes to `fault`."""
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """What the loop itself needs; the CLI builds it from the run's config file."""
-
-    seed: int = 0
-    training: bool = False
-    max_frames: int | None = None
-    max_hours: float | None = None
-    settle_s: float = 120.0
-    frame_size_m: float = 10e-9
-    lost_contact_extension: float = 0.95  # z extension (0 retracted .. 1 extended) beyond which contact is lost
-    crash_extension: float = 0.05  # and below which the tip has crashed into the sample
-    max_consecutive_crashes: int = 2
-    bad_sample_accept_after: int = 250  # rejections in a row after which a frame is accepted anyway
-    epsilon: float = 0.05  # exploration in operation (training uses the agent's schedule)
-    area_move_direction: int = 0  # Motor direction code for moving to a new approach area (0 = X+)
-    withdraw_on_stop: bool = True
-    max_consecutive_faults: int = 3  # instrument errors in a row (timeouts, lost connections, error replies) before giving up
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
 
 
 @dataclass
@@ -84,6 +63,7 @@ class Position:
     new_region: bool = True  # the next scan of this region is its first: record a creep frame first
     consecutive_bad_sample: int = 0
     consecutive_crashes: int = 0
+    consecutive_lost_contacts: int = 0
     recovery: str | None = None  # "contact" or "crash" while recovering
     force_move: bool = False  # an episode hit its cap: move to a new approach area
 
@@ -104,28 +84,27 @@ class RunLoop:
         instrument: Instrument,
         journal: JournalSink,
         brain: Brain,
-        settings: LoopSettings,
+        config: RunConfig,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] | None = None,
         operator_requests: Callable[[], list[Any]] = lambda: [],
         progress: Callable[["RunLoop"], None] | None = None,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.journal = journal
         self.brain = brain
         self.executor = Executor(instrument, journal, sleep)
         self.model = RunModel()
         self.machine = build_machine(self.model, self._on_transition)
-        self.planner = RegionPlanner(settings.planner)
-        episode = dataclasses.replace(settings.episode, training=settings.training)
-        self.tracker = EpisodeTracker(config=episode)
+        self.planner = RegionPlanner(config.planner)
+        self.tracker = EpisodeTracker(config=config.episode)
         self.counters = RunCounters()
         self.position = Position()
         self.last: LastFrame | None = None
         self._pending_frame: Frame | None = None  # recorded in scanning, judged in classifying
         self._images: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # frame ref -> (normalised, mask), recent only
-        self._reset_rng = np.random.default_rng([settings.seed, 1])
-        self._agent_rng = np.random.default_rng([settings.seed, 2])
+        self._reset_rng = np.random.default_rng([config.run.seed, 1])
+        self._agent_rng = np.random.default_rng([config.run.seed, 2])
         self._operator_requests = operator_requests
         self._progress = progress
         self._monotonic = monotonic or asyncio.get_running_loop().time
@@ -150,7 +129,7 @@ class RunLoop:
 
     def _ctx(self) -> DecisionContext:
         cfg = self.tracker.config
-        return DecisionContext(self.settings.training, self.tracker.bad_probe_count, self.tracker.in_episode, cfg.bad_probe_threshold)
+        return DecisionContext(cfg.training, self.tracker.bad_probe_count, self.tracker.in_episode, cfg.bad_probe_threshold)
 
     # -- the loop -----------------------------------------------------------------------------------------
     async def run(self) -> tuple[str, str]:
@@ -181,15 +160,15 @@ class RunLoop:
                                detail=getattr(request, "detail", ""))
             if kind in ("stop", "abort"):
                 return f"operator {kind}"
-        s = self.settings
-        if s.max_frames is not None and self.counters.frames >= s.max_frames:
-            return f"frame budget of {s.max_frames} reached"
-        if s.max_hours is not None and self._monotonic() - self._started >= s.max_hours * 3600:
-            return f"time budget of {s.max_hours} h reached"
+        run = self.config.run
+        if run.frames is not None and self.counters.frames >= run.frames:
+            return f"frame budget of {run.frames} reached"
+        if run.hours is not None and self._monotonic() - self._started >= run.hours * 3600:
+            return f"time budget of {run.hours} h reached"
         return None
 
     async def _stop(self, reason: str) -> None:
-        if self.settings.withdraw_on_stop and self.state not in (State.idle,):
+        if self.config.run.withdraw_on_stop and self.state is not State.idle:
             await self._do(Withdraw())
         await self._fire("stop")
 
@@ -211,7 +190,7 @@ class RunLoop:
             self._consecutive_faults += 1
             self.journal.event("note", message=f"instrument fault in {self.state.value}: {type(exc).__name__}: {exc}",
                                consecutive=self._consecutive_faults)
-            if self._consecutive_faults >= self.settings.max_consecutive_faults:
+            if self._consecutive_faults >= self.config.detection.max_consecutive_faults:
                 raise RunFailed(f"{self._consecutive_faults} instrument faults in a row; last: {exc}") from exc
             return
         self._consecutive_faults = 0
@@ -242,7 +221,7 @@ class RunLoop:
         await self._fire("approached")
 
     async def _settling(self) -> None:
-        await self._do(Settle(self.settings.settle_s))
+        await self._do(Settle(self.config.run.settle_s))
         await self._fire("settled")
 
     async def _selecting(self) -> None:
@@ -257,18 +236,18 @@ class RunLoop:
         await self._fire("region_selected")
 
     async def _scanning(self) -> None:
-        pos, s = self.position, self.settings
+        pos, size = self.position, self.config.scan.frame_size_m
         x, y = pos.target_xy_m
         if pos.new_region:
-            creep = await self._do(Scan(x, y, s.frame_size_m, "creep"))
+            creep = await self._do(Scan(x, y, size, "creep"))
             self.counters.creep_frames += 1
             if await self._z_trouble(creep):
                 return
             pos.new_region = False
-        frame = await self._do(Scan(x, y, s.frame_size_m, "frame"))
+        frame = await self._do(Scan(x, y, size, "frame"))
         if await self._z_trouble(frame):
             return
-        pos.consecutive_crashes = 0
+        pos.consecutive_crashes = pos.consecutive_lost_contacts = 0
         self.planner.mark_scanned(pos.target_xy_m)
         pos.previous_xy_m = pos.target_xy_m
         self.counters.frames += 1
@@ -278,7 +257,7 @@ class RunLoop:
     async def _z_trouble(self, frame: Frame) -> bool:
         """Lost contact or crash, judged from the z extension right after the scan."""
         ext = frame.z_after.extension
-        s = self.settings
+        s = self.config.detection
         if ext >= s.lost_contact_extension:
             self.position.recovery = "contact"
             self.journal.event("decision", decision="z_check", extension=ext, verdict="contact_lost")
@@ -292,14 +271,17 @@ class RunLoop:
         return False
 
     async def _recovering(self) -> None:
-        pos = self.position
+        pos, limits = self.position, self.config.detection
         if pos.recovery == "crash":
             pos.consecutive_crashes += 1
-            if pos.consecutive_crashes >= self.settings.max_consecutive_crashes:
+            if pos.consecutive_crashes >= limits.max_consecutive_crashes:
                 raise RunFailed(f"{pos.consecutive_crashes} crashes in a row at {pos.target_xy_m} m")
             await self._do(RetractAfterCrash())
             self.counters.crash_recoveries += 1
         else:
+            pos.consecutive_lost_contacts += 1
+            if pos.consecutive_lost_contacts > limits.max_consecutive_lost_contacts:
+                raise RunFailed(f"contact lost {pos.consecutive_lost_contacts} times in a row at {pos.target_xy_m} m")
             await self._do(Approach())
             await self._do(SetZ())
             self.counters.contact_recoveries += 1
@@ -310,14 +292,15 @@ class RunLoop:
     async def _classifying(self) -> None:
         frame = self._pending_frame
         assert frame is not None, "classifying needs a recorded frame"
-        s, pos = self.settings, self.position
+        cfg, pos = self.config, self.position
+        det = cfg.detection
         ref = await self.journal.save_frame(frame.data_m)
-        seed = _frame_seed(s.seed, self.counters.frames)
+        seed = _frame_seed(cfg.run.seed, self.counters.frames)
         pre = await asyncio.to_thread(preprocess, frame.data_m, seed)
-        rough = await asyncio.to_thread(is_bad_sample, frame.data_m, plane_m=pre.plane_m)
-        if rough and pos.consecutive_bad_sample < s.bad_sample_accept_after:
+        rough = is_bad_sample(frame.data_m, det.bad_sample_peak_to_peak_m, plane_m=pre.plane_m)
+        if rough and pos.consecutive_bad_sample < det.bad_sample_accept_after:
             pos.consecutive_bad_sample += 1
-            radius = bad_sample_radius_m(pos.consecutive_bad_sample)
+            radius = bad_sample_radius_m(pos.consecutive_bad_sample, det.bad_sample_base_radius_m)
             self.planner.block_circle(pos.target_xy_m, radius)
             self.counters.bad_samples += 1
             self.counters.frames -= 1  # discarded: a bad-sample frame is not a recorded image
@@ -325,7 +308,7 @@ class RunLoop:
             await self._fire("sample_bad")
             return
         pos.consecutive_bad_sample = 0
-        site = locate_action(pre.normalised, pos.target_xy_m, s.frame_size_m, valid=pre.valid)
+        site = locate_action(pre.normalised, pos.target_xy_m, cfg.scan.frame_size_m, valid=pre.valid)
         mask = action_mask(site.free_side_m)
         self._remember(ref, pre.normalised, mask)
         p_good = await self.brain.classify(pre.normalised)
@@ -424,7 +407,7 @@ class RunLoop:
         self.position.previous_xy_m = (x, y)  # the original's reference point during conditioning
 
     async def _moving(self) -> None:
-        await self._do(MoveArea(self.settings.area_move_direction))
+        await self._do(MoveArea(self.config.approach.area_move_direction))
         self.planner.new_area()
         self.position = dataclasses.replace(self.position, previous_xy_m=(0.0, 0.0), new_region=True)
         self.counters.moves += 1

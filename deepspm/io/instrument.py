@@ -92,6 +92,7 @@ class ApproachSettings:
     away_from_sample_direction: int = 4
     crash_retract_steps: int = 3
     area_move_steps: int = 30  # coarse steps between approach areas
+    area_move_direction: int = 0  # Motor direction code towards the next approach area (0 = X+)
     withdraw_timeout_s: float = 10.0
 
 
