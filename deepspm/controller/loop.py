@@ -26,6 +26,7 @@ from deepspm.controller.episode import EpisodeTracker, ProbeOutcome, random_rese
 from deepspm.controller.executor import Executor, JournalSink
 from deepspm.controller.locator import ActionSite, action_mask, locate_action
 from deepspm.controller.planner import RegionPlanner, bad_sample_radius_m
+from deepspm.controller.runcontrol import OperatorRequest, RunControl
 from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess
 from deepspm.fsm.guards import DecisionContext
 from deepspm.fsm.machine import RunModel, build_machine
@@ -87,7 +88,7 @@ class RunLoop:
         config: RunConfig,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] | None = None,
-        operator_requests: Callable[[], list[Any]] = lambda: [],
+        control: RunControl | None = None,
         progress: Callable[["RunLoop"], None] | None = None,
     ) -> None:
         self.config = config
@@ -105,7 +106,7 @@ class RunLoop:
         self._images: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # frame ref -> (normalised, mask), recent only
         self._reset_rng = np.random.default_rng([config.run.seed, 1])
         self._agent_rng = np.random.default_rng([config.run.seed, 2])
-        self._operator_requests = operator_requests
+        self.control = control or RunControl()
         self._progress = progress
         self._monotonic = monotonic or asyncio.get_running_loop().time
         self._started = self._monotonic()
@@ -137,7 +138,7 @@ class RunLoop:
         try:
             await self._fire("start")
             while not self.state.terminal:
-                stop_reason = self._stop_requested()
+                stop_reason = await self._safe_point()
                 if stop_reason:
                     await self._stop(stop_reason)
                     return ("stopped" if stop_reason.startswith("operator") else "completed", stop_reason)
@@ -153,13 +154,20 @@ class RunLoop:
                 await self._fire("fail")
             return ("fault", f"{type(exc).__name__}: {exc}")
 
-    def _stop_requested(self) -> str | None:
-        for request in self._operator_requests():
-            kind = getattr(request, "kind", str(request))
-            self.journal.event("operator", request=kind, source=getattr(request, "source", "api"),
-                               detail=getattr(request, "detail", ""))
-            if kind in ("stop", "abort"):
-                return f"operator {kind}"
+    def _journal_requests(self, requests: list[OperatorRequest]) -> None:
+        for r in requests:
+            self.journal.event("operator", request=r.kind.value, source=r.source.value, detail=r.detail)
+
+    async def _safe_point(self) -> str | None:
+        """Between commands: act on operator requests (pause waits here) and the run's budgets."""
+        self._journal_requests(self.control.pending())
+        if self.control.paused and not self.control.stop_requested:
+            self.journal.event("note", message="paused by the operator")
+            self._journal_requests(await self.control.wait_while_paused())
+        if self.control.abort_requested:
+            return "operator abort"
+        if self.control.stop_requested:
+            return "operator stop"
         run = self.config.run
         if run.frames is not None and self.counters.frames >= run.frames:
             return f"frame budget of {run.frames} reached"
