@@ -312,14 +312,15 @@ class ScanPlan:
         if key in self._cache:
             return self._cache[key]
         surface = self._surface(forward)
-        z = self.z(forward).astype(np.float64)
         noise = self._rng(forward, 1).standard_normal(surface.shape)
         if self.z_mode == "feedback":
-            # in range the loop holds the setpoint, with an error on slopes along the scan direction
+            # in range the loop holds the setpoint, with an error on slopes along the scan direction; beyond
+            # the z limits the gap is off by how far the piezo could not follow
             slope = np.gradient(self.topography(forward), axis=1) * (1.0 if forward else -1.0)
-            exponent = BETA_PER_M * (0.2 * slope + surface - z) + 0.03 * noise
+            beyond = surface - np.clip(surface, self.z_low_m, self.z_high_m)
+            exponent = BETA_PER_M * (0.2 * slope + beyond) + 0.03 * noise
         else:
-            exponent = BETA_PER_M * (surface - z) + 0.03 * noise
+            exponent = BETA_PER_M * (surface - self.z_hold_m) + 0.03 * noise
         current = self.setpoint_A * np.exp(np.clip(exponent, -700.0, 50.0))
         current = np.minimum(current, CURRENT_SATURATION_A) * math.copysign(1.0, self.bias_V or 1.0)
         out = current.astype(np.float32)
