@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from deepspm.controller.config import parse_override
+
+    out = dict(parse_override(s) for s in getattr(args, "set", None) or [])
+    for option, key in (("frames", "run.frames"), ("hours", "run.hours"), ("seed", "run.seed"),
+                        ("time_scale", "run.time_scale"), ("host", "instrument.host"), ("port", "instrument.port")):
+        value = getattr(args, option, None)
+        if value is not None:
+            out[key] = value
+    if getattr(args, "train", False):
+        out["run.train"] = True
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from deepspm.controller.config import load_config
+
+    return load_config(args.config, _overrides(args))
 
 
 def _fsm(args: argparse.Namespace) -> int:
@@ -14,12 +36,76 @@ def _fsm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    from deepspm.controller.config import config_to_toml
+
+    print(config_to_toml(_load(args)), end="")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deepspm.controller.runner import run_from_cli
+
+    return run_from_cli(_load(args), args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from deepspm.simulator.fake_nanonis import serve_forever
+
+    try:
+        asyncio.run(serve_forever(port=args.port, seed=args.seed, time_scale=args.time_scale))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="TOML", help="run configuration file (see docs/config.example.toml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set scan.pixels=128 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepspm",
         description="Autonomous STM controller (DeepSPM re-implemented) speaking the Nanonis TCP protocol.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run the autonomous controller",
+        description="Run the autonomous controller. Without --host it starts the simulated microscope on a "
+                    "loopback port in this process and drives it through TCP with the shipped nets.",
+    )
+    _add_config_options(run)
+    run.add_argument("--host", help="Nanonis host (IP or name); omit to run against the embedded simulator")
+    run.add_argument("--port", type=int, help="Nanonis TCP programming-interface port (default 6501)")
+    run.add_argument("--frames", type=int, help="stop after this many recorded frames (default: 300 in simulation)")
+    run.add_argument("--hours", type=float, help="stop after this many hours of run time")
+    run.add_argument("--train", action="store_true", help="training mode: re-damage the probe after every success")
+    run.add_argument("--seed", type=int, help="root seed of every random stream (default 0)")
+    run.add_argument("--time-scale", dest="time_scale", type=float,
+                     help="simulator only: wall seconds per simulated second (0 = as fast as possible, 1 = real time)")
+    run.add_argument("--sim-seed", dest="sim_seed", type=int, default=None,
+                     help="simulator only: seed of the simulated sample and probe (default: the run's seed)")
+    run.add_argument("--out", type=Path, metavar="RUN_DIR", help="run directory (default: runs/<UTC time>)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed or stopped run in RUN_DIR")
+    run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.set_defaults(func=_run)
+
+    sim = sub.add_parser("simulate", help="serve the simulated microscope over the Nanonis protocol",
+                         description="Serve the simulated STM on 127.0.0.1 for any Nanonis client until Ctrl-C.")
+    sim.add_argument("--port", type=int, default=6501, help="TCP port on 127.0.0.1 (default 6501)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the simulated sample and probe (default 0)")
+    sim.add_argument("--time-scale", dest="time_scale", type=float, default=1.0,
+                     help="wall seconds per simulated second: 1 = real time (default), 0 = as fast as possible")
+    sim.set_defaults(func=_simulate)
+
+    config = sub.add_parser("config", help="inspect the run configuration", description="Inspect the run configuration.")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print the resolved configuration as TOML (defaults filled in)")
+    _add_config_options(show)
+    show.set_defaults(func=_config_show)
 
     fsm = sub.add_parser("fsm", help="print the run's state machine", description="Print the run's state machine.")
     fsm.add_argument("--mermaid", action="store_true", default=True, help="as a Mermaid stateDiagram-v2 (the default)")
@@ -29,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # a clear one-line error for configuration and setup problems
+        from deepspm.controller.config import ConfigError
+
+        if isinstance(exc, (ConfigError, FileNotFoundError)):
+            print(f"deepspm: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

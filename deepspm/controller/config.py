@@ -80,7 +80,7 @@ class RunSettings:
 class InstrumentSettings:
     """Where the Nanonis TCP server is and how long to wait for it."""
 
-    host: str = "127.0.0.1"
+    host: str | None = None  # None: no instrument, run against the embedded simulator
     port: int = 6501
     release: str | None = None  # force a Release name (e.g. "R10862"); None = detect with Util.VersionGet
     command_timeout_s: float = 10.0
@@ -325,7 +325,7 @@ NOTES: dict[str, str] = {
     "run.time_scale": "simulator only: wall seconds per simulated second (0 = as fast as possible, 1 = real time)",
     "run.out": "run directory (unset: a fresh directory chosen by the CLI)",
     "run.withdraw_on_stop": "withdraw the tip when the run stops normally (a fault always withdraws it)",
-    "instrument.host": "Nanonis TCP server address",
+    "instrument.host": "Nanonis TCP server address (unset: run against the embedded simulated microscope)",
     "instrument.port": "Nanonis TCP port (the first of the server's ports)",
     "instrument.release": "force the Nanonis release layout instead of detecting it with Util.VersionGet",
     "instrument.command_timeout_s": "deadline of a non-blocking command",
@@ -533,7 +533,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _check_range(key: str, value: Any) -> None:
-    if key in NON_EMPTY and not value:
+    if key in NON_EMPTY and value is not None and not value:
         raise ConfigError(key, f"{key} must not be empty")
     rule = RANGES.get(key)
     if value is None or rule is None:

@@ -1,0 +1,210 @@
+"""Compose and run one session: config -> instrument (real or simulated) -> nets -> journal -> run loop.
+
+This is what `deepspm run` delegates to. It owns the tasks of a run in one `asyncio.TaskGroup` (the loop,
+the journal writer, the stop-file watcher, the learner) and guarantees the journal's stop record from a
+`finally`. With no instrument address the simulated microscope is served on a loopback port in this
+process, and the controller talks to it through TCP exactly as it would to a real Nanonis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import importlib.metadata
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from deepspm.controller.brain import NetBrain
+from deepspm.controller.config import RunConfig, config_to_dict
+from deepspm.controller.journal import Journal, SystemClock
+from deepspm.controller.loop import RunLoop
+from deepspm.controller.runcontrol import RunControl
+from deepspm.fsm.table import table_as_records, table_hash
+from deepspm.io.client import NanonisClient
+from deepspm.io.commands import Release
+from deepspm.io.connection import NanonisConnection
+from deepspm.io.instrument import NanonisInstrument
+from deepspm.io.safety import SafetyEnvelope
+from deepspm.nets.checkpoints import load_net
+from deepspm.nets.dqn import DQNConfig, Learner
+from deepspm.nets.inference import Predictor
+
+log = structlog.get_logger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class SimulatorOptions:
+    """The embedded simulated microscope (used when no instrument address is given)."""
+
+    seed: int = 0
+    time_scale: float = 0.0
+    sim_config: Any = None  # deepspm.simulator.microscope.SimConfig, or None for its defaults
+
+
+@dataclass
+class SessionResult:
+    run_dir: Path
+    status: str
+    reason: str
+    loop: RunLoop | None
+
+
+def checkpoint_path(setting: str, name: str) -> Path:
+    """'shipped' means the weights inside the package; anything else is a checkpoint directory."""
+    path = WEIGHTS_DIR / name if setting == "shipped" else Path(setting)
+    if not path.exists():
+        raise FileNotFoundError(f"{name} checkpoint not found: {path}")
+    return path
+
+
+def checkpoint_id(path: Path) -> str:
+    """A content hash of a checkpoint directory: the journal names exactly which weights ran."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode())
+        digest.update(f.read_bytes())
+    return f"{path.name}@{digest.hexdigest()[:12]}"
+
+
+def load_brain(cfg: RunConfig) -> NetBrain:
+    """The classifier and the agent named by the config, compiled for batch 1."""
+    cls_path = checkpoint_path(cfg.classifier.checkpoint, "classifier")
+    agent_path = checkpoint_path(cfg.agent.checkpoint, "agent")
+    classifier = load_net(cls_path, expect_kind="classifier")
+    agent = load_net(agent_path, expect_kind="agent")
+    if cfg.run.train:
+        dqn = DQNConfig(updates_per_step=cfg.agent.updates_per_action)
+    else:  # a trained agent: no random phase, fixed exploration
+        dqn = DQNConfig(random_steps=0, updates_per_step=cfg.agent.updates_per_action)
+    learner = Learner(agent.net, agent.variables, dqn, seed=cfg.run.seed)
+    brain = NetBrain(
+        Predictor(classifier.net, classifier.variables, "probability"),
+        learner,
+        classifier_version=checkpoint_id(cls_path),
+        agent_version=checkpoint_id(agent_path),
+        epsilon=None if cfg.run.train else cfg.agent.epsilon,
+        learn_online=cfg.agent.learn_online or cfg.run.train,
+    )
+    brain.compile()
+    return brain
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("deepspm", "numpy", "jax", "flax", "optax", "scikit-learn", "transitions", "structlog"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def new_run_dir(base: Path = Path("runs")) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = base / stamp
+    k = 1
+    while path.exists():
+        path = base / f"{stamp}-{k}"
+        k += 1
+    return path
+
+
+def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run_id": run_dir.name,
+        "config": config_to_dict(cfg),
+        "seed": cfg.run.seed,
+        "versions": package_versions(),
+        "fsm_table": table_as_records(),
+        "fsm_hash": table_hash(),
+        "checkpoints": {"classifier": brain.classifier_version, "agent": brain.agent_version},
+        "instrument": instrument,
+        "argv": sys.argv,
+    }
+
+
+async def run_session(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    simulator: SimulatorOptions | None = None,
+    progress: Callable[[RunLoop], None] | None = None,
+    control: RunControl | None = None,
+    brain: NetBrain | None = None,
+    on_simulator: Callable[[Any], None] | None = None,
+) -> SessionResult:
+    """Run one session to its end; the journal in `run_dir` records everything."""
+    brain = brain or await asyncio.to_thread(load_brain, cfg)
+    sim = None
+    host, port = cfg.instrument.host or "127.0.0.1", cfg.instrument.port
+    if simulator is not None:
+        from deepspm.simulator.fake_nanonis import SimulatorServer
+
+        sim = SimulatorServer(seed=simulator.seed, time_scale=simulator.time_scale, config=simulator.sim_config)
+        host, port = "127.0.0.1", await sim.start(0)
+        if on_simulator is not None:
+            on_simulator(sim)
+    ins = cfg.instrument
+    client = NanonisClient(
+        NanonisConnection(host, port, connect_timeout_s=ins.connect_timeout_s),
+        SafetyEnvelope(cfg.safety),
+        release=Release[ins.release] if ins.release else None,
+        default_timeout_s=ins.command_timeout_s,
+        blocking_timeout_s=ins.blocking_timeout_s,
+    )
+    instrument = NanonisInstrument(client, cfg.scan, cfg.approach, cfg.dip, cfg.orientation)
+    journal = Journal(run_dir, SystemClock())
+    control = control or RunControl.for_run_dir(run_dir)
+    status, reason, loop = "fault", "did not start", None
+    structlog.contextvars.bind_contextvars(run_id=run_dir.name)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            writer = tasks.create_task(journal.writer())
+            watcher = tasks.create_task(control.watch_stop_file())
+            learner = tasks.create_task(brain.learn())
+            try:
+                await instrument.connect()
+                r = await instrument.piezo_range()
+                cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, piezo_range_xy_m=(r.x_m, r.y_m)))
+                journal.start(start_record(cfg, run_dir, brain, {
+                    "host": host, "port": port, "simulated": simulator is not None,
+                    "simulator": dataclasses.asdict(simulator) if simulator else None,
+                    "release": client.release.name if client.release else None,
+                    "version": dataclasses.asdict(client.version) if client.version else None,
+                    "piezo_range_m": [r.x_m, r.y_m, r.z_m],
+                }))
+                loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
+                               progress=progress)
+                status, reason = await loop.run()
+            except Exception as exc:
+                status, reason = "fault", f"{type(exc).__name__}: {exc}"
+                log.error("session.failed", error=reason)
+            finally:
+                watcher.cancel()
+                brain.stop_learning()
+                if not journal.closed:
+                    if journal.next_seq == 0:
+                        journal.start({"run_id": run_dir.name, "config": config_to_dict(cfg), "seed": cfg.run.seed,
+                                       "versions": package_versions(), "failed_before_start": True})
+                    await journal.close(status, reason, **(_summary(loop) if loop else {}))
+                del writer, learner
+    finally:
+        await client.close()
+        if sim is not None:
+            await sim.close()
+        structlog.contextvars.unbind_contextvars("run_id")
+    return SessionResult(run_dir, status, reason, loop)
+
+
+def _summary(loop: RunLoop) -> dict[str, Any]:
+    return {"counters": dataclasses.asdict(loop.counters), "final_state": loop.state.value}
