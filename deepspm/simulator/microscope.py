@@ -309,9 +309,8 @@ class SimulatedMicroscope:
         return ap.surface_start_m + math.floor(done * ap.steps) * self.config.motor_step_z_m
 
     def _tip_z(self, t: float) -> float:
-        if self._approach is not None:
-            return self._z_low  # fully extended while searching for the surface
-        if self._z_on:
+        if self._z_on or self._approach is not None:
+            # in feedback; while approaching that means fully extended until the surface comes within reach
             return min(max(self._z_needed(t), self._z_low), self._z_high)
         return self._z_hold_m
 
@@ -513,6 +512,14 @@ class SimulatedMicroscope:
         if run.paused_since is not None:
             return math.inf
         return run.plan.duration_s - run.progress(now)
+
+    def scan_progress(self) -> tuple[float, float, int] | None:
+        """(seconds scanned so far, seconds per line (fwd + bwd), lines) of the running frame; None if none runs."""
+        now = self._update()
+        run = self._scan
+        if run is None or not self._scan_active(now):
+            return None
+        return run.progress(now), run.plan.line_s, run.plan.geometry.lines
 
     def scan_direction_up(self) -> bool:
         return self._scan.plan.geometry.scan_up if self._scan is not None else True
@@ -785,6 +792,11 @@ class SimulatedMicroscope:
     def auto_approach_running(self) -> bool:
         self._update()
         return self._approach is not None
+
+    def auto_approach_time_remaining(self) -> float:
+        """Simulated seconds until the running auto-approach ends (0 when none runs)."""
+        now = self._update()
+        return 0.0 if self._approach is None else max(self._approach.t_end - now, 0.0)
 
     def _abort_approach(self, now: float) -> None:
         surface = self._approach_surface(now)
