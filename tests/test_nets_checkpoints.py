@@ -57,10 +57,11 @@ def test_net_round_trip_gives_identical_outputs(tmp_path: Path, classifier) -> N
 def test_existing_checkpoints_are_not_silently_replaced(tmp_path: Path, classifier) -> None:
     net, variables = classifier
     save_net(tmp_path / "clf", net, variables, kind="classifier")
-    with pytest.raises(Exception):
+    with pytest.raises(FileExistsError):
         save_net(tmp_path / "clf", net, variables, kind="classifier")
     save_net(tmp_path / "clf", net, variables, kind="classifier", metadata={"v": 2}, overwrite=True)
     assert read_meta(tmp_path / "clf")["metadata"] == {"v": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["clf"]  # no staging or retired copies left behind
 
 
 def test_restore_in_a_fresh_process(tmp_path: Path, classifier) -> None:

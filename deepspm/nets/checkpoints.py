@@ -3,8 +3,9 @@
 A checkpoint directory holds two orbax items: `arrays` (a flat dict of named arrays) and `meta` (JSON:
 format tag, kind, preset name and full layer plan, head size, library versions, caller metadata). Restoring
 reads `meta` first, rebuilds the net abstractly (`nnx.eval_shape`, no allocation) and restores the arrays
-against that abstract state, so a fresh process needs nothing but the path. Orbax writes into a temporary
-directory and renames it when complete, so a killed process never leaves a half-written checkpoint.
+against that abstract state, so a fresh process needs nothing but the path. A checkpoint is written
+completely under a hidden staging name and then renamed into place, so a killed process never leaves a
+half-written checkpoint at the path.
 
 Saving is blocking I/O: from the event loop use the `*_async` variants (they run in a worker thread).
 """
@@ -12,6 +13,9 @@ Saving is blocking I/O: from the event loop use the `*_async` variants (they run
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +64,28 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def _write(path: Path | str, arrays: dict[str, Any], meta: dict[str, Any], overwrite: bool) -> Path:
+    """Write a complete checkpoint beside `path`, then move it into place.
+
+    Replacing keeps the old checkpoint until the new one is complete (renamed aside, then deleted), so an
+    interrupted save leaves either the old or the new checkpoint, never a mixture.
+    """
     path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     # orbax cannot store zero-size arrays; they are recreated from the abstract shape on restore.
     stored = {name: value for name, value in arrays.items() if np.size(value) > 0}
+    staging = path.with_name(f".{path.name}.saving-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(staging, ignore_errors=True)
     _checkpointer().save(
-        path, ocp.args.Composite(arrays=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(meta)), force=overwrite
+        staging, ocp.args.Composite(arrays=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(meta))
     )
+    if path.exists():
+        retired = path.with_name(f".{path.name}.replaced-{os.getpid()}-{threading.get_ident()}")
+        path.rename(retired)
+        staging.rename(path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(path)
     return path
 
 
