@@ -36,6 +36,7 @@ class SurfaceZ:
         self._jump_t: list[float] = []
         self._jump_cum: list[float] = [0.0]  # cumulative jump height after each jump
         self._jumps_until = t0_s
+        self._jump_arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     def _ensure_jumps(self, t_s: float) -> None:
         if self.jump_rate_per_s <= 0:
@@ -48,8 +49,10 @@ class SurfaceZ:
     def _jumps(self, t: np.ndarray) -> np.ndarray:
         if not self._jump_t:
             return np.zeros_like(t)
-        cum = np.asarray(self._jump_cum)
-        idx = np.searchsorted(np.asarray(self._jump_t), t, side="right")
+        if self._jump_arrays is None or len(self._jump_arrays[0]) != len(self._jump_t):
+            self._jump_arrays = (np.asarray(self._jump_t), np.asarray(self._jump_cum))
+        times, cum = self._jump_arrays
+        idx = np.searchsorted(times, t, side="right")
         i0 = bisect.bisect_right(self._jump_t, self.t0_s)
         return cum[idx] - cum[i0]
 

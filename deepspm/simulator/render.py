@@ -19,6 +19,7 @@ the top line of a down-scan); columns left to right (-u to +u) for both forward 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ from scipy.special import ndtr
 
 from deepspm.simulator.probe import ANGSTROM, BETA_PER_M, Apex
 from deepspm.simulator.sample import SampleArea, area_rng
+
+try:  # installed with scikit-learn; optional here
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover
+    ThreadpoolController = None
 
 NM = 1e-9
 STEP_EDGE_WIDTH_M = 0.12 * NM
@@ -72,62 +78,90 @@ class FrameGeometry:
         return min(xs), max(xs), min(ys), max(ys)
 
 
-def _apex_topography(area: SampleArea, comps: np.ndarray, apex: Apex, geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Topography (lines, len(u)) in metres seen by one apex; u may be wider than the frame (creep resampling).
+class _SingleThreadBlas:
+    """Run the small per-frame matrix products on one BLAS thread.
 
-    The Gaussian part runs in float32 with nanometre/Angstrom units (values near 1, no denormals): the
-    blurred components are tabulated along each axis and summed by one matrix product.
+    OpenBLAS splits even 64 x 150 x 64 products over all cores, which halves the frame rate on this
+    2-core machine (thread hand-off costs more than the product). The limit is applied only around the
+    product (about 8 us), never process-wide.
     """
+
+    def __init__(self) -> None:
+        self._blas = None
+
+    def __call__(self):  # -> context manager
+        if ThreadpoolController is None:
+            return contextlib.nullcontext()
+        if self._blas is None:
+            self._blas = ThreadpoolController().select(user_api="blas")
+        return self._blas.limit(limits=1)
+
+
+_single_thread_blas = _SingleThreadBlas()
+
+
+def _gaussian_layers(comps: np.ndarray, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Gaussian part of the topography seen by each apex, (apices, lines, len(u)) float32 in Angstrom.
+
+    Runs in float32 with nanometre/Angstrom units (values near 1, no denormals): for every apex the blurred
+    components are tabulated along each frame axis and summed by one (batched) matrix product.
+    """
+    k = len(apices)
+    if comps.shape[1] == 0:
+        return np.zeros((k, len(v), len(u)), dtype=np.float32)
     (ux, uy), (vx, vy) = geom.axes()
-    ox, oy = geom.centre_x_m + apex.dx_m, geom.centre_y_m + apex.dy_m
-    if comps.shape[1]:
-        cx, cy, sig, amp = comps
-        sig2 = sig * sig
-        var = sig2 + apex.width_m**2
-        a = (amp * (sig2 / var) / ANGSTROM).astype(np.float32)
-        cu = (((cx - ox) * ux + (cy - oy) * uy) / NM).astype(np.float32)
-        cv = (((cx - ox) * vx + (cy - oy) * vy) / NM).astype(np.float32)
-        inv = (-0.5 * NM * NM / var).astype(np.float32)
-        gx = _gauss_table(inv, cu, (u / NM).astype(np.float32))
-        gy = _gauss_table(inv, cv, (v / NM).astype(np.float32))
-        img = (gy.T @ (a[:, None] * gx)).astype(np.float64) * ANGSTROM
-    else:
-        img = np.zeros((len(v), len(u)))
-    if area.steps:
-        img += _steps(area, apex, geom, u, v)
-    return img
+    ox = np.array([geom.centre_x_m + a.dx_m for a in apices])[:, None]
+    oy = np.array([geom.centre_y_m + a.dy_m for a in apices])[:, None]
+    s2 = np.array([a.width_m**2 for a in apices])[:, None]
+    cx, cy, sig, amp = comps
+    sig2 = sig * sig
+    var = sig2[None, :] + s2
+    a = (amp * sig2 / var / ANGSTROM).astype(np.float32)
+    cu = (((cx - ox) * ux + (cy - oy) * uy) / NM).astype(np.float32)
+    cv = (((cx - ox) * vx + (cy - oy) * vy) / NM).astype(np.float32)
+    inv = (-0.5 * NM * NM / var).astype(np.float32)
+    gx = _gauss_table(inv, cu, (u / NM).astype(np.float32))
+    gy = _gauss_table(inv, cv, (v / NM).astype(np.float32))
+    gx *= a[:, :, None]
+    with _single_thread_blas():
+        return np.matmul(gy.transpose(0, 2, 1), gx)
 
 
 def _gauss_table(inv: np.ndarray, centre: np.ndarray, axis: np.ndarray) -> np.ndarray:
-    """exp(inv * (axis - centre)^2) as (components, len(axis)) float32, with negligible values set to 0."""
-    arg = axis[None, :] - centre[:, None]
+    """exp(inv * (axis - centre)^2) as (apices, components, len(axis)) float32, floored at exp(-27)."""
+    arg = axis[None, None, :] - centre[:, :, None]
     arg *= arg
-    arg *= inv[:, None]
-    small = arg < -27.0
+    arg *= inv[:, :, None]
+    np.maximum(arg, np.float32(-27.0), out=arg)  # floor at 2e-12: products stay far above float32's denormals
     np.exp(arg, out=arg)
-    arg[small] = 0.0
     return arg
 
 
-def _steps(area: SampleArea, apex: Apex, geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> np.ndarray | float:
-    """Terrace height seen by one apex: a constant for steps that miss the frame, error-function edges otherwise."""
+def _steps(area: SampleArea, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> list[np.ndarray | float]:
+    """Terrace height seen by each apex (metres): a constant where no step crosses, error-function edges otherwise."""
     (ux, uy), (vx, vy) = geom.axes()
-    ox, oy = geom.centre_x_m + apex.dx_m, geom.centre_y_m + apex.dy_m
-    edge = math.sqrt(apex.width_m**2 + STEP_EDGE_WIDTH_M**2)
+    ox = np.array([geom.centre_x_m + a.dx_m for a in apices])
+    oy = np.array([geom.centre_y_m + a.dy_m for a in apices])
+    edge = np.sqrt(np.array([a.width_m**2 for a in apices]) + STEP_EDGE_WIDTH_M**2)
     cu = np.array([u[0], u[-1], u[0], u[-1]])
     cv = np.array([v.min(), v.min(), v.max(), v.max()])
     t = area.step_table
-    # the linear part of the signed distance at the corners bounds it over the whole frame
-    lin = t[:, 0:1] * (ox + cu * ux + cv * vx) + t[:, 1:2] * (oy + cu * uy + cv * vy) - t[:, 2:3]
-    slack = t[:, 4] + 6 * edge
-    above = lin.min(axis=1) > slack
-    crossing = ~above & (lin.max(axis=1) >= -slack)
-    out: np.ndarray | float = float(t[above, 3].sum())
-    for i in np.flatnonzero(crossing):
-        s = area.steps[i]
-        x = ox + u[None, :] * ux + v[:, None] * vx
-        y = oy + u[None, :] * uy + v[:, None] * vy
-        out = out + s.height_m * ndtr(s.signed_distance(x, y) / edge)
+    # the linear part of the signed distance at the corners bounds it over the whole frame: (apices, steps, 4)
+    cx = ox[:, None] + (cu * ux + cv * vx)[None, :]
+    cy = oy[:, None] + (cu * uy + cv * vy)[None, :]
+    lin = t[None, :, 0:1] * cx[:, None, :] + t[None, :, 1:2] * cy[:, None, :] - t[None, :, 2:3]
+    slack = t[None, :, 4] + 6 * edge[:, None]
+    above = lin.min(axis=2) > slack
+    crossing = ~above & (lin.max(axis=2) >= -slack)
+    out: list[np.ndarray | float] = []
+    for k in range(len(apices)):
+        h: np.ndarray | float = float(t[above[k], 3].sum())
+        for i in np.flatnonzero(crossing[k]):
+            s = area.steps[i]
+            x = ox[k] + u[None, :] * ux + v[:, None] * vx
+            y = oy[k] + u[None, :] * uy + v[:, None] * vy
+            h = h + s.height_m * ndtr(s.signed_distance(x, y) / edge[k])
+        out.append(h)
     return out
 
 
@@ -149,20 +183,30 @@ def render_topography(
     reach = max(math.hypot(a.dx_m, a.dy_m) + 4 * a.width_m for a in apices) + margin * px
     xmin, xmax, ymin, ymax = geom.corners(margin_m=reach + (0.0 if dv_rows is None else float(np.max(np.abs(dv_rows)))))
     comps = area.components_in(xmin, xmax, ymin, ymax, margin_m=0.0, debris_before=debris_before)
-    layers = [_apex_topography(area, comps, a, geom, u, v) for a in apices]
-    if len(layers) == 1:
+    layers = _gaussian_layers(comps, apices, geom, u, v)  # Angstrom, float32
+    if area.steps:
+        for i, terrace in enumerate(_steps(area, apices, geom, u, v)):
+            layers[i] += np.asarray(np.asarray(terrace) / ANGSTROM, dtype=np.float32)
+    if len(apices) == 1:
         img = layers[0]
     else:
-        w = np.array([a.weight for a in apices], dtype=float)
-        w = w / w.sum()
-        stack = np.stack(layers)
-        top = stack.max(axis=0)
-        img = top + np.log(np.tensordot(w, np.exp(BETA_PER_M * (stack - top)), axes=1)) / BETA_PER_M
+        w = np.array([a.weight for a in apices], dtype=np.float32)
+        w /= w.sum()
+        top = layers.max(axis=0)
+        layers -= top
+        layers *= np.float32(BETA_PER_M * ANGSTROM)
+        np.exp(layers, out=layers)
+        img = top + np.log(np.tensordot(w, layers, axes=1)) / np.float32(BETA_PER_M * ANGSTROM)
+    img = img.astype(np.float64) * ANGSTROM
     if margin:
-        pos = np.arange(geom.pixels)[None, :] + margin + du_rows[:, None] / px
-        i0 = np.clip(np.floor(pos).astype(np.intp), 0, len(u) - 2)
-        f = np.clip(pos - i0, 0.0, 1.0)
-        img = np.take_along_axis(img, i0, axis=1) * (1 - f) + np.take_along_axis(img, i0 + 1, axis=1) * f
+        # linear resampling of each row at its displaced positions (always inside the extended columns)
+        pos = np.add.outer(du_rows / px, np.arange(margin, margin + geom.pixels, dtype=float))
+        i0 = pos.astype(np.intp)
+        f = pos - i0
+        flat = img.ravel()
+        idx = i0 + (np.arange(img.shape[0]) * img.shape[1])[:, None]
+        left = flat[idx]
+        img = left + (flat[idx + 1] - left) * f
     return np.ascontiguousarray(img)
 
 
@@ -207,9 +251,10 @@ class ScanPlan:
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for forward in (True, False):
-            t_first, t_last = self.pixel_times(forward)
-            self._cache[("zline", forward)] = (np.asarray(self.z_needed(t_first), float), np.asarray(self.z_needed(t_last), float))
+        times = np.concatenate([*self.pixel_times(True), *self.pixel_times(False)])
+        z = np.asarray(self.z_needed(times), dtype=float).reshape(4, -1)
+        self._cache[("zline", True)] = (z[0], z[1])
+        self._cache[("zline", False)] = (z[2], z[3])
 
     @property
     def line_s(self) -> float:
@@ -263,12 +308,11 @@ class ScanPlan:
         g = self.geometry
         z0, z1 = self._cache[("zline", forward)]
         frac = (np.arange(g.pixels) + 0.5) / g.pixels
-        z = z0[:, None] + (z1 - z0)[:, None] * frac[None, :]
         (ux, uy), (vx, vy) = g.axes()
         sx, sy = self.area.tilt
-        u, v = g.u(), g.v()
-        z += sx * (g.centre_x_m + u[None, :] * ux + v[:, None] * vx) + sy * (g.centre_y_m + u[None, :] * uy + v[:, None] * vy)
-        return z
+        along_u = (sx * ux + sy * uy) * g.u()  # the sample's tilt along each frame axis
+        along_v = (sx * vx + sy * vy) * g.v() + sx * g.centre_x_m + sy * g.centre_y_m
+        return np.add.outer(z0 + along_v, along_u) + np.multiply.outer(z1 - z0, frac)
 
     def _surface(self, forward: bool) -> np.ndarray:
         """z the feedback wants at each pixel (before noise and limits): drift + tilt + topography + streaks."""
