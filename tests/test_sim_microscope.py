@@ -346,3 +346,59 @@ def test_good_probe_degrades_while_scanning_when_configured() -> None:
         clock.advance(12.0)
         frames += 1
     assert 2 < frames < 300
+
+
+# --- artefacts: tip changes, creep, tilt -------------------------------------------------------------------
+def test_a_tip_change_happens_during_the_scan_not_at_its_start() -> None:
+    m, clock = make(SimConfig(**{**QUIET.__dict__, "degradation_per_frame": 1.0}))
+    m.scan_action(ScanAction.START, True)
+    states = []
+    for _ in range(121):
+        states.append(m.ground_truth().is_good)
+        clock.advance(0.1)
+    assert states[0] and not states[-1]
+    switches = sum(a != b for a, b in zip(states, states[1:]))
+    assert switches == 1  # good until some line, bad from then on
+
+
+def test_stopping_the_scan_cancels_a_tip_change_still_to_come() -> None:
+    for seed in range(10):
+        m, clock = make(SimConfig(**{**QUIET.__dict__, "degradation_per_frame": 1.0}), seed=seed)
+        m.scan_action(ScanAction.START, True)
+        clock.advance(0.05)
+        if m.ground_truth().is_good:
+            m.scan_action(ScanAction.STOP)
+            clock.advance(100.0)
+            assert m.ground_truth().is_good
+            return
+    raise AssertionError("every change fell in the first 50 ms")
+
+
+def test_the_first_frame_after_a_move_is_distorted_by_creep_the_second_much_less() -> None:
+    ratios = []
+    for seed in range(4):
+        m, clock = make(seed=seed)
+        clock.advance(60.0)
+        frames = []
+        for _ in range(3):
+            m.set_scan_frame(40 * NM, 0.0, 10 * NM, 10 * NM, 0.0)  # 40 nm from where the tip rested
+            m.scan_action(ScanAction.START, True)
+            clock.advance(12.0)
+            frames.append(level(m.frame_data(Z_INDEX, True)[1]))
+        ratios.append(np.abs(frames[0] - frames[1]).mean() / np.abs(frames[1] - frames[2]).mean())
+    assert min(ratios) > 1.5
+
+
+def test_raw_frames_carry_the_sample_tilt() -> None:
+    from deepspm.simulator.sample import SampleConfig
+
+    m, clock = make(SimConfig(**{**QUIET.__dict__, "sample": SampleConfig(tilt_rms=0.01)}), seed=3)
+    m.scan_action(ScanAction.START, True)
+    clock.advance(12.0)
+    raw = m.frame_data(Z_INDEX, True)[1].astype(float)
+    r, c = np.indices(raw.shape)
+    design = np.column_stack([np.ones(raw.size), r.ravel(), c.ravel()])
+    slope_x = np.linalg.lstsq(design, raw.ravel(), rcond=None)[0][2] / (10 * NM / 64)
+    tilt_x = m.area.tilt[0]
+    assert abs(tilt_x) > 0.002
+    assert slope_x == pytest.approx(tilt_x, abs=0.2 * abs(tilt_x) + 0.001)

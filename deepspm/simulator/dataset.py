@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepspm.simulator.clock import SimClock
+from deepspm.simulator.environment import approach_and_settle
 from deepspm.simulator.microscope import Z_INDEX, MotorDirection, SimConfig, SimulatedMicroscope
 from deepspm.simulator.probe import ANGSTROM, BAD_KINDS, ProbeKind
 from deepspm.simulator.sample import area_rng
@@ -26,18 +27,6 @@ from deepspm.simulator.sample import area_rng
 BAD_SAMPLE_PEAK_TO_PEAK_M = 6e-10
 DATASET_CONFIG = SimConfig(degradation_per_frame=0.0, spontaneous_changes=False, z_jump_rate_per_s=0.0)
 _P_DATA = 401
-
-
-def _approach(m: SimulatedMicroscope, clock: SimClock) -> None:
-    for _ in range(30):
-        m.auto_approach_start()
-        while m.auto_approach_running():
-            clock.advance(m.config.approach_cycle_s)
-        if m.z_extension() <= 0.88:
-            break
-        clock.advance(m.withdraw())
-        clock.advance(m.motor_move(MotorDirection.Z_MINUS, 1))
-    clock.advance(120.0)
 
 
 def synth_dataset(
@@ -62,12 +51,12 @@ def synth_dataset(
                 clock.advance(m.withdraw())
                 direction = MotorDirection.X_PLUS if rng.random() < 0.5 else MotorDirection.Y_PLUS
                 clock.advance(m.motor_move(direction, int(math.ceil(850e-9 / m.config.motor_step_xy_m))))
-                _approach(m, clock)
+                approach_and_settle(m, clock)
                 in_area = 0
             gt = m.ground_truth()
             if gt.lost_contact or gt.in_contact:
                 clock.advance(m.withdraw())
-                _approach(m, clock)
+                approach_and_settle(m, clock)
             kind = ProbeKind.GOOD if rng.random() < good_fraction else BAD_KINDS[int(rng.integers(0, len(BAD_KINDS)))]
             m.set_probe(kind, rng)
             x, y = rng.uniform(-half, half, 2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,13 +29,6 @@ from deepspm.simulator.sample import area_rng
 
 ENV_CONFIG = SimConfig(z_jump_rate_per_s=0.0)  # no sudden z jumps: recoveries are not what the agent learns
 _P_ENV = 301
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    action_index: int
-    ground_truth: GroundTruth
-    time_s: float
 
 
 class ConditioningEnv:
@@ -130,17 +122,7 @@ class ConditioningEnv:
         self._approach()
 
     def _approach(self) -> None:
-        """Approach, then coarse-step towards the sample until the extension is near 80 %."""
-        m = self.microscope
-        for _ in range(30):
-            m.auto_approach_start()
-            while m.auto_approach_running():
-                self.clock.advance(m.config.approach_cycle_s)
-            if m.z_extension() <= 0.88:
-                break
-            self.clock.advance(m.withdraw())
-            self.clock.advance(m.motor_move(MotorDirection.Z_MINUS, 1))
-        self.clock.advance(120.0)  # let z creep settle, as the controller does
+        approach_and_settle(self.microscope, self.clock)
 
     def _ensure_tunnelling(self) -> None:
         m = self.microscope
@@ -166,6 +148,19 @@ class ConditioningEnv:
             if m.config.acquisition_order and up:
                 data = data[::-1]
             self._frame = np.ascontiguousarray(data)
+
+
+def approach_and_settle(m: SimulatedMicroscope, clock: SimClock, max_extension: float = 0.88, settle_s: float = 120.0) -> None:
+    """Approach, coarse-step towards the sample until the extension is at most `max_extension`, let creep settle."""
+    for _ in range(30):
+        m.auto_approach_start()
+        while m.auto_approach_running():
+            clock.advance(m.config.approach_cycle_s)
+        if m.z_extension() <= max_extension:
+            break
+        clock.advance(m.withdraw())
+        clock.advance(m.motor_move(MotorDirection.Z_MINUS, 1))
+    clock.advance(settle_s)
 
 
 Policy = Callable[[ConditioningEnv], int]
