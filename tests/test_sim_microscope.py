@@ -230,6 +230,7 @@ def test_approach_takes_coarse_steps_and_ends_near_full_extension() -> None:
     clock.advance(m.config.approach_cycle_s)
     assert not m.auto_approach_running()
     assert 0.85 <= m.z_extension() < 0.91
+    assert m.ground_truth().is_good and not m.ground_truth().in_contact  # finding the surface is not a crash
 
 
 def test_stopping_an_approach_leaves_the_tip_searching() -> None:
