@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
+import signal
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +37,7 @@ from deepspm.simulator.fake_nanonis import (
     serve_forever,
 )
 from deepspm.simulator.faults import ErrorReply
-from deepspm.simulator.microscope import Z_INDEX, SimulatedMicroscope
+from deepspm.simulator.microscope import Z_INDEX, SimConfig, SimulatedMicroscope
 from deepspm.simulator.probe import ProbeKind
 
 pytestmark = pytest.mark.timeout(60)
@@ -248,6 +250,31 @@ async def test_reads_agree_with_the_microscope():
         assert (await raw.ok("ZCtrl.OnOffGet"))["on"] == 0 and not m.z_controller_on()
 
 
+async def test_z_reads_the_drift_and_lost_contact_and_crashes():
+    config = SimConfig(z_drift_rate_m_per_s=1e-9, z_jump_rate_per_s=0.0, z_creep_amplitude_m=0.0)
+    async with SimulatorServer(seed=14, config=config) as sim, RawClient(sim.port) as raw:
+        m = sim.microscope
+        high, low = m.z_limits()
+        z0 = (await raw.ok("ZCtrl.ZPosGet"))["z_m"]
+        sim.clock.advance(50.0)
+        z1 = (await raw.ok("ZCtrl.ZPosGet"))["z_m"]
+        assert z1 - z0 == pytest.approx(50e-9, abs=0.2e-9)  # the feedback follows the drifting sample
+
+        sim.at(sim.clock.now() + 10.0, lambda micro: micro.inject_z_jump(-400e-9))  # the sample drops away
+        await raw.ok("Scan.WaitEndOfScan", 5000)  # nothing scans: 5 s pass
+        assert (await raw.ok("ZCtrl.ZPosGet"))["z_m"] == pytest.approx(z1 + 5e-9, abs=0.2e-9)  # drifting, no jump yet
+        await raw.ok("Scan.WaitEndOfScan", 6000)
+        assert (await raw.ok("ZCtrl.ZPosGet"))["z_m"] == pytest.approx(low)  # fully extended: lost contact
+        assert abs((await raw.ok("Current.Get"))["current_A"]) < 1e-12
+        assert m.ground_truth().lost_contact and m.ground_truth().is_good
+
+        sim.at(0.0, lambda micro: micro.inject_z_jump(+1.3e-6))  # already due: runs before the next request
+        assert (await raw.ok("ZCtrl.ZPosGet"))["z_m"] == pytest.approx(high)  # fully retracted and still touching
+        assert abs((await raw.ok("Current.Get"))["current_A"]) == pytest.approx(10e-9)  # saturated
+        truth = m.ground_truth()
+        assert truth.in_contact and not truth.is_good  # a crash damages the probe
+
+
 async def test_invalid_requests_get_clear_nanonis_errors():
     async with SimulatorServer(seed=4) as sim, RawClient(sim.port) as raw:
         assert "piezo range" in await raw.fails("Scan.FrameSet", 400e-9, 0.0, 100e-9, 100e-9, 0.0)
@@ -264,6 +291,16 @@ async def test_invalid_requests_get_clear_nanonis_errors():
         message = await raw.fails("Scan.FrameSet", 400e-9, 0.0, 100e-9, 100e-9, 0.0)
         assert message.startswith("Scan.FrameSet: ")
         assert (await raw.ok("Bias.Get"))["bias_V"] == pytest.approx(-1.0)  # the failures changed nothing
+
+
+async def test_a_refused_range_change_keeps_the_range():
+    async with SimulatorServer(seed=4) as sim, RawClient(sim.port) as raw:
+        await raw.ok("Bias.Set", 2.0)
+        assert "+/-1 V" in await raw.fails("Bias.RangeSet", 1)
+        assert (await raw.ok("Bias.RangeGet"))["index"] == 0
+        await raw.ok("Bias.Set", 0.5)
+        await raw.ok("Bias.RangeSet", 1)
+        assert await raw.ok("Signals.RangeGet", 24) == {"max": 1.0, "min": -1.0}
 
 
 async def test_fault_injection_stays_available():
@@ -388,6 +425,19 @@ async def test_positive_time_scale_follows_the_wall_and_scales_waits():
         assert await raw.ok("Scan.WaitEndOfScan", -1) == {"timed_out": 0, "path": ""}
         assert sum(wall.slept) == pytest.approx((FRAME_10NM_S - 4.0) * 0.5, abs=1e-6)
         assert not sim.microscope.scan_running()
+
+
+async def test_a_withdraw_without_wait_reports_withdrawing_until_done():
+    wall = FakeWall()
+    clock = SimClock(1.0, wall=wall, wall_sleep=wall.sleep)
+    async with SimulatorServer(seed=13, time_scale=1.0, clock=clock) as sim, RawClient(sim.port) as raw:
+        z = sim.microscope.z_position_m()
+        duration = (sim.microscope.z_limits()[0] - z) / sim.microscope.config.withdraw_rate_m_per_s
+        await raw.ok("ZCtrl.Withdraw", 0, -1)
+        assert await raw.ok("ZCtrl.StatusGet") == {"status": 6}
+        wall.t += duration * 1.01
+        assert await raw.ok("ZCtrl.StatusGet") == {"status": 1}
+        assert not wall.slept  # nothing waited
 
 
 async def test_a_stop_on_another_connection_ends_a_wait():
@@ -565,6 +615,83 @@ async def test_vendor_client_drives_the_simulator():
         steps = await vendor_session(port, move)
         assert steps[0] == 30 and m.motor_step_counter()[0] == 30
         assert m.approach_area() == (1, 0)
+
+
+def vendor_tour(call: Callable[..., Any]) -> dict[str, Any]:
+    """What a user would do with the vendor client: scan and grab, pulse, dip, read z, approach, move."""
+    out: dict[str, Any] = {}
+    call("Scan_BufferSet", [Z_INDEX], 64, 64)
+    call("Scan_FrameSet", 0.0, 0.0, 10e-9, 10e-9, 0.0)
+    call("Scan_Action", 0, 1)
+    out["waited"] = call("Scan_WaitEndOfScan", 60000)
+    out["grab"] = call("Scan_FrameDataGrab", Z_INDEX, 1)
+    call("FolMe_XYPosSet", 1e-9, 1e-9, 1)
+    call("Bias_Pulse", 1, 0.2, 4.0, 1, 2)
+    call("TipShaper_PropsSet", 0.05, 1, 0.02, -1.8e-9, 0.2, -1.0, 0.05, 1.8e-9, 0.2, 0.5, 1)
+    call("TipShaper_Start", 1, 30000)
+    out["z"] = call("ZCtrl_ZPosGet")
+    call("ZCtrl_Withdraw", 1, 10000)
+    call("Motor_StartMove", 4, 8, 0, 1)
+    call("AutoApproach_OnOffSet", 1)
+    out["polls"] = 1
+    while call("AutoApproach_OnOffGet") == [1]:
+        out["polls"] += 1
+    out["approached_z"] = call("ZCtrl_ZPosGet")
+    call("ZCtrl_Withdraw", 1, 10000)
+    call("Motor_StartMove", 2, 30, 0, 1)
+    out["steps"] = call("Motor_StepCounterGet", 0, 0, 0)
+    call("AutoApproach_OnOffSet", 1)
+    while call("AutoApproach_OnOffGet") == [1]:
+        pass
+    call("Scan_Action", 0, 0)
+    call("Scan_WaitEndOfScan", 60000)
+    out["grab_new_area"] = call("Scan_FrameDataGrab", Z_INDEX, 1)
+    out["current"] = call("Current_Get")
+    return out
+
+
+def assert_same(a: Any, b: Any) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+async def test_vendor_client_drives_deepspm_simulate():
+    """`deepspm simulate` in its own process answers the vendor client exactly as the in-process simulator."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deepspm.cli", "simulate", "--port", "0", "--seed", "7", "--time-scale", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            while not (line := (await proc.stdout.readline()).decode()).startswith("deepspm simulator"):
+                assert line, "deepspm simulate ended before announcing its address"
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        remote = await vendor_session(port, vendor_tour)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+
+    async with SimulatorServer(seed=7) as sim:
+        local = await vendor_session(sim.port, vendor_tour)
+        m = sim.microscope
+        np.testing.assert_array_equal(local["grab_new_area"][4], m.frame_data(Z_INDEX)[1])
+        assert m.approach_area() == (0, 1) and local["steps"][1] == 30
+        assert len(m.area.debris_sites) == 0 and len(sim.microscope.sample.area((0, 0)).debris_sites) == 2
+    assert remote["waited"] == [0, 0, ""] and 2 <= remote["polls"] < 20
+    assert not np.isnan(remote["grab"][4]).any() and not np.isnan(remote["grab_new_area"][4]).any()
+    assert_same(remote, local)
 
 
 # -- our own instrument layer ----------------------------------------------------------------------------------

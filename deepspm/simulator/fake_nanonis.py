@@ -20,6 +20,8 @@ Time. One `SimClock` drives the physics and the handlers.
 - At time_scale > 0 simulated time flows with the wall clock (scaled); requests add nothing.
 - Waits (WaitEndOfScan, WaitEndOfLine) also wake when another connection changes the instrument (a stop, a
   pause, a new scan), as on the real server, where a stop on one port ends a wait on another.
+- Scripted events (`SimulatorServer.at(time_s, action)`, e.g. a z jump that forces lost contact) run before
+  the first request served at or after their simulated time, so they too are deterministic.
 
 Wire codings that differ between Set and Get (reference nanonis-tcp.md 3.7) are decoded here:
 Scan.PropsSet 0 no change / 1 on / 2 off (autosave, autopaste: 0 no change / 1 all / 2 next / 3 off) vs
@@ -43,7 +45,9 @@ Nanonis error reply with a readable description, never silence.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -134,6 +138,8 @@ class _MicroscopeHandlers:
         self._gain = (3, 0)  # (gain index, filter index)
         self._motor_amplitude_V = 120.0
         self._session_path = SESSION_PATH
+        self._scheduled: list[tuple[float, int, Callable[[SimulatedMicroscope], Any]]] = []
+        self._schedule_order = itertools.count()
 
     # -- the table ------------------------------------------------------------------------------------------
 
@@ -186,7 +192,11 @@ class _MicroscopeHandlers:
 
     def wrapped(self) -> dict[str, Handler]:
         """The table with simulated time passing per request, errors as Nanonis errors and change signals."""
-        return {name: self._wrap(name, fn) for name, fn in self.table().items()}
+        table = self.table()
+        missing = {spec.name for spec in TABLE.values()} - set(table)
+        if missing:
+            raise RuntimeError(f"commands without a simulator handler: {sorted(missing)}")
+        return {name: self._wrap(name, fn) for name, fn in table.items()}
 
     def _wrap(self, name: str, fn: Callable[[dict[str, Any]], Any]) -> Handler:
         spec = lookup(name)
@@ -194,6 +204,7 @@ class _MicroscopeHandlers:
 
         async def handler(args: dict[str, Any]) -> Any:
             self._pass_time(poll)
+            self._run_due()
             try:
                 result = fn(args)
                 if inspect.isawaitable(result):
@@ -231,6 +242,16 @@ class _MicroscopeHandlers:
         else:
             self.clock.advance_to(_past(self.clock.now() + remaining))
 
+    def schedule(self, time_s: float, action: Callable[[SimulatedMicroscope], Any]) -> None:
+        heapq.heappush(self._scheduled, (float(time_s), next(self._schedule_order), action))
+
+    def _run_due(self) -> None:
+        """Scripted events whose time has come run before the request that reaches it."""
+        now = self.clock.now()
+        while self._scheduled and self._scheduled[0][0] <= now:
+            _, _, action = heapq.heappop(self._scheduled)
+            action(self.m)
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -257,8 +278,8 @@ class _MicroscopeHandlers:
 
     # -- Bias -----------------------------------------------------------------------------------------------
 
-    def _check_bias(self, volts: float, what: str) -> None:
-        label, limit = BIAS_RANGES[self._bias_range]
+    def _check_bias(self, volts: float, what: str, range_index: int | None = None) -> None:
+        label, limit = BIAS_RANGES[self._bias_range if range_index is None else range_index]
         if abs(volts) > limit:
             raise CommandFailed(f"{what} {volts:+.4g} V outside the selected bias range {label}")
 
@@ -287,8 +308,8 @@ class _MicroscopeHandlers:
         index = args["index"]
         if not 0 <= index < len(BIAS_RANGES):
             raise CommandFailed(f"bias range index {index} does not exist (0..{len(BIAS_RANGES) - 1})")
+        self._check_bias(self.m.bias_V(), "the present bias", index)
         self._bias_range = index
-        self._check_bias(self.m.bias_V(), "the present bias")
 
     # -- Scan -----------------------------------------------------------------------------------------------
 
@@ -498,8 +519,8 @@ class _MicroscopeHandlers:
         return {"mode": int(relative), "z_m": z}
 
     def z_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.clock.now() < self._withdraw_until:
-            return {"status": 6}  # withdrawing
+        if self.clock.now() < self._withdraw_until and not self.m.z_controller_on():
+            return {"status": 6}  # withdrawing (wait = 0 and the retraction still under way)
         return {"status": self.m.z_status()}
 
     def z_switch_off_delay_set(self, args: dict[str, Any]) -> None:
@@ -719,18 +740,15 @@ def microscope_handlers(
     (default: product, "Generic 5", and `release` as both release numbers). Timing: see the module docstring.
     """
     version = version or (DEFAULT_PRODUCT, DEFAULT_VERSION_NAME, int(release), int(release))
-    handlers = _MicroscopeHandlers(microscope, clock, release, version, poll_quantum_s, command_latency_s).wrapped()
-    missing = {s.name for s in TABLE.values()} - set(handlers)
-    if missing:
-        raise RuntimeError(f"commands without a simulator handler: {sorted(missing)}")
-    return handlers
+    return _MicroscopeHandlers(microscope, clock, release, version, poll_quantum_s, command_latency_s).wrapped()
 
 
 class SimulatorServer:
     """A `SimulatedMicroscope` on its own `SimClock`, served by a `FakeNanonisServer` on 127.0.0.1.
 
     `.microscope` is the ground truth for evaluation code (Python API only); `.server` is the fake server
-    (fault injection: `.server.inject(...)`; request logs when `record=True`); `.clock` the simulated clock.
+    (fault injection: `.server.inject(...)`; request logs when `record=True`); `.clock` the simulated clock;
+    `at(time_s, action)` schedules scripted events (lost contact, crashes, probe changes) in simulated time.
     `clock` may be given for tests (e.g. a clock with an injected wall); its time scale must equal
     `time_scale`.
 
@@ -756,9 +774,18 @@ class SimulatorServer:
         self.seed = int(seed)
         self.clock = clock or SimClock(time_scale)
         self.microscope = SimulatedMicroscope(seed, self.clock, config)
-        handlers = microscope_handlers(self.microscope, self.clock, release=release, poll_quantum_s=poll_quantum_s,
-                                       command_latency_s=command_latency_s)
-        self.server = FakeNanonisServer(release=release, host=host, handlers=handlers, record=record)
+        version = (DEFAULT_PRODUCT, DEFAULT_VERSION_NAME, int(release), int(release))
+        self._handlers = _MicroscopeHandlers(self.microscope, self.clock, release, version, poll_quantum_s, command_latency_s)
+        self.server = FakeNanonisServer(release=release, host=host, handlers=self._handlers.wrapped(), record=record,
+                                        version=version)
+
+    def at(self, time_s: float, action: Callable[[SimulatedMicroscope], Any]) -> None:
+        """Run `action(microscope)` before the first request served at or after simulated time `time_s`.
+
+        For scripted, deterministic events in end-to-end runs, e.g. lost contact after ten minutes:
+        `sim.at(600.0, lambda m: m.inject_z_jump(-250e-9))`; a crash: `m.inject_z_jump(+850e-9)`.
+        """
+        self._handlers.schedule(time_s, action)
 
     @property
     def time_scale(self) -> float:
