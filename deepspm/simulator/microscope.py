@@ -718,7 +718,7 @@ class SimulatedMicroscope:
         self._check_contact(self.clock.now())
 
     def z_gains(self) -> tuple[float, float, float]:
-        """(P gain m/A... as Nanonis: P, time constant s, I)."""
+        """(P gain, time constant s, I gain) as ZCtrl.GainGet reports them (stored; the simulated loop is ideal)."""
         return self._gains
 
     def set_z_gains(self, p: float, time_constant_s: float, i: float | None = None) -> None:
