@@ -50,8 +50,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from deepspm.controller.diagnostics import configure_logging
     from deepspm.simulator.fake_nanonis import serve_forever
 
+    configure_logging("info")
     try:
         asyncio.run(serve_forever(port=args.port, seed=args.seed, time_scale=args.time_scale))
     except KeyboardInterrupt:

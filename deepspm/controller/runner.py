@@ -52,10 +52,6 @@ def run_from_cli(cfg: RunConfig, args: argparse.Namespace) -> int:
     simulated = cfg.instrument.host is None
     if simulated and cfg.run.frames is None and cfg.run.hours is None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, frames=DEFAULT_SIM_FRAMES))
-    if simulated and args.time_scale is None and cfg.run.time_scale == 0:
-        # as fast as possible: the settle wait is simulated time too
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, settle_s=0.0),
-                                  approach=dataclasses.replace(cfg.approach, poll_s=1e-3))
     run_dir = args.out or (Path(cfg.run.out) if cfg.run.out else new_run_dir())
     simulator = None
     if simulated:

@@ -162,7 +162,11 @@ async def run_session(
         default_timeout_s=ins.command_timeout_s,
         blocking_timeout_s=ins.blocking_timeout_s,
     )
-    instrument = NanonisInstrument(client, cfg.scan, cfg.approach, cfg.dip, cfg.orientation)
+    # Against the simulator, waits (settling, approach polls) and the time budget run on its clock.
+    sleep = sim.clock.sleep if sim is not None else asyncio.sleep
+    monotonic = sim.clock.now if sim is not None else time.monotonic
+    instrument = NanonisInstrument(client, cfg.scan, cfg.approach, cfg.dip, cfg.orientation, sleep=sleep,
+                                   monotonic=monotonic)
     journal = Journal(run_dir, SystemClock())
     control = control or RunControl.for_run_dir(run_dir)
     status, reason, loop = "fault", "did not start", None
@@ -184,7 +188,7 @@ async def run_session(
                     "piezo_range_m": [r.x_m, r.y_m, r.z_m],
                 }))
                 loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
-                               progress=progress)
+                               progress=progress, sleep=sleep, monotonic=monotonic)
                 status, reason = await loop.run()
             except Exception as exc:
                 status, reason = "fault", f"{type(exc).__name__}: {exc}"
