@@ -60,6 +60,7 @@ class Executor:
         self.instrument = instrument
         self.journal = journal
         self.sleep = sleep
+        self.last_frame_ref: str | None = None  # the content hash of the last frame saved
 
     async def execute(self, command: Command) -> Any:
         seq = self.journal.event("command", **command.to_record())
@@ -78,6 +79,8 @@ class Executor:
             self.journal.event("failure", of=seq, op=command.op, error=type(exc).__name__, message=str(exc))
             raise
         ref = await self.journal.save_frame(result.data_m) if isinstance(result, Frame) else None
+        if ref is not None:
+            self.last_frame_ref = ref
         self.journal.event("reply", of=seq, op=command.op, result=result_to_record(result, ref))
         return result
 

@@ -302,7 +302,8 @@ class RunLoop:
         assert frame is not None, "classifying needs a recorded frame"
         cfg, pos = self.config, self.position
         det = cfg.detection
-        ref = await self.journal.save_frame(frame.data_m)
+        ref = self.executor.last_frame_ref
+        assert ref is not None
         seed = _frame_seed(cfg.run.seed, self.counters.frames)
         pre = await asyncio.to_thread(preprocess, frame.data_m, seed)
         rough = is_bad_sample(frame.data_m, det.bad_sample_peak_to_peak_m, plane_m=pre.plane_m)
@@ -327,7 +328,7 @@ class RunLoop:
         self._learn_from(outcome)
         trigger, ctx = self._classification_trigger(outcome)
         self.journal.event(
-            "decision", decision="classify", frame=ref, p_good=p_good, good=outcome.probe_good,
+            "decision", decision="classify", frame=ref, ransac_seed=seed, p_good=p_good, good=outcome.probe_good,
             classifier=self.brain.classifier_version, trigger=trigger, context=dataclasses.asdict(ctx),
             bad_probe_count=outcome.bad_probe_count, in_episode=outcome.in_episode, episode=outcome.episode_index,
             episode_started=outcome.episode_started, episode_ended=outcome.episode_ended,

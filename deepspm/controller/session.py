@@ -76,10 +76,11 @@ def checkpoint_id(path: Path) -> str:
     return f"{path.name}@{digest.hexdigest()[:12]}"
 
 
-def load_brain(cfg: RunConfig) -> NetBrain:
-    """The classifier and the agent named by the config, compiled for batch 1."""
-    cls_path = checkpoint_path(cfg.classifier.checkpoint, "classifier")
-    agent_path = checkpoint_path(cfg.agent.checkpoint, "agent")
+def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: Path | None = None,
+               learn_online: bool | None = None) -> NetBrain:
+    """The classifier and the agent (named by the config unless given), compiled for batch 1."""
+    cls_path = classifier_path or checkpoint_path(cfg.classifier.checkpoint, "classifier")
+    agent_path = agent_path or checkpoint_path(cfg.agent.checkpoint, "agent")
     classifier = load_net(cls_path, expect_kind="classifier")
     agent = load_net(agent_path, expect_kind="agent")
     if cfg.run.train:
@@ -90,10 +91,10 @@ def load_brain(cfg: RunConfig) -> NetBrain:
     brain = NetBrain(
         Predictor(classifier.net, classifier.variables, "probability"),
         learner,
-        classifier_version=checkpoint_id(cls_path),
-        agent_version=checkpoint_id(agent_path),
+        classifier_version=checkpoint_id(Path(cls_path)),
+        agent_version=checkpoint_id(Path(agent_path)),
         epsilon=None if cfg.run.train else cfg.agent.epsilon,
-        learn_online=cfg.agent.learn_online or cfg.run.train,
+        learn_online=(cfg.agent.learn_online or cfg.run.train) if learn_online is None else learn_online,
     )
     brain.compile()
     return brain
@@ -128,6 +129,8 @@ def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dic
         "fsm_table": table_as_records(),
         "fsm_hash": table_hash(),
         "checkpoints": {"classifier": brain.classifier_version, "agent": brain.agent_version},
+        "checkpoint_paths": {"classifier": str(checkpoint_path(cfg.classifier.checkpoint, "classifier")),
+                             "agent": str(checkpoint_path(cfg.agent.checkpoint, "agent"))},
         "instrument": instrument,
         "argv": sys.argv,
     }

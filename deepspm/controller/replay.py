@@ -1,0 +1,393 @@
+"""Replay and resume: the unchanged run loop driven from a journal.
+
+Three stand-ins let the loop re-live a recorded run without knowing it:
+- `ReplayInstrument` answers each instrument call from the journal (replies, timeouts, disconnects, error
+  replies alike) and checks that the same operation is asked for with the same arguments;
+- `ReplayJournal` checks each record the loop writes against the recorded one at the same seq;
+- `ReplayBrain` gives the recorded net outputs (or recomputes them with a checkpoint and compares).
+`ReplayControl` delivers recorded operator requests (and the stop at the recorded point) at the same seq.
+
+Each has an optional *live* counterpart: once the journal is used up it hands over to the real
+instrument, journal and nets. That is resume: the loop fast-forwards through the journal, rebuilding its
+planner maps, counters, episode and replay buffer exactly, then carries on live with no gap and no
+duplicate. A command the journal has no outcome for (the run was killed during it) fails with
+`ConnectionLost`, so a pulse or dip that may have happened is never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from deepspm.controller.brain import ActionDecision, Brain
+from deepspm.controller.commands import COMMANDS
+from deepspm.controller.executor import result_from_record
+from deepspm.controller.journal import Journal, frame_ref
+from deepspm.controller.runcontrol import OperatorRequest, RequestKind, RequestSource, RunControl
+from deepspm.io import errors as io_errors
+from deepspm.io import instrument as io_instrument
+from deepspm.io.errors import ConnectionLost
+from deepspm.io.instrument import Frame, Instrument, PiezoRange, ZState
+from deepspm.nets.dqn import select_action
+
+_HEADER = ("seq", "t_mono", "t_wall", "kind")
+# Which fields of a record must match for the replay to count as identical (values compared loosely for floats).
+_KEY_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "command": None,  # every field
+    "reply": ("of", "op"),
+    "failure": ("of", "op", "error"),
+    "transition": ("trigger", "source", "dest"),
+    "decision": ("decision", "frame", "trigger", "verdict", "action"),
+    "operator": ("request",),
+    "note": None,
+}
+
+
+class Divergence(BaseException):
+    """The replayed controller did something the journal does not have. A BaseException, like
+    CancelledError: it must pass straight through the loop's own error handling and end the replay."""
+
+    def __init__(self, seq: int | None, expected: Any, got: Any) -> None:
+        super().__init__(f"diverged at seq {seq}: the journal has {expected!r}, the controller produced {got!r}")
+        self.seq = seq
+        self.expected = expected
+        self.got = got
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality with float tolerance, through lists and dicts (JSON round trips keep floats exact)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-21)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _plain(value: Any) -> Any:
+    """What a value looks like after a JSON round trip (tuples -> lists, numpy -> Python, enums -> values)."""
+    from deepspm.controller.journal import to_jsonable
+
+    return to_jsonable(value)
+
+
+# -- errors as they were recorded -------------------------------------------------------------------------------
+
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    name: obj
+    for module in (io_errors, io_instrument)
+    for name, obj in vars(module).items()
+    if isinstance(obj, type) and issubclass(obj, Exception)
+}
+
+
+def rebuild_error(name: str, message: str) -> Exception:
+    """An exception of the recorded type with the recorded message (constructor arguments are not kept)."""
+    cls = _ERROR_TYPES.get(name, io_errors.InstrumentError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    return err
+
+
+# -- the instrument ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    seq: int
+    op: str
+    args: dict[str, Any]
+    outcome: dict[str, Any] | None  # the reply or failure record; None if the run ended during the command
+
+
+def recorded_calls(records: list[dict[str, Any]]) -> list[RecordedCall]:
+    """The journal's instrument calls in order (settle and stall never reach the instrument)."""
+    outcomes = {r["of"]: r for r in records if r.get("kind") in ("reply", "failure")}
+    calls = []
+    for r in records:
+        if r.get("kind") == "command" and COMMANDS[r["op"]].touches_instrument:
+            args = {k: v for k, v in r.items() if k not in (*_HEADER, "op")}
+            calls.append(RecordedCall(r["seq"], r["op"], args, outcomes.get(r["seq"])))
+    return calls
+
+
+class ReplayInstrument:
+    """The `Instrument` protocol answered from recorded calls, then (optionally) by a live instrument."""
+
+    def __init__(self, calls: list[RecordedCall], load_frame: Callable[[str], np.ndarray],
+                 live: Instrument | None = None) -> None:
+        self._calls = calls
+        self._pos = 0
+        self._load_frame = load_frame
+        self.live = live
+
+    @property
+    def exhausted(self) -> bool:
+        return self._pos >= len(self._calls)
+
+    async def _call(self, op: str, **args: Any) -> Any:
+        if self.exhausted:
+            if self.live is None:
+                raise Divergence(None, "the end of the journal", {"op": op, **args})
+            return await getattr(self.live, op)(**args)
+        call = self._calls[self._pos]
+        # the record also holds journal-only fields (a scan's purpose, an action's index): compare what is passed
+        if call.op != op or not set(args) <= set(call.args) or not all(same(call.args[k], _plain(v)) for k, v in args.items()):
+            raise Divergence(call.seq, {"op": call.op, **call.args}, {"op": op, **args})
+        self._pos += 1
+        if call.outcome is None:
+            if self.live is None:
+                raise Divergence(call.seq, "a recorded outcome", "the journal ends inside this command")
+            raise ConnectionLost(op, "the run was interrupted during this command; its outcome is unknown")
+        if call.outcome["kind"] == "failure":
+            raise rebuild_error(call.outcome["error"], call.outcome["message"])
+        return result_from_record(call.outcome["result"], self._load_frame)
+
+    async def connect(self) -> None:
+        if self.live is not None:
+            await self.live.connect()
+
+    async def close(self) -> None:
+        if self.live is not None:
+            await self.live.close()
+
+    async def piezo_range(self) -> PiezoRange:
+        return await self._call("piezo_range")
+
+    async def z_state(self) -> ZState:
+        return await self._call("z_state")
+
+    async def approach(self) -> ZState:
+        return await self._call("approach")
+
+    async def withdraw(self) -> None:
+        return await self._call("withdraw")
+
+    async def set_z_extension(self) -> ZState:
+        return await self._call("set_z_extension")
+
+    async def retract_after_crash(self) -> ZState:
+        return await self._call("retract_after_crash")
+
+    async def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame:
+        return await self._call("scan", centre_x_m=centre_x_m, centre_y_m=centre_y_m, size_m=size_m)
+
+    async def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None:
+        return await self._call("pulse", x_m=x_m, y_m=y_m, bias_V=bias_V, width_s=width_s)
+
+    async def dip(self, x_m: float, y_m: float, depth_m: float, bias_V: float, duration_s: float) -> None:
+        return await self._call("dip", x_m=x_m, y_m=y_m, depth_m=depth_m, bias_V=bias_V, duration_s=duration_s)
+
+    async def move_area(self, direction: int) -> None:
+        return await self._call("move_area", direction=direction)
+
+
+# -- the journal ------------------------------------------------------------------------------------------------
+
+
+class ReplayJournal:
+    """Checks each record the loop writes against the recorded one; past the end, writes to `live`
+    (resume) or keeps the new records (replay). Frames already recorded are not written again."""
+
+    def __init__(self, run_dir: Path, records: list[dict[str, Any]], live: Journal | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self._recorded = [r for r in records if r.get("kind") not in ("start", "stop", "resume")]
+        self._pos = 0
+        self.live = live
+        self.extra: list[dict[str, Any]] = []  # records produced after the journal ended (replay only)
+        self.closed = False
+
+    @property
+    def replaying(self) -> bool:
+        return self._pos < len(self._recorded)
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next record will get (for scheduling recorded operator requests)."""
+        if self.replaying:
+            return self._recorded[self._pos]["seq"]
+        return self.live.next_seq if self.live is not None else -1
+
+    def event(self, kind: str, **data: Any) -> int:
+        if not self.replaying:
+            if self.live is not None:
+                return self.live.event(kind, **data)
+            self.extra.append({"kind": kind, **data})
+            return -len(self.extra)
+        rec = self._recorded[self._pos]
+        got = {"kind": kind, **_plain(data)}
+        keys = _KEY_FIELDS.get(kind, ())
+        fields_ = [k for k in rec if k not in _HEADER] if keys is None else list(keys)
+        if rec["kind"] != kind or not all(same(rec.get(k), got.get(k)) for k in fields_):
+            raise Divergence(rec["seq"], {k: rec.get(k) for k in ("kind", *fields_)}, {k: got.get(k) for k in ("kind", *fields_)})
+        self._pos += 1
+        return rec["seq"]
+
+    async def flush(self) -> None:
+        if self.live is not None and not self.replaying:
+            await self.live.flush()
+
+    async def save_frame(self, array: np.ndarray) -> str:
+        ref = frame_ref(array)
+        if (self.run_dir / "frames" / f"{ref}.npy").exists() or self.live is None:
+            return ref
+        return await self.live.save_frame(array)
+
+
+# -- the nets -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecisionPoint:
+    seq: int
+    frame: str | None
+    kind: str  # "classify" or "action"
+    recorded: Any
+    new: Any
+
+
+@dataclass
+class ReplayBrain:
+    """Recorded decisions in order. Modes: "recorded" (inject the journal's outputs), "recompute" (run `nets`
+    and require the same decisions, within `tolerance` on p(good)), "whatif" (run `nets` and stop at the first
+    decision that differs). Past the journal's decisions it hands over to `live` (resume)."""
+
+    decisions: list[dict[str, Any]]
+    threshold: float
+    mode: str = "recorded"
+    nets: Brain | None = None
+    live: Brain | None = None
+    tolerance: float = 1e-4
+    classifier_version: str = "journal"
+    points: list[DecisionPoint] = field(default_factory=list)
+    max_p_difference: float = 0.0
+    _pos: int = 0
+
+    def _next(self, kind: str) -> dict[str, Any] | None:
+        while self._pos < len(self.decisions):
+            rec = self.decisions[self._pos]
+            self._pos += 1
+            if rec["decision"] == kind:
+                return rec
+            raise Divergence(rec["seq"], f"a {rec['decision']} decision", f"a {kind} decision")
+        return None
+
+    async def classify(self, image: np.ndarray) -> float:
+        rec = self._next("classify")
+        if rec is None:
+            if self.live is None:
+                raise Divergence(None, "the end of the recorded decisions", "a classification")
+            return await self.live.classify(image)
+        if self.mode == "recorded":
+            return float(rec["p_good"])
+        assert self.nets is not None
+        p = await self.nets.classify(image)
+        self.max_p_difference = max(self.max_p_difference, abs(p - float(rec["p_good"])))
+        good = p > self.threshold
+        self.points.append(DecisionPoint(rec["seq"], rec.get("frame"), "classify", rec["good"], good))
+        if good != rec["good"] or (self.mode == "recompute" and abs(p - float(rec["p_good"])) > self.tolerance):
+            raise Divergence(rec["seq"], {"p_good": rec["p_good"], "good": rec["good"]}, {"p_good": p, "good": good})
+        return p
+
+    async def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:
+        rec = self._next("action")
+        if rec is None:
+            if self.live is None:
+                raise Divergence(None, "the end of the recorded decisions", "an action")
+            return await self.live.choose(image, mask, rng)
+        learned_online = not str(rec["agent"]).endswith("+0")
+        if self.mode == "recorded" or (self.mode == "recompute" and learned_online):
+            # The same draw on the same generator: the loop's random stream advances as it did. Weights
+            # changed by online learning are not in any checkpoint, so those decisions cannot be recomputed.
+            choice = select_action(rec["q_values"], mask, rec["epsilon"], rng)
+            if choice.action != rec["action"]:
+                raise Divergence(rec["seq"], {"action": rec["action"]}, {"action": choice.action})
+            return ActionDecision(choice.action, list(rec["q_values"]), rec["epsilon"], choice.explored, rec["agent"])
+        assert self.nets is not None
+        decision = await self.nets.choose(image, mask, rng)
+        self.points.append(DecisionPoint(rec["seq"], rec.get("frame"), "action", rec["action"], decision.action))
+        if decision.action != rec["action"]:
+            raise Divergence(rec["seq"], {"action": rec["action"]}, {"action": decision.action})
+        return decision
+
+    def store(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, terminal: bool,
+              next_mask: np.ndarray) -> None:
+        if self.live is not None:  # resume: rebuild the replay buffer exactly
+            self.live.store(state, action, reward, next_state, terminal, next_mask)
+
+    async def learn(self) -> None:
+        if self.live is not None:
+            await self.live.learn()
+
+    def stop_learning(self) -> None:
+        if self.live is not None:
+            self.live.stop_learning()
+
+
+# -- operator requests ----------------------------------------------------------------------------------------------
+
+
+class ReplayControl(RunControl):
+    """Recorded operator requests, delivered when the replayed journal reaches their seq. A run that stopped
+    for a budget or by a request is stopped at the same point (`stop_at_seq`)."""
+
+    def __init__(self, journal: ReplayJournal, records: list[dict[str, Any]], live: RunControl | None = None) -> None:
+        super().__init__()
+        self._journal = journal
+        self._scheduled = {r["seq"]: OperatorRequest(RequestKind(r["request"]), RequestSource(r["source"]), r["detail"])
+                           for r in records if r.get("kind") == "operator"}
+        self.stop_at_seq = _stop_point(records)
+        self.live = live
+
+    def _due(self) -> list[OperatorRequest]:
+        seq = self._journal.next_seq
+        out = []
+        while seq in self._scheduled:
+            out.append(self._scheduled.pop(seq))
+            seq += 1
+        return out
+
+    def pending(self) -> list[OperatorRequest]:
+        if not self._journal.replaying and self.live is not None:
+            requests = self.live.pending()
+            self.paused, self.stop_requested, self.abort_requested = (
+                self.live.paused, self.live.stop_requested, self.live.abort_requested)
+            return requests
+        due = self._due()
+        for r in due:
+            self._apply(r)
+        if self.stop_at_seq is not None and self._journal.next_seq >= self.stop_at_seq and not due:
+            self.stop_requested = True
+        return due
+
+    async def wait_while_paused(self) -> list[OperatorRequest]:
+        out: list[OperatorRequest] = []
+        while self.paused and not self.stop_requested:
+            due = self._due()
+            if not due:
+                raise Divergence(self._journal.next_seq, "a recorded resume after the pause", "nothing")
+            for r in due:
+                self._apply(r)
+            out.extend(due)
+        return out
+
+
+def _stop_point(records: list[dict[str, Any]]) -> int | None:
+    """The seq at which the recorded loop decided to stop at a safe point (budget or operator), if it did."""
+    stops = [i for i, r in enumerate(records) if r.get("kind") == "transition" and r.get("trigger") == "stop"]
+    if not stops:
+        return None
+    i = stops[-1]
+    # the stop sequence: [operator requests] [withdraw command + reply] stop transition
+    j = i
+    while j > 0 and (records[j - 1].get("kind") in ("reply", "failure") and records[j - 1].get("op") == "withdraw"
+                     or records[j - 1].get("kind") == "command" and records[j - 1].get("op") == "withdraw"):
+        j -= 1
+    return records[j]["seq"]

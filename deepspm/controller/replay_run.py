@@ -1,0 +1,122 @@
+"""`deepspm replay RUN_DIR`: re-run the unchanged controller against its own journal and say whether it
+did exactly the same thing, or where it first did not; and what-if replays with other nets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepspm.controller.config import config_from_dict
+from deepspm.controller.journal import load_frame, read_journal
+from deepspm.controller.loop import RunLoop
+from deepspm.controller.preprocess import preprocess
+from deepspm.controller.replay import (
+    DecisionPoint,
+    Divergence,
+    ReplayBrain,
+    ReplayControl,
+    ReplayInstrument,
+    ReplayJournal,
+    recorded_calls,
+)
+from deepspm.controller.session import load_brain
+
+MODES = ("recorded", "recompute")
+
+
+async def _no_wait(seconds: float) -> None:
+    return None
+
+
+@dataclass
+class ReplayReport:
+    run_dir: Path
+    mode: str
+    identical: bool
+    divergence_seq: int | None = None
+    expected: Any = None
+    got: Any = None
+    records: int = 0
+    decisions_checked: int = 0
+    max_p_difference: float = 0.0
+    decision_points: list[DecisionPoint] = field(default_factory=list)
+    agreement: dict[str, int] | None = None  # what-if classifier: recorded verdict x new verdict, every frame
+
+    def text(self) -> str:
+        lines = [f"replay of {self.run_dir} ({self.mode}): "
+                 + ("identical" if self.identical else f"diverged at seq {self.divergence_seq}")]
+        if not self.identical:
+            lines += [f"  journal:    {self.expected}", f"  controller: {self.got}"]
+        lines.append(f"  records checked: {self.records}; decisions: {self.decisions_checked}")
+        if self.mode != "recorded":
+            lines.append(f"  largest |p(good) difference|: {self.max_p_difference:.3g}")
+        if self.decision_points and self.mode == "what-if":
+            lines.append("  decision points (seq, frame, kind, recorded -> new):")
+            lines += [f"    {p.seq}  {(p.frame or '')[:12]}  {p.kind}  {p.recorded} -> {p.new}" for p in self.decision_points]
+        if self.agreement is not None:
+            a = self.agreement
+            lines += ["  re-classification of every recorded frame (rows: recorded, columns: new):",
+                      "              new good  new bad",
+                      f"    was good  {a['good_good']:8d}  {a['good_bad']:7d}",
+                      f"    was bad   {a['bad_good']:8d}  {a['bad_bad']:7d}"]
+        return "\n".join(lines)
+
+
+async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path | None = None,
+                     agent: Path | None = None) -> ReplayReport:
+    """Replay `run_dir`. `mode` "recorded" injects the journal's net outputs (checks the controller alone);
+    "recompute" runs the journal's checkpoints and requires the same decisions. A `classifier` or `agent`
+    checkpoint makes it a what-if replay that stops at the first decision that differs."""
+    if mode not in MODES:
+        raise ValueError(f"replay mode must be one of {MODES}, not {mode!r}")
+    run_dir = Path(run_dir)
+    records = read_journal(run_dir)
+    start = records[0]
+    cfg = config_from_dict(start["config"])
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, hours=None))  # the recorded stop point rules
+    what_if = classifier is not None or agent is not None
+    nets = None
+    if what_if or mode == "recompute":
+        paths = start.get("checkpoint_paths") or {}
+        nets = await asyncio.to_thread(
+            load_brain, cfg, Path(classifier or paths["classifier"]), Path(agent or paths["agent"]), False)
+    decisions = [r for r in records if r.get("kind") == "decision" and r.get("decision") in ("classify", "action")]
+    brain = ReplayBrain(decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
+                        classifier_version=start["checkpoints"]["classifier"])
+    journal = ReplayJournal(run_dir, records)
+    instrument = ReplayInstrument(recorded_calls(records), lambda ref: load_frame(run_dir, ref))
+    loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg,
+                   control=ReplayControl(journal, records), sleep=_no_wait, monotonic=lambda: 0.0)
+    report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=len(records))
+    try:
+        await loop.run()
+        report.identical = not journal.replaying and instrument.exhausted and not journal.extra
+        if not report.identical:
+            report.expected, report.got = "the rest of the journal", "the run ended"
+            report.divergence_seq = journal.next_seq
+    except Divergence as d:
+        report.divergence_seq, report.expected, report.got = d.seq, d.expected, d.got
+    report.decisions_checked = brain._pos
+    report.max_p_difference = brain.max_p_difference
+    report.decision_points = brain.points
+    if classifier is not None and nets is not None:
+        report.agreement = await asyncio.to_thread(_agreement, run_dir, decisions, nets, cfg.classifier.threshold)
+    return report
+
+
+def _agreement(run_dir: Path, decisions: list[dict[str, Any]], nets: Any, threshold: float) -> dict[str, int]:
+    """Re-classify every recorded frame with the new classifier (same pre-processing, same RANSAC seed)."""
+    rows = [r for r in decisions if r["decision"] == "classify"]
+    if not rows:
+        return {"good_good": 0, "good_bad": 0, "bad_good": 0, "bad_bad": 0}
+    images = np.stack([preprocess(load_frame(run_dir, r["frame"]), r["ransac_seed"]).normalised for r in rows])
+    p_new = nets.classifier.predict_batched(images, 64)
+    out = {"good_good": 0, "good_bad": 0, "bad_good": 0, "bad_bad": 0}
+    for r, p in zip(rows, p_new):
+        out[f"{'good' if r['good'] else 'bad'}_{'good' if p > threshold else 'bad'}"] += 1
+    return out
