@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from deepspm.nets.presets import NetSpec, get_preset
@@ -178,8 +177,3 @@ def count_params(spec: NetSpec | str, n_outputs: int) -> ParamCount:
     """Parameter counts from an abstract init (no allocation, so safe for the 2 GB `paper` net)."""
     variables = NetDef.of(spec, n_outputs).abstract_vars()
     return ParamCount(count_leaves(variables.params), count_leaves(variables.batch_stats))
-
-
-def to_numpy_tree(tree: Any) -> Any:
-    """Copy a pytree of device arrays to host numpy (for checkpoints and comparisons)."""
-    return jax.tree.map(np.asarray, tree)
