@@ -48,6 +48,8 @@ class ProgressLine:
 
 
 def run_from_cli(cfg: RunConfig, args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        return _resume_from_cli(args)
     configure_logging(cfg.logging.level)
     simulated = cfg.instrument.host is None
     if simulated and cfg.run.frames is None and cfg.run.hours is None:
@@ -57,21 +59,44 @@ def run_from_cli(cfg: RunConfig, args: argparse.Namespace) -> int:
     if simulated:
         seed = args.sim_seed if args.sim_seed is not None else cfg.run.seed
         simulator = SimulatorOptions(seed=seed, time_scale=cfg.run.time_scale)
-    progress = None if args.quiet else ProgressLine(cfg.run.frames)
     where = "the embedded simulator" if simulated else f"{cfg.instrument.host}:{cfg.instrument.port}"
-    print(f"deepspm: run directory {run_dir} ({where}); stop with Ctrl-C or by creating {run_dir}/STOP",
-          file=sys.stderr)
-    result = asyncio.run(_main(cfg, run_dir, simulator, progress))
+    return _launch(cfg, run_dir, simulator, args, where, resume=False)
+
+
+def _resume_from_cli(args: argparse.Namespace) -> int:
+    """Continue a killed run: config, nets, seed and simulator settings come from its journal."""
+    from deepspm.controller.config import config_from_dict
+    from deepspm.controller.journal import scan_journal
+
+    records = scan_journal(args.resume).records
+    if not records:
+        raise FileNotFoundError(f"{args.resume}: no journal records to resume from")
+    start = records[0]
+    cfg = config_from_dict(start["config"])
+    configure_logging(cfg.logging.level)
+    sim = (start.get("instrument") or {}).get("simulator")
+    simulator = SimulatorOptions(seed=sim["seed"], time_scale=sim["time_scale"]) if sim else None
+    where = "the embedded simulator" if sim else f"{cfg.instrument.host}:{cfg.instrument.port}"
+    return _launch(cfg, Path(args.resume), simulator, args, where, resume=True)
+
+
+def _launch(cfg: RunConfig, run_dir: Path, simulator: SimulatorOptions | None, args: argparse.Namespace, where: str,
+            *, resume: bool) -> int:
+    progress = None if args.quiet else ProgressLine(cfg.run.frames)
+    verb = "resuming" if resume else "run directory"
+    print(f"deepspm: {verb} {run_dir} ({where}); stop with Ctrl-C or by creating {run_dir}/STOP", file=sys.stderr)
+    result = asyncio.run(_main(cfg, run_dir, simulator, progress, resume))
     if progress:
         progress.close()
     print(f"deepspm: {result.status} ({result.reason}); run directory: {result.run_dir}")
     return 0 if result.status in ("completed", "stopped") else 1
 
 
-async def _main(cfg: RunConfig, run_dir: Path, simulator: SimulatorOptions | None, progress: ProgressLine | None):
+async def _main(cfg: RunConfig, run_dir: Path, simulator: SimulatorOptions | None, progress: ProgressLine | None,
+                resume: bool):
     control = RunControl.for_run_dir(run_dir)
     control.install_signal_handlers()
     try:
-        return await run_session(cfg, run_dir, simulator=simulator, progress=progress, control=control)
+        return await run_session(cfg, run_dir, simulator=simulator, progress=progress, control=control, resume=resume)
     finally:
         control.remove_signal_handlers()

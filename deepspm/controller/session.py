@@ -22,8 +22,8 @@ from typing import Any, Callable
 import structlog
 
 from deepspm.controller.brain import NetBrain
-from deepspm.controller.config import RunConfig, config_to_dict
-from deepspm.controller.journal import Journal, SystemClock
+from deepspm.controller.config import RunConfig, config_from_dict, config_to_dict
+from deepspm.controller.journal import Journal, SystemClock, load_frame, scan_journal
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.runcontrol import RunControl
 from deepspm.fsm.table import table_as_records, table_hash
@@ -145,9 +145,25 @@ async def run_session(
     control: RunControl | None = None,
     brain: NetBrain | None = None,
     on_simulator: Callable[[Any], None] | None = None,
+    resume: bool = False,
 ) -> SessionResult:
-    """Run one session to its end; the journal in `run_dir` records everything."""
-    brain = brain or await asyncio.to_thread(load_brain, cfg)
+    """Run one session to its end; the journal in `run_dir` records everything.
+
+    With `resume`, `run_dir` holds a run that was killed or crashed: its config, nets and run id are taken
+    from the journal, the loop fast-forwards through the journal (answered from it, not the instrument) to
+    rebuild its state exactly, and then carries on live, appending to the same journal.
+    """
+    records: list[dict[str, Any]] = []
+    if resume:
+        records = scan_journal(run_dir).records
+        if records and records[-1]["kind"] == "stop":
+            raise ResumeError(f"{run_dir}: the run has stopped ({records[-1].get('status')}: "
+                              f"{records[-1].get('reason')}); nothing to resume")
+        if records:
+            cfg = config_from_dict(records[0]["config"])
+    paths = records[0].get("checkpoint_paths", {}) if records else {}
+    brain = brain or await asyncio.to_thread(
+        load_brain, cfg, _optional_path(paths.get("classifier")), _optional_path(paths.get("agent")))
     sim = None
     host, port = cfg.instrument.host or "127.0.0.1", cfg.instrument.port
     if simulator is not None:
@@ -170,7 +186,7 @@ async def run_session(
     monotonic = sim.clock.now if sim is not None else time.monotonic
     instrument = NanonisInstrument(client, cfg.scan, cfg.approach, cfg.dip, cfg.orientation, sleep=sleep,
                                    monotonic=monotonic)
-    journal = Journal(run_dir, SystemClock())
+    journal = Journal(run_dir, SystemClock(), resume=resume)
     control = control or RunControl.for_run_dir(run_dir)
     status, reason, loop = "fault", "did not start", None
     structlog.contextvars.bind_contextvars(run_id=run_dir.name)
@@ -182,16 +198,21 @@ async def run_session(
             try:
                 await instrument.connect()
                 r = await instrument.piezo_range()
-                cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, piezo_range_xy_m=(r.x_m, r.y_m)))
-                journal.start(start_record(cfg, run_dir, brain, {
-                    "host": host, "port": port, "simulated": simulator is not None,
-                    "simulator": dataclasses.asdict(simulator) if simulator else None,
-                    "release": client.release.name if client.release else None,
-                    "version": dataclasses.asdict(client.version) if client.version else None,
-                    "piezo_range_m": [r.x_m, r.y_m, r.z_m],
-                }))
-                loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
-                               progress=progress, sleep=sleep, monotonic=monotonic)
+                if not records:
+                    cfg = dataclasses.replace(
+                        cfg, planner=dataclasses.replace(cfg.planner, piezo_range_xy_m=(r.x_m, r.y_m)))
+                    journal.start(start_record(cfg, run_dir, brain, {
+                        "host": host, "port": port, "simulated": simulator is not None,
+                        "simulator": dataclasses.asdict(simulator) if simulator else None,
+                        "release": client.release.name if client.release else None,
+                        "version": dataclasses.asdict(client.version) if client.version else None,
+                        "piezo_range_m": [r.x_m, r.y_m, r.z_m],
+                    }))
+                    loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
+                                   progress=progress, sleep=sleep, monotonic=monotonic)
+                else:
+                    loop = _fast_forward_loop(records, run_dir, instrument, journal, brain, cfg, control, progress,
+                                              sleep, monotonic)
                 status, reason = await loop.run()
             except Exception as exc:
                 status, reason = "fault", f"{type(exc).__name__}: {exc}"
@@ -211,6 +232,33 @@ async def run_session(
             await sim.close()
         structlog.contextvars.unbind_contextvars("run_id")
     return SessionResult(run_dir, status, reason, loop)
+
+
+class ResumeError(RuntimeError):
+    """The run directory cannot be resumed (it stopped normally, or its journal is unsound)."""
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _fast_forward_loop(records: list[dict[str, Any]], run_dir: Path, instrument: NanonisInstrument, journal: Journal,
+                       brain: NetBrain, cfg: RunConfig, control: RunControl, progress: Callable[[RunLoop], None] | None,
+                       sleep: Callable[[float], Any], monotonic: Callable[[], float]) -> RunLoop:
+    """A loop that re-lives the journal (answered from it) and then hands over to the live instrument,
+    journal, nets and operator."""
+    from deepspm.controller.replay import ReplayBrain, ReplayControl, ReplayInstrument, ReplayJournal, recorded_calls
+
+    replay_journal = ReplayJournal(run_dir, records, live=journal)
+    decisions = [r for r in records if r.get("kind") == "decision" and r.get("decision") in ("classify", "action")]
+    return RunLoop(
+        instrument=ReplayInstrument(recorded_calls(records), lambda ref: load_frame(run_dir, ref), live=instrument),
+        journal=replay_journal,
+        brain=ReplayBrain(decisions, cfg.classifier.threshold, live=brain, classifier_version=brain.classifier_version),
+        config=cfg,
+        control=ReplayControl(replay_journal, records, live=control),
+        progress=progress, sleep=sleep, monotonic=monotonic,
+    )
 
 
 def _summary(loop: RunLoop) -> dict[str, Any]:
