@@ -7,6 +7,8 @@ type and message before it propagates to the loop, which decides what it means.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
@@ -38,6 +40,14 @@ def result_to_record(result: Any, frame_ref: str | None) -> Any:
         meta = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("data_m", "z_after")}
         return {"type": "Frame", "frame": frame_ref, "z_after": zstate_to_record(result.z_after), **meta}
     raise TypeError(f"cannot journal a result of type {type(result).__name__}")
+
+
+def digest(outcome: Any) -> str:
+    """A short hash of a recorded outcome, so a replay notices a reply that was altered after the run."""
+    from deepspm.controller.journal import to_jsonable
+
+    text = json.dumps(to_jsonable(outcome), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def result_from_record(record: Any, load_frame: Callable[[str], np.ndarray]) -> Any:
@@ -76,11 +86,14 @@ class Executor:
                 method = getattr(self.instrument, command.op)
                 result = await method(**command.instrument_kwargs())
         except Exception as exc:
-            self.journal.event("failure", of=seq, op=command.op, error=type(exc).__name__, message=str(exc))
+            error, message = type(exc).__name__, str(exc)
+            self.journal.event("failure", of=seq, op=command.op, error=error, message=message,
+                               digest=digest([error, message]))
             raise
         ref = await self.journal.save_frame(result.data_m) if isinstance(result, Frame) else None
         if ref is not None:
             self.last_frame_ref = ref
-        self.journal.event("reply", of=seq, op=command.op, result=result_to_record(result, ref))
+        record = result_to_record(result, ref)
+        self.journal.event("reply", of=seq, op=command.op, result=record, digest=digest(record))
         return result
 

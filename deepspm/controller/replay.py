@@ -25,7 +25,7 @@ import numpy as np
 
 from deepspm.controller.brain import ActionDecision, Brain
 from deepspm.controller.commands import COMMANDS
-from deepspm.controller.executor import result_from_record
+from deepspm.controller.executor import digest, result_from_record
 from deepspm.controller.journal import Journal, frame_ref
 from deepspm.controller.runcontrol import OperatorRequest, RequestKind, RequestSource, RunControl
 from deepspm.io import errors as io_errors
@@ -38,8 +38,8 @@ _HEADER = ("seq", "t_mono", "t_wall", "kind")
 # Which fields of a record must match for the replay to count as identical (values compared loosely for floats).
 _KEY_FIELDS: dict[str, tuple[str, ...] | None] = {
     "command": None,  # every field
-    "reply": ("of", "op"),
-    "failure": ("of", "op", "error"),
+    "reply": ("of", "op", "digest"),
+    "failure": ("of", "op", "error", "digest"),
     "transition": ("trigger", "source", "dest"),
     "decision": ("decision", "frame", "trigger", "verdict", "action"),
     "operator": ("request",),
@@ -142,6 +142,7 @@ class ReplayInstrument:
         if call.op != op or not set(args) <= set(call.args) or not all(same(call.args[k], _plain(v)) for k, v in args.items()):
             raise Divergence(call.seq, {"op": call.op, **call.args}, {"op": op, **args})
         self._pos += 1
+        _check_digest(call.outcome)
         if call.outcome is None:
             if self.live is None:
                 raise Divergence(call.seq, "a recorded outcome", "the journal ends inside this command")
@@ -187,6 +188,15 @@ class ReplayInstrument:
 
     async def move_area(self, direction: int) -> None:
         return await self._call("move_area", direction=direction)
+
+
+def _check_digest(outcome: dict[str, Any] | None) -> None:
+    if outcome is None or "digest" not in outcome:
+        return
+    body = outcome["result"] if outcome["kind"] == "reply" else [outcome["error"], outcome["message"]]
+    if digest(body) != outcome["digest"]:
+        raise Divergence(outcome["seq"], f"a {outcome['kind']} with digest {outcome['digest']}",
+                         f"content that hashes to {digest(body)} (the record was altered after the run)")
 
 
 # -- the journal ------------------------------------------------------------------------------------------------

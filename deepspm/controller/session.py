@@ -164,15 +164,17 @@ async def run_session(
     paths = records[0].get("checkpoint_paths", {}) if records else {}
     brain = brain or await asyncio.to_thread(
         load_brain, cfg, _optional_path(paths.get("classifier")), _optional_path(paths.get("agent")))
-    sim = None
+    sim = sim_thread = None
     host, port = cfg.instrument.host or "127.0.0.1", cfg.instrument.port
     if simulator is not None:
         from deepspm.simulator.fake_nanonis import SimulatorServer
+        from deepspm.simulator.threaded import LoopThread
 
         sim = SimulatorServer(seed=simulator.seed, time_scale=simulator.time_scale, config=simulator.sim_config)
-        host, port = "127.0.0.1", await sim.start(0)
         if on_simulator is not None:
             on_simulator(sim)
+        sim_thread = LoopThread()  # the simulator renders on its own loop: it never blocks the controller's
+        host, port = "127.0.0.1", await sim_thread.call_async(lambda: sim.start(0))
     ins = cfg.instrument
     client = NanonisClient(
         NanonisConnection(host, port, connect_timeout_s=ins.connect_timeout_s),
@@ -228,8 +230,9 @@ async def run_session(
                 del writer, learner
     finally:
         await client.close()
-        if sim is not None:
-            await sim.close()
+        if sim is not None and sim_thread is not None:
+            await sim_thread.call_async(sim.close)
+            sim_thread.stop()
         structlog.contextvars.unbind_contextvars("run_id")
     return SessionResult(run_dir, status, reason, loop)
 
