@@ -207,6 +207,13 @@ class JournalFollower:
         return self.status
 
 
+LABEL_WIDTH = 12
+
+
+def _row(label: str, text: str) -> str:
+    return f"{label:<{LABEL_WIDTH}} {text}"
+
+
 def render(follower: JournalFollower, now: float) -> str:
     """The status as plain text lines (no colours, no cursor tricks: it must survive any terminal)."""
     s = follower.status
@@ -216,7 +223,7 @@ def render(follower: JournalFollower, now: float) -> str:
     lines = [f"deepspm run {s.run_id or '?'}   {phase}   state: {s.state}"]
     if s.first_wall is not None and s.last_wall is not None:
         end = s.last_wall if s.stopped else max(now, s.last_wall)
-        line = f"elapsed     {format_duration(end - s.first_wall)} since {format_wall(s.first_wall)}"
+        line = _row("elapsed", f"{format_duration(end - s.first_wall)} since {format_wall(s.first_wall)}")
         if not s.stopped:
             quiet = now - s.last_wall
             line += f"; last record {format_duration(quiet)} ago"
@@ -224,33 +231,33 @@ def render(follower: JournalFollower, now: float) -> str:
                 line += " (no record for a long time: is the run still alive?)"
         lines.append(line)
     good = f"{s.good_frames / s.frames_classified:.1%}" if s.frames_classified else "–"
-    lines.append(f"frames      {s.frames_recorded} recorded, {s.frames_classified} classified, "
-                 f"{s.good_frames} good probe ({good}), {s.bad_samples} bad sample")
+    lines.append(_row("frames", f"{s.frames_recorded} recorded, {s.frames_classified} classified, "
+                                f"{s.good_frames} good probe ({good}), {s.bad_samples} bad sample"))
     if s.last_frame is not None:
         f = s.last_frame
         p = f" p(good) {f.p_good:.3f}" if f.p_good is not None else ""
         when = f", {format_duration(now - f.t_wall)} ago" if not s.stopped else ""
-        lines.append(f"last frame  #{f.number}{p} -> {f.verdict}{when}")
+        lines.append(_row("last frame", f"#{f.number}{p} -> {f.verdict}{when}"))
     probe = f"bad-probe counter {s.bad_probe_count}/{s.bad_probe_threshold}"
     if s.in_episode:
-        probe += f"; in episode {s.episodes} ({s.episode_actions} actions so far)"
-    lines.append(f"probe       {probe}")
+        probe += f"; episode {s.episodes} under way, actions so far: {s.episode_actions}"
+    lines.append(_row("probe", probe))
     rec = s.recoveries
-    lines.append(f"counters    episodes {s.episodes}, actions {s.actions}"
-                 + (f" (+{s.reset_actions} reset)" if s.reset_actions else "")
-                 + f", moves {s.moves}, recoveries {rec['contact'] + rec['crash']} "
-                 f"(contact {rec['contact']}, crash {rec['crash']}), failures {s.failures}"
-                 + (f", resumes {s.resumes}" if s.resumes else ""))
+    lines.append(_row("counters", f"episodes {s.episodes}, actions {s.actions}"
+                      + (f" (+{s.reset_actions} reset)" if s.reset_actions else "")
+                      + f", moves {s.moves}, recoveries {rec['contact'] + rec['crash']} "
+                      f"(contact {rec['contact']}, crash {rec['crash']}), failures {s.failures}"
+                      + (f", resumes {s.resumes}" if s.resumes else "")))
     for label, item in (("last note", s.last_note), ("last failure", s.last_failure), ("operator", s.last_operator)):
         if item is not None:
-            lines.append(f"{label:<11} {item[1]} ({format_wall(item[0])})")
+            lines.append(_row(label, f"{item[1]} ({format_wall(item[0])})"))
     if s.stopped:
-        lines.append(f"stopped     {s.stop_status}: {s.stop_reason}")
+        lines.append(_row("stopped", f"{s.stop_status}: {s.stop_reason}"))
     if follower.pending_bytes:
         lines.append(f"(an incomplete last line of {follower.pending_bytes} bytes is not read yet: being written, "
                      "or torn by a kill)")
     if s.bad_lines:
-        lines.append(f"warning     {s.bad_lines} journal lines are not JSON records")
+        lines.append(_row("warning", f"{s.bad_lines} journal lines are not JSON records"))
     return "\n".join(lines)
 
 
