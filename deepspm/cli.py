@@ -121,8 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Exception as exc:  # a clear one-line error for configuration and setup problems
         from deepspm.controller.config import ConfigError
+        from deepspm.controller.journal import JournalError
+        from deepspm.controller.session import ResumeError
 
-        if isinstance(exc, (ConfigError, FileNotFoundError)):
+        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError)):
             print(f"deepspm: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -32,7 +32,7 @@ from deepspm.fsm.guards import DecisionContext
 from deepspm.fsm.machine import RunModel, build_machine
 from deepspm.fsm.states import State
 from deepspm.io.actions import ACTIONS, ActionKind
-from deepspm.io.errors import InstrumentError, SafetyError
+from deepspm.io.errors import InstrumentError, Interrupted, SafetyError
 from deepspm.io.instrument import Frame, Instrument
 
 log = structlog.get_logger(__name__)
@@ -44,7 +44,8 @@ class RunFailed(Exception):
 
 @dataclass
 class RunCounters:
-    frames: int = 0  # recorded (not creep) frames
+    frames: int = 0  # recorded images: judged frames, not creep frames, not bad samples (the frame budget counts these)
+    scanned_frames: int = 0  # every non-creep frame scanned, bad samples included
     creep_frames: int = 0
     good_probe_frames: int = 0
     bad_samples: int = 0
@@ -194,6 +195,9 @@ class RunLoop:
             await self._dispatch()
         except SafetyError:
             raise
+        except Interrupted as exc:  # the controller was killed during the command: not the instrument's fault
+            self.journal.event("note", message=f"resumed after an interruption in {self.state.value}: {exc}")
+            return
         except InstrumentError as exc:
             self._consecutive_faults += 1
             self.journal.event("note", message=f"instrument fault in {self.state.value}: {type(exc).__name__}: {exc}",
@@ -258,7 +262,7 @@ class RunLoop:
         pos.consecutive_crashes = pos.consecutive_lost_contacts = 0
         self.planner.mark_scanned(pos.target_xy_m)
         pos.previous_xy_m = pos.target_xy_m
-        self.counters.frames += 1
+        self.counters.scanned_frames += 1
         self._pending_frame = frame
         await self._fire("frame_recorded")
 
@@ -304,7 +308,7 @@ class RunLoop:
         det = cfg.detection
         ref = self.executor.last_frame_ref
         assert ref is not None
-        seed = _frame_seed(cfg.run.seed, self.counters.frames)
+        seed = _frame_seed(cfg.run.seed, self.counters.scanned_frames)
         pre = await asyncio.to_thread(preprocess, frame.data_m, seed)
         rough = is_bad_sample(frame.data_m, det.bad_sample_peak_to_peak_m, plane_m=pre.plane_m)
         if rough and pos.consecutive_bad_sample < det.bad_sample_accept_after:
@@ -312,11 +316,11 @@ class RunLoop:
             radius = bad_sample_radius_m(pos.consecutive_bad_sample, det.bad_sample_base_radius_m)
             self.planner.block_circle(pos.target_xy_m, radius)
             self.counters.bad_samples += 1
-            self.counters.frames -= 1  # discarded: a bad-sample frame is not a recorded image
             self.journal.event("decision", decision="sample", frame=ref, verdict="bad_sample", radius_m=radius)
             await self._fire("sample_bad")
             return
         pos.consecutive_bad_sample = 0
+        self.counters.frames += 1
         site = locate_action(pre.normalised, pos.target_xy_m, cfg.scan.frame_size_m, valid=pre.valid)
         mask = action_mask(site.free_side_m)
         self._remember(ref, pre.normalised, mask)

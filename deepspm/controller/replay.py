@@ -11,7 +11,7 @@ Each has an optional *live* counterpart: once the journal is used up it hands ov
 instrument, journal and nets. That is resume: the loop fast-forwards through the journal, rebuilding its
 planner maps, counters, episode and replay buffer exactly, then carries on live with no gap and no
 duplicate. A command the journal has no outcome for (the run was killed during it) fails with
-`ConnectionLost`, so a pulse or dip that may have happened is never repeated.
+`Interrupted` (a `ConnectionLost`: outcome unknown), so a pulse or dip that may have happened is never repeated.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from deepspm.controller.journal import Journal, frame_ref
 from deepspm.controller.runcontrol import OperatorRequest, RequestKind, RequestSource, RunControl
 from deepspm.io import errors as io_errors
 from deepspm.io import instrument as io_instrument
-from deepspm.io.errors import ConnectionLost
+from deepspm.io.errors import Interrupted
 from deepspm.io.instrument import Frame, Instrument, PiezoRange, ZState
 from deepspm.nets.dqn import select_action
 
@@ -146,7 +146,7 @@ class ReplayInstrument:
         if call.outcome is None:
             if self.live is None:
                 raise Divergence(call.seq, "a recorded outcome", "the journal ends inside this command")
-            raise ConnectionLost(op, "the run was interrupted during this command; its outcome is unknown")
+            raise Interrupted(op)
         if call.outcome["kind"] == "failure":
             raise rebuild_error(call.outcome["error"], call.outcome["message"])
         return result_from_record(call.outcome["result"], self._load_frame)

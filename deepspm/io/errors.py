@@ -51,6 +51,13 @@ class ConnectionLost(InstrumentError):
         self.reason = reason
 
 
+class Interrupted(ConnectionLost):
+    """The controller was killed while the command was in flight; found on resume. Not an instrument fault."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(command, "the run was interrupted during this command")
+
+
 class UnsupportedCommand(InstrumentError):
     """The command is not in the table, or not available in the server's protocol version."""
 

@@ -1,0 +1,85 @@
+"""Kill -9 a simulated run at 20 seeded points and resume it each time: one sound journal, every frame once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepspm.controller.journal import check_journal, read_journal
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+FRAMES = 60
+KILLS = 20
+NETS: list[str] = []  # extra CLI options for the nets; empty = the shipped ones
+
+
+def journal_lines(run_dir: Path) -> int:
+    try:
+        with open(run_dir / "journal.jsonl", "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "deepspm.cli", "run", "--quiet", *args, *NETS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_until(proc: subprocess.Popen, run_dir: Path, lines: int, deadline_s: float = 120.0) -> bool:
+    """Let the run write `lines` journal lines (and at least two of its own: a resumed run first writes its
+    resume record), then kill -9 it; False if it finished first."""
+    end = time.monotonic() + deadline_s
+    lines = max(lines, journal_lines(run_dir) + 2)
+    while proc.poll() is None:
+        if journal_lines(run_dir) >= lines:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"the run wrote fewer than {lines} lines in {deadline_s} s")
+        time.sleep(0.005)
+    return False
+
+
+def test_kill_9_at_twenty_points_and_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    rng = np.random.default_rng(2026)
+    # an uninterrupted run of this length writes ~650 lines; kill points spread over most of it
+    targets = np.sort(rng.choice(np.arange(20, 560), size=KILLS, replace=False))
+    proc = start(["--frames", str(FRAMES), "--seed", "7", "--out", str(run_dir)])
+    kills = 0
+    for target in targets:
+        if not run_until(proc, run_dir, int(target)):
+            break
+        kills += 1
+        proc = start(["--resume", str(run_dir)])
+    assert proc.wait(timeout=300) == 0
+    assert kills >= 15, f"only {kills} kills happened before the run ended"
+
+    records = read_journal(run_dir)
+    assert check_journal(records, require_stop=True) == []  # contiguous seq: no gap, no duplicate
+    resumes = [r for r in records if r["kind"] == "resume"]
+    assert len(resumes) == kills
+    stop = records[-1]
+    assert stop["status"] == "completed" and stop["counters"]["frames"] == FRAMES
+    classified = [r for r in records if r.get("decision") == "classify"]
+    assert len(classified) == FRAMES  # every recorded frame judged exactly once, as in an uninterrupted run
+    assert len({r["frame"] for r in classified}) == FRAMES
+    referenced = {r["result"]["frame"] for r in records if r["kind"] == "reply" and r.get("op") == "scan"}
+    on_disk = {p.stem for p in (run_dir / "frames").glob("*.npy")}
+    assert referenced <= on_disk
+    assert not [p for p in (run_dir / "frames").iterdir() if p.suffix != ".npy"]  # no torn temp files left
+    # a command interrupted by a kill gets its outcome ("unknown": ConnectionLost) on resume, never a re-send
+    commands = {r["seq"] for r in records if r["kind"] == "command"}
+    outcomes = [r["of"] for r in records if r["kind"] in ("reply", "failure")]
+    assert sorted(outcomes) == sorted(commands)
