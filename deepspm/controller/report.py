@@ -593,10 +593,14 @@ def plot_p_good(history: RunHistory, path: Path) -> Path:
     p = np.array([f.p_good for f in frames], dtype=float)
     good = np.array([f.good for f in frames], dtype=bool)
     last = len(frames)
-    for k, e in enumerate(sorted(history.episodes.values(), key=lambda e: e.start_frame)):
+    episodes = sorted(history.episodes.values(), key=lambda e: e.start_frame)
+    for k, e in enumerate(episodes):  # alternating shades, so back-to-back episodes stay apart
         end = e.end_frame if e.end_frame is not None else last
-        ax.axvspan(e.start_frame - 0.5, end + 0.5, color="#ff7f0e", alpha=0.15, lw=0,
-                   label="conditioning episode" if k == 0 else None)
+        ax.axvspan(e.start_frame - 0.5, end + 0.5, color="#ff7f0e", alpha=0.13 if k % 2 == 0 else 0.26, lw=0,
+                   hatch="//" if e.outcome == OPEN else None, label="conditioning episode" if k == 0 else None)
+        if len(episodes) <= 25:
+            ax.text((e.start_frame + end) / 2, 0.015, f"ep. {e.index}", ha="center", va="bottom", fontsize=7,
+                    color="#a0522d", transform=ax.get_xaxis_transform())
     for k, after in enumerate(history.move_after_frame):
         ax.axvline(after + 0.5, color="#555555", lw=0.8, ls="-.", label="approach-area move" if k == 0 else None)
     ax.axhline(history.threshold, color="black", lw=1.0, ls="--", label=f"threshold {history.threshold:g}")
@@ -677,7 +681,7 @@ def plot_actions_per_episode(history: RunHistory, path: Path) -> Path:
     hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     hist.grid(True, axis="y", lw=0.3, alpha=0.5)
     if ended or truncated:
-        hist.legend(fontsize=9)
+        hist.legend(fontsize=9, loc="best")
     else:
         _empty(hist, "no episode has ended")
     fig.suptitle(f"Conditioning actions per episode, run {history.run_id}", fontsize=12)
@@ -713,7 +717,8 @@ def plot_frames_montage(history: RunHistory, run_dir: Path, path: Path, per_row:
             if col >= len(chosen):
                 ax.set_frame_on(False)
                 if col == 0:
-                    ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, color="#555555")
+                    ax.text(0.5, 0.5, f"no {label} frame", ha="center", va="center", transform=ax.transAxes,
+                            color="#555555")
                 continue
             f = chosen[col]
             try:
@@ -729,8 +734,8 @@ def plot_frames_montage(history: RunHistory, run_dir: Path, path: Path, per_row:
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2)
-    fig.suptitle(f"Last frames of run {history.run_id} ({size_nm:g} nm x {size_nm:g} nm, plane removed, "
-                 f"colour range 1-99 % of each frame)", fontsize=11)
+    fig.suptitle(f"Last frames of run {history.run_id}, p = p(good probe) ({size_nm:g} nm x {size_nm:g} nm, "
+                 f"plane removed, colour range 1-99 % of each frame)", fontsize=11)
     return _save(fig, path)
 
 
