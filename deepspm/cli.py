@@ -61,6 +61,57 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from deepspm.controller.diagnostics import configure_logging
+    from deepspm.controller.replay_run import replay_run
+
+    configure_logging("warning")
+    report = asyncio.run(replay_run(args.run_dir, mode=args.mode, classifier=args.classifier, agent=args.agent))
+    print(report.text())
+    what_if = args.classifier is not None or args.agent is not None
+    return 0 if report.identical or what_if else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from deepspm.controller.report import summary_rows, write_report
+
+    summary = write_report(args.run_dir, args.out)
+    for label, value in summary_rows(summary):
+        print(f"{label:>28}  {value}")
+    print(f"report written to {args.out / 'index.html'}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from deepspm.controller.status import follow, status_text
+
+    if not (args.run_dir / "journal.jsonl").exists():
+        raise FileNotFoundError(f"no journal in {args.run_dir}")
+    if args.follow:
+        try:
+            asyncio.run(follow(args.run_dir, args.interval))
+        except KeyboardInterrupt:
+            pass
+    else:
+        print(status_text(args.run_dir))
+    return 0
+
+
+def _dataset_synth(args: argparse.Namespace) -> int:
+    from deepspm.simulator.dataset import synth_dataset
+
+    out = synth_dataset(args.n, args.out, args.seed, progress=True, good_fraction=args.good_fraction)
+    print(f"wrote {args.n} labelled frames to {out}")
+    return 0
+
+
+def _dataset_gallery(args: argparse.Namespace) -> int:
+    from deepspm.simulator.dataset import gallery
+
+    print(f"wrote {gallery(args.dataset, args.out, n_per_class=args.per_class, seed=args.seed)}")
+    return 0
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="TOML", help="run configuration file (see docs/config.example.toml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -102,6 +153,54 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--time-scale", dest="time_scale", type=float, default=1.0,
                      help="wall seconds per simulated second: 1 = real time (default), 0 = as fast as possible")
     sim.set_defaults(func=_simulate)
+
+    replay = sub.add_parser(
+        "replay", help="re-run a recorded run against its journal and check it does the same",
+        description="Run the unchanged controller against a run's journal (every reply, timeout and error as "
+                    "recorded) and check that it emits the same commands and transitions; prints 'identical' or "
+                    "the first diverging sequence number. With --classifier/--agent: what would other nets have done?",
+    )
+    replay.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
+    replay.add_argument("--mode", choices=("recorded", "recompute"), default="recorded",
+                        help="recorded: inject the journal's net outputs (checks the controller logic); recompute: "
+                             "run the journal's checkpoints and require the same decisions (checks the nets too)")
+    replay.add_argument("--classifier", type=Path, metavar="CKPT", help="what-if: replay with this classifier")
+    replay.add_argument("--agent", type=Path, metavar="CKPT", help="what-if: replay with this agent")
+    replay.set_defaults(func=_replay)
+
+    report = sub.add_parser("report", help="plots and a summary of a run (PNG + HTML)",
+                            description="Write plots (approach-area maps, p(good) over time, actions per episode, "
+                                        "frame montages) and an HTML page with the run's summary.")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
+    report.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the PNGs and index.html")
+    report.set_defaults(func=_report)
+
+    status = sub.add_parser("status", help="the state of a (running) run, read from its journal",
+                            description="Show a run's state, counters and last frame from its journal; usable over SSH.")
+    status.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
+    status.add_argument("--follow", action="store_true", help="refresh until the run stops (Ctrl-C to leave)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --follow (default 2)")
+    status.set_defaults(func=_status)
+
+    dataset = sub.add_parser("dataset", help="synthetic training data from the simulator",
+                             description="Synthetic labelled frames from the simulator, and galleries to judge them.")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    synth = dataset_sub.add_parser("synth", help="write labelled 64x64 frames in the original DeepSPM layout",
+                                   description="Write N labelled 64x64 raw frames (heights in metres, .npy) as "
+                                               "OUT/good/*.npy and OUT/bad/*.npy, plus labels.csv with the probe kind.")
+    synth.add_argument("--n", type=int, required=True, help="number of frames")
+    synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    synth.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    synth.add_argument("--good-fraction", dest="good_fraction", type=float, default=0.25,
+                       help="fraction of frames taken with a good probe (default 0.25, as the paper's data)")
+    synth.set_defaults(func=_dataset_synth)
+    gal = dataset_sub.add_parser("gallery", help="a labelled montage PNG of a data set",
+                                 description="Draw a labelled montage of good and bad frames of a data set.")
+    gal.add_argument("dataset", type=Path, metavar="DIR", help="a folder with good/ and bad/ sub-folders")
+    gal.add_argument("--out", type=Path, required=True, metavar="PNG", help="the PNG to write")
+    gal.add_argument("--per-class", dest="per_class", type=int, default=12, help="frames per class (default 12)")
+    gal.add_argument("--seed", type=int, default=0, help="which frames are picked (default 0)")
+    gal.set_defaults(func=_dataset_gallery)
 
     config = sub.add_parser("config", help="inspect the run configuration", description="Inspect the run configuration.")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
