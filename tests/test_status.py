@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from deepspm.controller.journal import Journal
 from deepspm.controller.status import CLEAR_SCREEN, LABEL_WIDTH, JournalFollower, follow, status_text
 from tests.test_report import NM, ScriptedRun, write_scripted_run
 
@@ -167,3 +168,17 @@ async def test_a_bad_complete_line_is_counted_not_fatal(tmp_path: Path, garbage:
         f.write(garbage)
     text = status_text(tmp_path / "run", now=run.clock.t_wall)
     assert "1 journal lines are not JSON records" in lines_of(text)["warning"]
+
+
+async def test_a_resumed_run_counts_on_across_the_resume(tmp_path: Path) -> None:
+    run = await live_run(tmp_path / "run")
+    await run.abandon()  # killed
+    with open(tmp_path / "run" / "journal.jsonl", "ab") as f:
+        f.write(b'{"seq": 99999, "kind": "trans')  # torn by the kill; the resume cuts it off
+    run.journal = Journal(tmp_path / "run", run.clock, resume=True)
+    await run.frame(10 * NM, 10 * NM, 0.95, end_episode=True)
+    await run.close("completed", "frame budget reached")
+    lines = lines_of(status_text(tmp_path / "run", now=run.clock.t_wall))
+    assert lines["frames"] == "6 recorded, 5 classified, 2 good probe (40.0%), 1 bad sample"
+    assert lines["counters"].endswith("failures 1, resumes 1")
+    assert lines["stopped"] == "completed: frame budget reached"
