@@ -290,6 +290,12 @@ class RunLoop:
                 raise RunFailed(f"{pos.consecutive_crashes} crashes in a row at {pos.target_xy_m} m")
             await self._do(RetractAfterCrash())
             self.counters.crash_recoveries += 1
+            # The original blocks a circle around a crash and images elsewhere: the sample there is likely
+            # damaged. Scanning resumes at the nearest free cell (the same one if none is left).
+            self.planner.block_circle(pos.target_xy_m, limits.crash_forbidden_radius_m)
+            elsewhere = self.planner.next_region(pos.target_xy_m)
+            if elsewhere is not None:
+                pos.target_xy_m = (float(elsewhere[0]), float(elsewhere[1]))
         else:
             pos.consecutive_lost_contacts += 1
             if pos.consecutive_lost_contacts > limits.max_consecutive_lost_contacts:
