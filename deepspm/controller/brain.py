@@ -53,6 +53,7 @@ class NetBrain:
         agent_version: str,
         epsilon: float | None,
         learn_online: bool,
+        checkpoint_paths: dict[str, str] | None = None,
     ) -> None:
         self.classifier = classifier
         self.learner = learner
@@ -61,6 +62,7 @@ class NetBrain:
         self.agent_version = agent_version
         self.epsilon = epsilon
         self.learn_online = learn_online
+        self.checkpoint_paths = checkpoint_paths or {}  # where the weights came from (journaled, for replay)
 
     def compile(self) -> None:
         """Compile both nets for batch 1 before the run starts (the first frame must not pay for tracing)."""

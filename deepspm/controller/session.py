@@ -95,6 +95,7 @@ def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: 
         agent_version=checkpoint_id(Path(agent_path)),
         epsilon=None if cfg.run.train else cfg.agent.epsilon,
         learn_online=(cfg.agent.learn_online or cfg.run.train) if learn_online is None else learn_online,
+        checkpoint_paths={"classifier": str(cls_path), "agent": str(agent_path)},
     )
     brain.compile()
     return brain
@@ -129,8 +130,7 @@ def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dic
         "fsm_table": table_as_records(),
         "fsm_hash": table_hash(),
         "checkpoints": {"classifier": brain.classifier_version, "agent": brain.agent_version},
-        "checkpoint_paths": {"classifier": str(checkpoint_path(cfg.classifier.checkpoint, "classifier")),
-                             "agent": str(checkpoint_path(cfg.agent.checkpoint, "agent"))},
+        "checkpoint_paths": brain.checkpoint_paths,
         "instrument": instrument,
         "argv": sys.argv,
     }
