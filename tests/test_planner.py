@@ -176,9 +176,10 @@ def reference_choice(planner: RegionPlanner, cfg: PlannerConfig, circles, scanne
                 continue
             centre = abs(x) + abs(y) if cfg.centre_norm is CentreNorm.MANHATTAN else max(abs(x), abs(y))
             cost = travel + cfg.alpha * centre
-            if cost < best - 1e-6 * NM:
+            tie = 1e-9 * cfg.cell_size_m  # the planner's tie tolerance (1e-9 cells)
+            if cost < best - tie:
                 best, winners = cost, [(x, y)]
-            elif cost <= best + 1e-6 * NM:
+            elif cost <= best + tie:
                 winners.append((x, y))
     return best, winners
 
