@@ -311,8 +311,15 @@ class LatencyRow:
     max_abs_diff: float | None = None  # |JAX - PyTorch| outputs, same weights and input
 
 
+def roofline_floor(flops: float, nbytes: float, rates: MachineRates) -> tuple[float, str]:
+    """(seconds, "compute" or "memory"): the larger of compute at the best rate and one read of the weights."""
+    compute_s, memory_s = flops / rates.compute_flops, nbytes / rates.bandwidth_bytes
+    return max(compute_s, memory_s), "compute" if compute_s >= memory_s else "memory"
+
+
 def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: MachineRates, *, with_compile: bool, smoke: bool,
                  seed: int = 0) -> list[LatencyRow]:
+    """One preset's rows: one net per framework built once (same weights), every batch size measured."""
     net = NetDef.of(preset, 1)
     name = net.spec.name
     variables = random_vars(net, seed)
@@ -327,9 +334,8 @@ def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: Machine
     rows = []
     for batch in batches:
         images = rng.uniform(-1.5, 1.5, (batch, 64, 64, 1)).astype(np.float32)
-        compute_s, memory_s = batch * flops / rates.compute_flops, nbytes / rates.bandwidth_bytes
-        row = LatencyRow(name, batch, batch * flops / 1e9, nbytes / 1e6, max(compute_s, memory_s),
-                         "compute" if compute_s >= memory_s else "memory", math.nan)
+        row = LatencyRow(name, batch, batch * flops / 1e9, nbytes / 1e6, *roofline_floor(batch * flops, nbytes, rates),
+                         jax_s=math.nan)
         calls: dict[str, Callable[[], Any]] = {"jax": lambda: predictor(images)}
         if module is not None:
             forward = torch_forward(module)
