@@ -417,11 +417,7 @@ async def test_the_report_of_a_simulated_session_agrees_with_its_journal_and_cou
         sim.at(300.0, lambda m: m.inject_z_jump(-300e-9))  # lost contact
         sim.at(900.0, lambda m: m.inject_z_jump(+900e-9))  # crash
 
-    # the brain is injected; the start record still names checkpoint directories, which must exist
-    for name in ("classifier", "agent"):
-        (tmp_path / name).mkdir()
-    config = load_config(None, {"run.frames": 60, "classifier.checkpoint": str(tmp_path / "classifier"),
-                                "agent.checkpoint": str(tmp_path / "agent")})
+    config = load_config(None, {"run.frames": 60})  # the brain is injected: no checkpoint is loaded
     run_dir = tmp_path / "run"
     result = await run_session(config, run_dir, brain=brain, on_simulator=on_simulator,
                                simulator=SimulatorOptions(seed=4, time_scale=0.0, sim_config=sim_config))

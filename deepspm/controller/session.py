@@ -130,7 +130,7 @@ def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dic
         "fsm_table": table_as_records(),
         "fsm_hash": table_hash(),
         "checkpoints": {"classifier": brain.classifier_version, "agent": brain.agent_version},
-        "checkpoint_paths": brain.checkpoint_paths,
+        "checkpoint_paths": getattr(brain, "checkpoint_paths", {}),  # an injected test brain has none
         "instrument": instrument,
         "argv": sys.argv,
     }
