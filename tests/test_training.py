@@ -1,0 +1,249 @@
+"""The training and evaluation workflows (deepspm.controller.training) end to end on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepspm.controller import training
+from deepspm.controller.episode import EpisodeConfig, EpisodeTracker
+from deepspm.controller.preprocess import normalise, preprocess
+from deepspm.controller.training import (
+    SimConditioningTask,
+    derived_seed,
+    drive_episodes,
+    evaluate_agent_sim,
+    evaluate_classifier_command,
+    load_labelled,
+    load_labelled_sets,
+    normalise_frames,
+    synth_dataset_command,
+    train_agent_sim,
+    train_classifier_command,
+)
+from deepspm.io.actions import N_ACTIONS
+from deepspm.nets.checkpoints import flatten_named, load_net
+from deepspm.nets.data import HSI100_CATEGORIES, DataError
+from deepspm.simulator.environment import ConditioningEnv
+
+SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
+HSI100 = SHARED_DATA / "hsi100_tipstates_64.npz"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "set"
+    synth_dataset_command(out, n=96, seed=11, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cls") / "classifier"
+    train_classifier_command([synth], out, preset="tiny", epochs=2, seed=3, batch_size=16, progress=False)
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def test_a_synthetic_folder_is_levelled_as_the_run_loop_does(synth: Path) -> None:
+    images, labels, info = load_labelled(synth, seed=5, progress=False)
+    files = sorted((synth / "good").glob("*.npy")) + sorted((synth / "bad").glob("*.npy"))
+    assert images.shape == (96, 64, 64) and images.dtype == np.float32
+    assert info["kind"] == "folders" and info["n"] == 96
+    assert labels.tolist() == [1] * info["n_good"] + [0] * len(list((synth / "bad").glob("*.npy")))
+    assert np.all(images >= -1.5) and np.all(images <= 1.5)
+    # the per-file RANSAC seed depends on the file, not on its position in the set
+    for i in (0, len(files) - 1):
+        relative = files[i].relative_to(synth).as_posix()
+        expected = preprocess(np.load(files[i]), derived_seed(5, relative)).normalised
+        np.testing.assert_array_equal(images[i], expected)
+    # labels.csv of a synthetic set names each frame's probe kind
+    kinds = info["kinds"]
+    assert len(kinds) == 96 and set(kinds) <= {"good", "blunt", "double", "multiple", "unstable"}
+    assert all((k == "good") == bool(y) for k, y in zip(kinds, labels))
+
+
+def test_levelled_files_are_only_normalised(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    tilted = (np.add.outer(np.arange(64), np.arange(64)) * 1e-11 + 2e-6).astype(np.float32)
+    levelled = (rng.normal(0, 3e-11, (64, 64))).astype(np.float32)
+    np.save(tmp_path / "good" / "a_Ransac.npy", levelled)
+    np.save(tmp_path / "bad" / "b.npy", tilted)
+    images, labels, info = load_labelled(tmp_path, progress=False)
+    assert labels.tolist() == [1, 0] and info["n_levelled_files"] == 1 and info["kinds"] is None
+    np.testing.assert_array_equal(images[0], normalise(levelled))  # no plane removed
+    np.testing.assert_allclose(images[1], -1.0, atol=0.01)  # the 1.3 nm tilt is gone (float32 steps ~2 pm)
+
+
+def test_the_process_pool_gives_the_same_frames(synth: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = sorted((synth / "good").glob("*.npy"))[:6]
+    frames = np.stack([np.load(f) for f in files])
+    seeds = [derived_seed(1, i) for i in range(len(files))]
+    flags = np.zeros(len(files), bool)
+    serial = normalise_frames(frames, flags, seeds, workers=1, progress=False)
+    monkeypatch.setattr(training, "_POOL_MIN_FRAMES", 0)
+    pooled = normalise_frames(frames, flags, seeds, workers=2, progress=False)
+    np.testing.assert_array_equal(serial, pooled)
+
+
+def _fake_hsi100(path: Path) -> Path:
+    """A few rows in the H:Si(100) npz layout: 2 good, 2 bad, 1 Rows-only (left out in binary mode)."""
+    scores = np.zeros((5, 6), np.float32)
+    scores[0, 1] = scores[1, 2] = 1.0  # atoms, dimers: good
+    scores[2, 4] = scores[3, 5] = 1.0  # tip change, blurry: bad
+    scores[4, 3] = 1.0  # rows only
+    np.savez(
+        path, images=np.random.default_rng(1).integers(0, 255, (5, 64, 64)).astype(np.uint8), scores=scores,
+        n_responses=np.array([3, 1, 2, 2, 1], np.int32), names=np.array([f"img{i}.png" for i in range(5)]),
+        orig_shape=np.full((5, 2), 300, np.int32), categories=np.array(HSI100_CATEGORIES),
+    )
+    return path
+
+
+def test_an_npz_dispatches_to_the_hsi100_loader(tmp_path: Path) -> None:
+    npz = _fake_hsi100(tmp_path / "hsi.npz")
+    images, labels, info = load_labelled(npz)
+    assert info["kind"] == "hsi100_npz" and info["mode"] == "binary"
+    assert labels.tolist() == [1, 1, 0, 0] and (info["n_good"], info["n_bad"]) == (2, 2)
+    assert images.dtype == np.float32 and images.min() >= -1.0 and images.max() <= 1.0
+    images, labels, info = load_labelled(npz, multiclass=True)
+    assert labels.shape == (5, 6) and info["class_names"] == list(HSI100_CATEGORIES)
+    _, labels, _ = load_labelled(npz, min_responses=2)
+    assert labels.tolist() == [1, 0, 0]
+
+
+def test_unsupported_inputs_are_refused(tmp_path: Path, synth: Path) -> None:
+    (tmp_path / "x.txt").write_text("no")
+    with pytest.raises(DataError):
+        load_labelled(tmp_path / "x.txt")
+    with pytest.raises(DataError):
+        load_labelled(synth, multiclass=True)
+    with pytest.raises(DataError):
+        load_labelled_sets([])
+
+
+# --- the classifier -------------------------------------------------------------------------------------------
+
+
+def test_train_classifier_command_writes_a_loadable_checkpoint_and_metrics(tiny_classifier: Path, synth: Path) -> None:
+    ckpt = load_net(tiny_classifier, expect_kind="classifier")
+    assert ckpt.net.spec.name == "tiny" and ckpt.net.n_outputs == 1
+    summary = json.loads((tiny_classifier / "metrics.json").read_text())
+    assert summary["options"]["seed"] == 3 and summary["n_train"] + summary["n_val"] == 96
+    assert summary["metrics"]["n"] == summary["n_val"] and "roc_auc" in summary["metrics"]
+    assert sum(m["n"] for m in summary["metrics"]["by_kind"].values()) == summary["n_val"]
+    assert len(summary["history"]) == 2
+    assert ckpt.metadata["metrics"]["accuracy"] == summary["metrics"]["accuracy"]
+    split = json.loads((tiny_classifier / "split.json").read_text())
+    assert len(split["val_indices"]) == summary["n_val"]
+    with pytest.raises(FileExistsError):
+        train_classifier_command([synth], tiny_classifier, preset="tiny", epochs=1, progress=False)
+
+
+def test_evaluate_classifier_command_reproduces_the_validation_metrics(tiny_classifier: Path, synth: Path, tmp_path: Path) -> None:
+    summary = json.loads((tiny_classifier / "metrics.json").read_text())
+    result = evaluate_classifier_command(tiny_classifier, synth, out_json=tmp_path / "eval.json", progress=False)
+    metrics = result["metrics"]
+    assert metrics["n"] == 96 and set(metrics["by_kind"]) <= {"good", "blunt", "double", "multiple", "unstable"}
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["accuracy"] == metrics["accuracy"]
+    # the same frames as in training (same RANSAC seeds): the validation rows score as they did then
+    images, labels, _ = load_labelled(synth, seed=3, progress=False)
+    val = json.loads((tiny_classifier / "split.json").read_text())["val_indices"]
+    from deepspm.nets.classifier import evaluate
+    from deepspm.nets.inference import Predictor
+
+    ckpt = load_net(tiny_classifier)
+    again = evaluate(Predictor(ckpt.net, ckpt.variables), images[val], labels[val])
+    assert again["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert again["roc_auc"] == pytest.approx(summary["metrics"]["roc_auc"])
+
+
+# --- the agent in simulation ------------------------------------------------------------------------------------
+
+
+class _TruthClassifier:
+    """A stand-in classifier that reads the simulator's ground truth: p = 0.99 good, 0.01 bad."""
+
+    def __init__(self, env: ConditioningEnv) -> None:
+        self.env = env
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return np.array([0.99 if self.env.ground_truth().is_good else 0.01])
+
+
+def test_episodes_follow_the_paper_with_a_perfect_classifier() -> None:
+    env = ConditioningEnv(seed=21)
+    task = SimConditioningTask(env, _TruthClassifier(env), seed=0)
+    tracker = EpisodeTracker(EpisodeConfig(training=True, max_episode_actions=30))
+    transitions, episodes, masks_used = [], [], []
+    choose_rng = np.random.default_rng(0)
+
+    def choose(obs):  # noqa: ANN001, ANN202
+        masks_used.append(obs.mask)
+        return int(choose_rng.choice(np.flatnonzero(obs.mask)))
+
+    drive_episodes(task, tracker, choose, np.random.default_rng(1),
+                   on_transition=lambda t, frames: transitions.append((t, frames[t.state_ref], frames[t.next_state_ref])),
+                   on_episode_end=episodes.append, done=lambda: len(episodes) >= 6)
+    assert sum(e.actions for e in episodes) == len(transitions)
+    for t, before, after in transitions:
+        assert t.reward == (9.0 if t.terminal else -1.0)  # -1 per action, +10 on the successful step
+        assert t.terminal == after.truly_good  # the (perfect) classifier ends the episode
+        assert not before.truly_good
+        assert before.image.shape == (64, 64) and before.mask.shape == (N_ACTIONS,)
+    assert all(e.truly_good_at_end for e in episodes if not e.truncated)
+    assert all(m[0] and m.dtype == bool for m in masks_used)  # the stall always fits
+
+
+def test_train_agent_sim_runs_and_writes_a_loadable_agent(tiny_classifier: Path, tmp_path: Path) -> None:
+    out = tmp_path / "agent"
+    summary = train_agent_sim(tiny_classifier, out, steps=20, seed=1, random_steps=16, epsilon_decay_steps=2,
+                              max_episode_actions=4, checkpoint_every=10, progress=False)
+    agent = load_net(out, expect_kind="agent")
+    assert agent.net.n_outputs == N_ACTIONS and agent.net.spec.name == "tiny"
+    assert summary["env_steps"] == 20 and summary["updates"] == 4  # learning starts after the random steps
+    assert agent.metadata["updates"] == 4 and agent.metadata["final"] is True
+    assert json.loads((out / "metrics.json").read_text())["episode_lengths"] is not None
+    result = evaluate_agent_sim(out, tiny_classifier, episodes=2, seed=4, max_episode_actions=3, progress=False,
+                                out_json=tmp_path / "agent_eval.json")
+    for policy in ("agent", "random"):
+        assert result[policy]["episodes"] == 2 and all(1 <= n <= 3 for n in result[policy]["lengths"])
+    assert result["ratio_mean"] == pytest.approx(result["agent"]["mean"] / result["random"]["mean"])
+    assert json.loads((tmp_path / "agent_eval.json").read_text())["options"]["episodes"] == 2
+
+
+def test_the_agent_starts_from_the_classifier_unless_a_preset_is_named(tiny_classifier: Path, tmp_path: Path) -> None:
+    classifier = flatten_named(load_net(tiny_classifier).variables)
+    for preset in (None, "tiny"):
+        out = tmp_path / str(preset)
+        summary = train_agent_sim(tiny_classifier, out, steps=2, seed=0, preset=preset, random_steps=2,
+                                  max_episode_actions=3, progress=False)
+        assert summary["updates"] == 0
+        agent = flatten_named(load_net(out).variables)
+        trunk = [name for name in agent if not name.startswith("params.head")]
+        assert trunk and set(trunk) <= set(classifier)
+        same = [np.array_equal(agent[name], classifier[name]) for name in trunk]
+        assert all(same) if preset is None else not all(same)
+
+
+# --- the real H:Si(100) set (not in a fresh clone) ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HSI100.exists(), reason="../shared/data/hsi100_tipstates_64.npz is not present")
+def test_the_hsi100_set_trains_and_evaluates_on_a_small_subset(tmp_path: Path) -> None:
+    images, labels, info = load_labelled(HSI100, min_responses=3)
+    assert info["kind"] == "hsi100_npz" and set(np.unique(labels)) == {0, 1}
+    assert images.shape[1:] == (64, 64)
+    out = tmp_path / "hsi"
+    summary = train_classifier_command([HSI100], out, preset="tiny", epochs=1, seed=0, min_responses=3,
+                                       progress=False)
+    assert summary["data"]["sets"][0]["kind"] == "hsi100_npz" and summary["metrics"]["roc_auc"] is not None
+    result = evaluate_classifier_command(out, HSI100, min_responses=3, progress=False)
+    assert result["metrics"]["n"] == labels.size
