@@ -98,17 +98,51 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dataset_synth(args: argparse.Namespace) -> int:
-    from deepspm.simulator.dataset import synth_dataset
+    from deepspm.controller.training import synth_dataset_command
 
-    out = synth_dataset(args.n, args.out, args.seed, progress=True, good_fraction=args.good_fraction)
-    print(f"wrote {args.n} labelled frames to {out}")
+    synth_dataset_command(args.out, n=args.n, seed=args.seed)
     return 0
 
 
 def _dataset_gallery(args: argparse.Namespace) -> int:
-    from deepspm.simulator.dataset import gallery
+    from deepspm.controller.training import gallery_command
 
-    print(f"wrote {gallery(args.dataset, args.out, n_per_class=args.per_class, seed=args.seed)}")
+    gallery_command(args.dataset, args.out, n_per_class=args.per_class, seed=args.seed)
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from deepspm.controller.training import train_classifier_command
+
+    train_classifier_command(args.data, args.out, preset=args.preset, epochs=args.epochs, seed=args.seed,
+                             val_fraction=args.val_fraction, good_weight=args.good_weight,
+                             multiclass=args.multiclass, overwrite=args.overwrite)
+    return 0
+
+
+def _evaluate_classifier(args: argparse.Namespace) -> int:
+    from deepspm.controller.training import evaluate_classifier_command
+
+    evaluate_classifier_command(args.checkpoint, args.data, out_json=args.json, threshold=args.threshold)
+    return 0
+
+
+def _train_agent(args: argparse.Namespace) -> int:
+    from deepspm.controller.session import checkpoint_path
+    from deepspm.controller.training import train_agent_sim
+
+    classifier = args.classifier or checkpoint_path("shipped", "classifier")
+    train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    return 0
+
+
+def _evaluate_agent(args: argparse.Namespace) -> int:
+    from deepspm.controller.session import checkpoint_path
+    from deepspm.controller.training import evaluate_agent_sim
+
+    agent = args.checkpoint or checkpoint_path("shipped", "agent")
+    classifier = args.classifier or checkpoint_path("shipped", "classifier")
+    evaluate_agent_sim(agent, classifier, episodes=args.episodes, seed=args.seed, out_json=args.json)
     return 0
 
 
@@ -201,6 +235,58 @@ def build_parser() -> argparse.ArgumentParser:
     gal.add_argument("--per-class", dest="per_class", type=int, default=12, help="frames per class (default 12)")
     gal.add_argument("--seed", type=int, default=0, help="which frames are picked (default 0)")
     gal.set_defaults(func=_dataset_gallery)
+
+    train = sub.add_parser("train", help="train the probe classifier or the conditioning agent",
+                           description="Train the probe classifier on labelled images, or the agent in simulation.")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="NET")
+    tc = train_sub.add_parser(
+        "classifier", help="train a probe classifier",
+        description="Train a probe classifier. DATA: folders in the original DeepSPM layout (good/*.npy, bad/*.npy, "
+                    "raw heights in metres; *Ransac.npy already levelled), our synthetic sets, or the H:Si(100) .npz.")
+    tc.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
+    tc.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint directory to write")
+    tc.add_argument("--preset", default="compact", choices=("tiny", "compact", "original", "paper"),
+                    help="network size (default compact; paper needs a GPU workstation)")
+    tc.add_argument("--epochs", type=int, default=20, help="passes over the training split (default 20)")
+    tc.add_argument("--seed", type=int, default=0, help="seed of the split, init, batches and flips (default 0)")
+    tc.add_argument("--val-fraction", dest="val_fraction", type=float, default=0.24,
+                    help="fraction kept for validation, stratified by label (default 0.24, as the paper)")
+    tc.add_argument("--good-weight", dest="good_weight", type=float, default=8.0,
+                    help="loss weight of good-probe images (default 8, the paper; 1 suits a balanced set)")
+    tc.add_argument("--multiclass", action="store_true", help="H:Si set: one output per crowd-voted class")
+    tc.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
+    tc.set_defaults(func=_train_classifier)
+    ta = train_sub.add_parser("agent", help="train the double-DQN agent in simulation",
+                              description="Train the conditioning agent on the simulated microscope (in-process).")
+    ta.add_argument("--sim", action="store_true", required=True, help="train in simulation (the only option)")
+    ta.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint directory to write")
+    ta.add_argument("--classifier", type=Path, metavar="CKPT",
+                    help="classifier that judges the episodes and initialises the agent (default: the shipped one)")
+    ta.add_argument("--steps", type=int, default=3000, help="conditioning actions to train for (default 3000)")
+    ta.add_argument("--seed", type=int, default=0, help="seed of the simulator and the agent (default 0)")
+    ta.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
+    ta.set_defaults(func=_train_agent)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a classifier on data, or the agent against random",
+                              description="Evaluate a classifier on a labelled set, or the agent against random.")
+    eval_sub = evaluate.add_subparsers(dest="evaluate_command", required=True, metavar="NET")
+    ec = eval_sub.add_parser("classifier", help="metrics of a classifier checkpoint on a labelled set",
+                             description="Accuracy, precision, recall, ROC AUC and confusion matrix of a checkpoint.")
+    ec.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="classifier checkpoint directory")
+    ec.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
+    ec.add_argument("--threshold", type=float, default=0.9, help="p(good) above this is good (default 0.9)")
+    ec.add_argument("--json", type=Path, metavar="FILE", help="also write the metrics as JSON")
+    ec.set_defaults(func=_evaluate_classifier)
+    ea = eval_sub.add_parser("agent", help="the agent versus random actions in simulation, interleaved",
+                             description="Episodes alternate between the agent and uniform random actions on one "
+                                         "simulated microscope; prints actions per episode for each and the ratio.")
+    ea.add_argument("--sim", action="store_true", required=True, help="evaluate in simulation (the only option)")
+    ea.add_argument("--checkpoint", type=Path, metavar="CKPT", help="agent checkpoint (default: the shipped one)")
+    ea.add_argument("--classifier", type=Path, metavar="CKPT", help="classifier judging the frames (default: shipped)")
+    ea.add_argument("--episodes", type=int, default=200, help="episodes per policy (default 200)")
+    ea.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    ea.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    ea.set_defaults(func=_evaluate_agent)
 
     config = sub.add_parser("config", help="inspect the run configuration", description="Inspect the run configuration.")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
