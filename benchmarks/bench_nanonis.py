@@ -14,11 +14,12 @@ import time
 
 import numpy as np
 
-from benchmarks.common import LoopThread, print_table, write_json
+from benchmarks.common import print_table, write_json
 from deepspm.io.client import NanonisClient
 from deepspm.io.connection import NanonisConnection
 from deepspm.io.safety import SafetyEnvelope
 from deepspm.simulator.server import FakeNanonisServer
+from deepspm.simulator.threaded import LoopThread
 
 CASES = [("Bias.Get", None, 2000), ("Scan.FrameDataGrab 64x64", 64, 1000), ("Scan.FrameDataGrab 512x512", 512, 40)]
 
@@ -74,7 +75,7 @@ def main() -> None:
     frames = {s: rng.normal(0, 1e-10, (s, s)).astype(np.float32) for s in (64, 512)}
     server, state = make_server(frames)
     thread = LoopThread()
-    port = thread.run(server.start)
+    port = thread.call(server.start)
     rows, results = [], []
     try:
         for case, size, n in CASES:
@@ -84,7 +85,7 @@ def main() -> None:
             rows.append((case, n, ours, vendor, ours / vendor))
             results.append({"case": case, "requests": n, "ours_per_s": ours, "vendor_per_s": vendor, "ratio": ours / vendor})
     finally:
-        thread.run(server.close)
+        thread.call(server.close)
         thread.stop()
     print_table("Nanonis loopback requests/s: ours (asyncio) vs nanonis-spm 1.0.9 (sync); goal ratio >= 1.0",
                 ("command", "n", "ours/s", "nanonis-spm/s", "ratio"), rows)

@@ -1,14 +1,11 @@
-"""Shared helpers: a table printer, JSON results, a server on its own event-loop thread."""
+"""Shared helpers: a table printer and JSON results."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import platform
-import threading
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Sequence
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench-results"
 
@@ -29,20 +26,3 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     payload = {"machine": platform.platform(), "python": platform.python_version(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=float))
     return path
-
-
-class LoopThread:
-    """An asyncio loop on a daemon thread, so a server can run beside synchronous clients."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, make: Callable[[], Awaitable[Any]]) -> Any:
-        fut: Future = asyncio.run_coroutine_threadsafe(make(), self.loop)  # type: ignore[arg-type]
-        return fut.result()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
