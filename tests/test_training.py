@@ -153,16 +153,13 @@ def test_evaluate_classifier_command_reproduces_the_validation_metrics(tiny_clas
     metrics = result["metrics"]
     assert metrics["n"] == 96 and set(metrics["by_kind"]) <= {"good", "blunt", "double", "multiple", "unstable"}
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["accuracy"] == metrics["accuracy"]
-    # the same frames as in training (same RANSAC seeds): the validation rows score as they did then
-    images, labels, _ = load_labelled(synth, seed=3, progress=False)
-    val = json.loads((tiny_classifier / "split.json").read_text())["val_indices"]
-    from deepspm.nets.classifier import evaluate
-    from deepspm.nets.inference import Predictor
-
-    ckpt = load_net(tiny_classifier)
-    again = evaluate(Predictor(ckpt.net, ckpt.variables), images[val], labels[val])
-    assert again["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
-    assert again["roc_auc"] == pytest.approx(summary["metrics"]["roc_auc"])
+    # the validation rows of the training run, levelled with the training seed: the same numbers as then
+    again = evaluate_classifier_command(tiny_classifier, [synth], seed=3, split=tiny_classifier / "split.json",
+                                        progress=False)["metrics"]
+    assert again["n"] == summary["n_val"]
+    for key in ("accuracy", "precision", "recall", "roc_auc"):
+        assert again[key] == pytest.approx(summary["metrics"][key]), key
+    assert again["by_kind"] == summary["metrics"]["by_kind"]
 
 
 # --- the agent in simulation ------------------------------------------------------------------------------------
@@ -247,3 +244,6 @@ def test_the_hsi100_set_trains_and_evaluates_on_a_small_subset(tmp_path: Path) -
     assert summary["data"]["sets"][0]["kind"] == "hsi100_npz" and summary["metrics"]["roc_auc"] is not None
     result = evaluate_classifier_command(out, HSI100, min_responses=3, progress=False)
     assert result["metrics"]["n"] == labels.size
+    held_out = evaluate_classifier_command(out, HSI100, min_responses=3, split=out / "split.json", progress=False)
+    assert held_out["metrics"]["n"] == summary["n_val"]
+    assert held_out["metrics"]["roc_auc"] == pytest.approx(summary["metrics"]["roc_auc"])

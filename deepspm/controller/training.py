@@ -282,12 +282,14 @@ def train_classifier_command(
 def evaluate_classifier_command(
     checkpoint: Path | str, data: Sequence[Path | str] | Path | str, *, out_json: Path | str | None = None,
     threshold: float = DEFAULT_THRESHOLD, multiclass: bool | None = None, min_responses: int = 1, seed: int = 0,
-    workers: int | None = None, progress: bool = True,
+    split: Path | str | None = None, workers: int | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Metrics of a saved classifier on any labelled set(s), printed and returned (and written to `out_json`).
 
     `multiclass=None` follows the checkpoint's head (one output: binary; several: multi-label). For
-    synthetic sets the accuracy per probe kind is added (`by_kind`). Frames are levelled as in training.
+    synthetic sets the accuracy per probe kind is added (`by_kind`). Frames are levelled as in training
+    (pass the training `seed` to get the very same frames). `split`: a training run's `split.json`, to
+    evaluate only its validation rows (the same data, options and order as in training are needed).
     """
     ckpt = load_net(checkpoint, expect_kind="classifier")
     if multiclass is None:
@@ -296,14 +298,21 @@ def evaluate_classifier_command(
     images, labels, info = load_labelled_sets(
         paths, multiclass=multiclass, min_responses=min_responses, seed=seed, workers=workers, progress=progress
     )
+    rows = np.arange(labels.shape[0])
+    if split is not None:
+        rows = np.asarray(json.loads(Path(split).read_text())["val_indices"], dtype=int)
+        if rows.size and rows.max() >= labels.shape[0]:
+            raise DataError(f"{split} names row {rows.max()} but the data has {labels.shape[0]} images")
+    images, labels = images[rows], labels[rows]
     predictor = Predictor(ckpt.net, ckpt.variables, "probability")
     metrics = evaluate(predictor, images, labels, threshold, info["class_names"])
     if info.get("kinds") is not None and labels.ndim == 1:
         scores = predictor.predict_batched(images)
-        metrics["by_kind"] = accuracy_by_kind(info["kinds"], labels, scores, threshold)
+        metrics["by_kind"] = accuracy_by_kind([info["kinds"][i] for i in rows], labels, scores, threshold)
     summary = {"kind": "classifier_evaluation", "checkpoint": str(checkpoint), "data": _without_kinds(info),
-               "metrics": metrics}
-    print(f"classifier {checkpoint} on {', '.join(map(str, paths))}:")
+               "split": None if split is None else str(split), "metrics": metrics}
+    print(f"classifier {checkpoint} on {', '.join(map(str, paths))}"
+          f"{'' if split is None else f' (the {rows.size} validation rows of {split})'}:")
     print(format_metrics(metrics))
     for kind, m in metrics.get("by_kind", {}).items():
         print(f"  {kind:<10} n={m['n']:<5} accuracy={m['accuracy']:.3f}")
