@@ -1,0 +1,88 @@
+"""The `deepspm` command end to end: each subcommand a user runs, through the real entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from deepspm.cli import main
+from deepspm.controller.journal import read_journal
+from deepspm.nets.checkpoints import save_net
+from deepspm.nets.model import NetDef
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["run", "--frames", "25", "--seed", "1", "--out", str(run_dir), "--quiet"]) == 0
+    return run_dir
+
+
+def test_run_writes_a_complete_journal(short_run: Path, capsys) -> None:
+    records = read_journal(short_run)
+    assert records[0]["kind"] == "start" and records[-1]["kind"] == "stop"
+    assert records[-1]["status"] == "completed" and records[-1]["counters"]["frames"] == 25
+
+
+def test_replay_says_identical(short_run: Path, capsys) -> None:
+    assert main(["replay", str(short_run)]) == 0
+    assert "identical" in capsys.readouterr().out
+
+
+def test_what_if_replay_with_another_classifier_reports_decisions_and_agreement(short_run: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    net = NetDef.of("tiny", 1)
+    other = save_net(tmp_path / "other", net, net.init(jax.random.key(5)), kind="classifier")
+    assert main(["replay", str(short_run), "--classifier", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "what-if" in out and "re-classification of every recorded frame" in out
+    assert "diverged at seq" in out and "decision points" in out  # a random net disagrees at once
+
+
+def test_report_and_status(short_run: Path, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(short_run), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "index.html").is_file()
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["frames_classified"] == 25
+    assert main(["status", str(short_run)]) == 0
+    assert "STOPPED" in capsys.readouterr().out
+
+
+def test_dataset_synth_gallery_and_classifier_evaluation(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "synth"
+    assert main(["dataset", "synth", "--n", "24", "--out", str(data), "--seed", "11"]) == 0
+    assert len(list((data / "good").glob("*.npy"))) + len(list((data / "bad").glob("*.npy"))) == 24
+    assert main(["dataset", "gallery", str(data), "--out", str(tmp_path / "g.png"), "--per-class", "4"]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    from deepspm.controller.session import checkpoint_path
+
+    shipped = checkpoint_path("shipped", "classifier")
+    assert main(["evaluate", "classifier", "--checkpoint", str(shipped), "--data", str(data),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert "roc_auc" in json.dumps(metrics) and "accuracy" in json.dumps(metrics)
+
+
+def test_config_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "lab.toml"
+    bad.write_text("[scan]\npixls = 64\n")
+    assert main(["config", "show", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "scan.pixls" in err and "pixels" in err
+    assert main(["config", "show", "--set", "scan.pixels=128"]) == 0
+    assert "pixels = 128" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run_is_refused_clearly(short_run: Path, capsys) -> None:
+    assert main(["run", "--resume", str(short_run), "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_fsm_diagram(capsys) -> None:
+    assert main(["fsm", "--mermaid"]) == 0
+    assert capsys.readouterr().out.startswith("stateDiagram-v2")
