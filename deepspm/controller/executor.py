@@ -12,6 +12,7 @@ import json
 from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
+import structlog
 
 from deepspm.controller.commands import Command, Settle
 from deepspm.io.instrument import Frame, Instrument, ZState
@@ -74,6 +75,7 @@ class Executor:
 
     async def execute(self, command: Command) -> Any:
         seq = self.journal.event("command", **command.to_record())
+        structlog.contextvars.bind_contextvars(seq=seq)  # diagnostics join the journal record
         if command.op in FLUSH_BEFORE:
             await self.journal.flush()
         try:
