@@ -193,15 +193,20 @@ def accuracy_by_kind(kinds: Sequence[str], labels: np.ndarray, scores: np.ndarra
 # --- synthetic data sets -------------------------------------------------------------------------------------
 
 
-def synth_dataset_command(out: Path | str, *, n: int = 4000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def synth_dataset_command(
+    out: Path | str, *, n: int = 4000, seed: int = 0, good_fraction: float = 0.25, progress: bool = True
+) -> dict[str, Any]:
     """Write `n` simulated 64x64 frames (10 nm, raw metres) with ground-truth labels in the original layout
-    (`out/good`, `out/bad`, `out/labels.csv`); a quarter good, the bad ones spread over the defect kinds."""
+    (`out/good`, `out/bad`, `out/labels.csv`): `good_fraction` of them good (a quarter, as the paper's data),
+    the bad ones spread evenly over the defect kinds."""
+    if not 0.0 <= good_fraction <= 1.0:
+        raise ValueError(f"good_fraction must be in [0, 1], got {good_fraction}")
     start = time.perf_counter()
-    root = synth_dataset(n, out, seed, progress=progress)
+    root = synth_dataset(n, out, seed, progress=progress, good_fraction=good_fraction)
     with open(root / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     summary = {
-        "out": str(root), "n": len(rows), "seed": seed,
+        "out": str(root), "n": len(rows), "seed": seed, "good_fraction": good_fraction,
         "kinds": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
         "seconds": round(time.perf_counter() - start, 1),
     }
