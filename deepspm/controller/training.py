@@ -353,6 +353,8 @@ class SimConditioningTask:
         accept_bad_sample_after: int = 250,
         frame_size_m: float = 10e-9,
     ) -> None:
+        if not env.render:
+            raise ValueError("the task needs an environment that renders frames (render=True)")
         self.env = env
         self.classifier = classifier
         self.seed = seed
@@ -365,7 +367,6 @@ class SimConditioningTask:
         rejected = 0
         while True:
             raw = self.env.observe()
-            assert raw is not None, "the environment must render frames"
             self.frames += 1
             pre = preprocess(raw, derived_seed(self.seed, "frame", self.frames))
             if rejected >= self.accept_bad_sample_after or not is_bad_sample(raw, BAD_SAMPLE_THRESHOLD_M, plane_m=pre.plane_m):
@@ -405,15 +406,12 @@ class EpisodeRecord:
     actions: int
     truncated: bool
     truly_good_at_end: bool
-    policy: str = ""
 
 
 def drive_episodes(
     task: SimConditioningTask, tracker: EpisodeTracker, choose: ChooseFn, reset_rng: np.random.Generator,
     *, on_transition: Callable[[Transition, dict[str, SimObservation]], None] | None = None,
-    on_episode_end: Callable[[EpisodeRecord], None] | None = None,
-    on_episode_start: Callable[[int], None] | None = None,
-    done: Callable[[], bool],
+    on_episode_end: Callable[[EpisodeRecord], None] | None = None, done: Callable[[], bool],
 ) -> None:
     """The run loop's conditioning logic on the simulated task, until `done()`.
 
@@ -426,8 +424,6 @@ def drive_episodes(
     frames = {obs.ref: obs}
     while not done():
         outcome = tracker.observe(obs.p_good, obs.ref)
-        if outcome.episode_started and on_episode_start is not None:
-            on_episode_start(outcome.episode_index)
         if outcome.transition is not None and on_transition is not None:
             on_transition(outcome.transition, frames)
         if outcome.episode_ended and on_episode_end is not None:
@@ -444,7 +440,8 @@ def drive_episodes(
         if action is not None:
             tracker.record_action(action, obs.ref)
         obs = task.act(action)
-        frames = {ref: frames[ref] for ref in frames if ref == (tracker.pending_state_ref or "")}
+        acted_on = tracker.pending_state_ref  # the frame the next transition starts from, if any
+        frames = {ref: frame for ref, frame in frames.items() if ref == acted_on}
         frames[obs.ref] = obs
 
 
@@ -638,7 +635,6 @@ def evaluate_agent_sim(
     def on_episode_end(record: EpisodeRecord) -> None:
         if record.actions == 0:
             return
-        record.policy = turn[0]
         results[turn[0]].append(record)
         turn[0] = "random" if turn[0] == "agent" else "agent"
         bar.update(1)
