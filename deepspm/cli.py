@@ -100,7 +100,7 @@ def _status(args: argparse.Namespace) -> int:
 def _dataset_synth(args: argparse.Namespace) -> int:
     from deepspm.controller.training import synth_dataset_command
 
-    synth_dataset_command(args.out, n=args.n, seed=args.seed)
+    synth_dataset_command(args.out, n=args.n, seed=args.seed, good_fraction=args.good_fraction)
     return 0
 
 
@@ -123,7 +123,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
 def _evaluate_classifier(args: argparse.Namespace) -> int:
     from deepspm.controller.training import evaluate_classifier_command
 
-    evaluate_classifier_command(args.checkpoint, args.data, out_json=args.json, threshold=args.threshold)
+    evaluate_classifier_command(args.checkpoint, args.data, out_json=args.json, threshold=args.threshold,
+                                seed=args.seed, split=args.split, min_responses=args.min_responses)
     return 0
 
 
@@ -276,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
     ec.add_argument("--threshold", type=float, default=0.9, help="p(good) above this is good (default 0.9)")
     ec.add_argument("--json", type=Path, metavar="FILE", help="also write the metrics as JSON")
+    ec.add_argument("--split", type=Path, metavar="SPLIT_JSON",
+                    help="evaluate only the validation rows of a training run (its split.json)")
+    ec.add_argument("--seed", type=int, default=0, help="RANSAC seed for levelling raw frames (default 0)")
+    ec.add_argument("--min-responses", dest="min_responses", type=int, default=1,
+                    help="H:Si set: keep images with at least this many crowd votes (default 1)")
     ec.set_defaults(func=_evaluate_classifier)
     ea = eval_sub.add_parser("agent", help="the agent versus random actions in simulation, interleaved",
                              description="Episodes alternate between the agent and uniform random actions on one "
