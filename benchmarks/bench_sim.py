@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from benchmarks.common import print_table, write_json
 from deepspm.io.client import NanonisClient
 from deepspm.io.connection import NanonisConnection
 from deepspm.io.instrument import NanonisInstrument, ScanSettings
 from deepspm.io.safety import SafetyEnvelope
-from deepspm.simulator.benchmark import measure
+from deepspm.simulator.benchmark import RenderBenchmark, measure
 from deepspm.simulator.fake_nanonis import SimulatorServer
 from deepspm.simulator.microscope import SimConfig
 from deepspm.simulator.probe import ProbeKind
@@ -33,21 +33,10 @@ GOAL_TCP_FPS = 200.0  # at 64x64
 
 
 @dataclass(frozen=True)
-class SimRate:
-    pixels: int
-    path: str  # "in-process", "tcp client" or "tcp instrument"
-    probe: str
-    frames: int
-    wall_s: float
-    cpu_s: float  # this process's CPU time (server and client alike): robust to other processes' load
+class SimRate(RenderBenchmark):
+    """The simulator's own rate record, plus which path the frames took."""
 
-    @property
-    def frames_per_s(self) -> float:
-        return self.frames / self.wall_s
-
-    @property
-    def frames_per_cpu_s(self) -> float:
-        return self.frames / self.cpu_s
+    path: str = "in-process"  # "in-process", "tcp client" or "tcp instrument"
 
 
 def raster_xy_m(index: int) -> tuple[float, float]:
@@ -93,12 +82,12 @@ async def tcp_rate(pixels: int, frames: int, path: str, seed: int = 0, warmup: i
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         finally:
             await instrument.close()
-    return SimRate(pixels, path, ProbeKind.GOOD.value, frames, wall, cpu)
+    return SimRate(pixels, ProbeKind.GOOD.value, frames, wall, cpu, path=path)
 
 
 def in_process_rate(pixels: int, frames: int, probe: ProbeKind | None, warmup: int) -> SimRate:
     r = measure(pixels, frames, probe, warmup=warmup)
-    return SimRate(pixels, "in-process", r.probe, r.frames, r.wall_s, r.cpu_s)
+    return SimRate(pixels, r.probe, r.frames, r.wall_s, r.cpu_s, path="in-process")
 
 
 def goal_for(rate: SimRate) -> float | None:
@@ -134,8 +123,7 @@ def main(smoke: bool = False) -> list[SimRate]:
         ("frame", "path", "probe", "frames", "frames/s", "frames/CPU-s", "goal", "x goal"), rows,
     )
     if not smoke:
-        payload = [{**asdict(r), "frames_per_s": r.frames_per_s, "frames_per_cpu_s": r.frames_per_cpu_s,
-                    "goal_frames_per_s": goal_for(r)} for r in rates]
+        payload = [{**r.as_dict(), "goal_frames_per_s": goal_for(r)} for r in rates]
         print("wrote", write_json("sim", {"rows": payload}))
     return rates
 
