@@ -129,10 +129,6 @@ class RunLoop:
     async def _do(self, command: Command) -> Any:
         return await self.executor.execute(command)
 
-    def _ctx(self) -> DecisionContext:
-        cfg = self.tracker.config
-        return DecisionContext(cfg.training, self.tracker.bad_probe_count, self.tracker.in_episode, cfg.bad_probe_threshold)
-
     # -- the loop -----------------------------------------------------------------------------------------
     async def run(self) -> tuple[str, str]:
         """Run until stopped, done or failed; returns (status, reason) for the journal's stop record."""
