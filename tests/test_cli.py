@@ -86,3 +86,23 @@ def test_resume_of_a_finished_run_is_refused_clearly(short_run: Path, capsys) ->
 def test_fsm_diagram(capsys) -> None:
     assert main(["fsm", "--mermaid"]) == 0
     assert capsys.readouterr().out.startswith("stateDiagram-v2")
+
+
+def test_run_against_an_external_nanonis_address(tmp_path: Path) -> None:
+    """`--host/--port`: the real-instrument path (no embedded simulator), here against `deepspm simulate`'s server
+    on its own thread; wall-clock waits are shortened by config, as a lab config could."""
+    from deepspm.simulator.fake_nanonis import SimulatorServer
+    from deepspm.simulator.threaded import LoopThread
+
+    sim = SimulatorServer(seed=8, time_scale=0.0)
+    with LoopThread() as thread:
+        port = thread.call(lambda: sim.start(0))
+        try:
+            code = main(["run", "--host", "127.0.0.1", "--port", str(port), "--frames", "5", "--quiet",
+                         "--out", str(tmp_path / "run"), "--set", "run.settle_s=0", "--set", "approach.poll_s=0.001"])
+        finally:
+            thread.call(sim.close)
+    assert code == 0
+    records = read_journal(tmp_path / "run")
+    assert records[0]["instrument"]["simulated"] is False and records[0]["instrument"]["port"] == port
+    assert records[-1]["counters"]["frames"] == 5
