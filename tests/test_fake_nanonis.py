@@ -697,6 +697,19 @@ async def test_vendor_client_drives_deepspm_simulate():
 # -- our own instrument layer ----------------------------------------------------------------------------------
 
 
+async def test_nanonis_instrument_scans_an_oldest_release_server_with_slot_channels():
+    """R10862 has no Util.VersionGet and indexes scan channels by signal slot (Signals.InSlotsGet)."""
+    async with SimulatorServer(seed=42, release=Release.R10862) as sim:
+        instrument = NanonisInstrument(our_client(sim.port), approach_settings=ApproachSettings(poll_s=0.0))
+        try:
+            await instrument.connect()
+            assert instrument.client.release is Release.R10862
+            frame = await instrument.scan(0.0, 0.0, 10e-9)
+            assert frame.channel_name == "Z (m)" and frame.complete and frame.data_m.shape == (64, 64)
+        finally:
+            await instrument.close()
+
+
 async def test_nanonis_instrument_runs_against_the_simulator():
     async with SimulatorServer(seed=41) as sim:
         m = sim.microscope

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Protocol, runtime_checkable
 import numpy as np
 
 from deepspm.io.client import NanonisClient, TipShaperProps
+from deepspm.io.commands import Release
 from deepspm.io.errors import InstrumentError
 
 
@@ -138,7 +139,10 @@ class NanonisInstrument:
     async def connect(self) -> None:
         await self.client.connect()
         await self.piezo_range()
-        names = await self.client.signal_names()
+        if self.client.release == Release.R10862:  # scan channels are signal-slot indexes there
+            names, _ = await self.client.signals_in_slots()
+        else:
+            names = await self.client.signal_names()
         try:
             self._z_channel = names.index(self.scan_settings.z_channel_name)
         except ValueError:
