@@ -288,6 +288,32 @@ def read_journal(run_dir: Path) -> list[dict[str, Any]]:
     return contents.records
 
 
+@dataclass
+class RecordTally:
+    """What every reader of a journal counts the same way (the report and the status view build on it):
+    records, the wall-clock span they cover, and recoveries, each attributed to the contact_lost or
+    crashed transition before it."""
+
+    records: int = 0
+    first_wall: float | None = None
+    last_wall: float | None = None
+    recoveries: dict[str, int] = dataclasses.field(default_factory=lambda: {"contact": 0, "crash": 0})
+    _trouble: str = "contact"
+
+    def tally(self, r: Mapping[str, Any]) -> None:
+        self.records += 1
+        t_wall = r.get("t_wall")
+        if isinstance(t_wall, (int, float)):
+            self.first_wall = t_wall if self.first_wall is None else self.first_wall
+            self.last_wall = t_wall
+        if r.get("kind") == "transition":
+            trigger = r.get("trigger")
+            if trigger in ("contact_lost", "crashed"):
+                self._trouble = "contact" if trigger == "contact_lost" else "crash"
+            elif trigger == "recovered":
+                self.recoveries[self._trouble] += 1
+
+
 def check_journal(records: list[dict[str, Any]], *, require_stop: bool = False) -> list[str]:
     """Problems of a journal's records (empty = sound): missing or repeated start, seq gaps, duplicates
     or disorder, missing header fields, records after a stop that is not followed by a resume, t_mono

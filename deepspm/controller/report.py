@@ -46,7 +46,7 @@ from matplotlib.collections import PatchCollection
 from matplotlib.patches import Circle, Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from deepspm.controller.journal import JournalError, TornJournalWarning, load_frame, scan_journal
+from deepspm.controller.journal import JournalError, RecordTally, TornJournalWarning, load_frame, scan_journal
 from deepspm.controller.status import format_duration
 from deepspm.io.actions import ACTIONS, ActionKind
 
@@ -129,16 +129,13 @@ class Episode:
 
 
 @dataclass
-class RunHistory:
+class RunHistory(RecordTally):
     """Everything the report draws, folded from the journal's records in order (see `add`)."""
 
     run_id: str = ""
     threshold: float = DEFAULT_THRESHOLD
     piezo_range_xy_m: tuple[float, float] = (DEFAULT_PIEZO_RANGE_M, DEFAULT_PIEZO_RANGE_M)
     envelope_fraction: float = 0.95
-    records: int = 0
-    first_wall: float | None = None
-    last_wall: float | None = None
     regions: list[ScannedRegion] = field(default_factory=list)
     frames: list[ClassifiedFrame] = field(default_factory=list)
     actions: list[ActionSite] = field(default_factory=list)
@@ -146,7 +143,6 @@ class RunHistory:
     move_after_frame: list[int] = field(default_factory=list)  # classified frames before each move
     area: int = 1
     frames_recorded: int = 0
-    recoveries: dict[str, int] = field(default_factory=lambda: {"contact": 0, "crash": 0})
     failures: int = 0
     resumes: int = 0
     stop: dict[str, Any] | None = None
@@ -155,14 +151,9 @@ class RunHistory:
     _unjudged: int | None = None  # index in `regions` of a recorded frame not judged yet
     _episode: int | None = None  # the episode the next action belongs to
     _awaiting_site: int | None = None  # index in `actions` of a reset action whose site is not known yet
-    _trouble: str = "contact"
 
     def add(self, r: dict[str, Any]) -> None:
-        self.records += 1
-        t_wall = r.get("t_wall")
-        if isinstance(t_wall, (int, float)):
-            self.first_wall = t_wall if self.first_wall is None else self.first_wall
-            self.last_wall = t_wall
+        self.tally(r)
         kind = r.get("kind")
         if kind == "start":
             self._start(r)
@@ -199,10 +190,6 @@ class RunHistory:
         elif trigger == "moved":
             self.area += 1
             self.move_after_frame.append(len(self.frames))
-        elif trigger in ("contact_lost", "crashed"):
-            self._trouble = "contact" if trigger == "contact_lost" else "crash"
-        elif trigger == "recovered":
-            self.recoveries[self._trouble] += 1
 
     def _command(self, r: dict[str, Any]) -> None:
         op = r.get("op")

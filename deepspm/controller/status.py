@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from deepspm.controller.journal import JOURNAL_FILE
+from deepspm.controller.journal import JOURNAL_FILE, RecordTally
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 STALE_AFTER_S = 900.0  # a live run with no record for this long is suspicious (approach timeout: 600 s)
@@ -63,15 +63,12 @@ class LastFrame:
 
 
 @dataclass
-class RunStatus:
+class RunStatus(RecordTally):
     """The run as its journal says, so far. Counts follow the report's rules (controller/report.py)."""
 
     run_id: str = ""
     state: str = "not started"  # the last transition's destination
-    records: int = 0
     bad_lines: int = 0  # complete lines that were not JSON objects (should never happen)
-    first_wall: float | None = None
-    last_wall: float | None = None
     frames_recorded: int = 0
     frames_classified: int = 0
     good_frames: int = 0
@@ -85,7 +82,6 @@ class RunStatus:
     actions: int = 0
     reset_actions: int = 0
     moves: int = 0
-    recoveries: dict[str, int] = field(default_factory=lambda: {"contact": 0, "crash": 0})
     failures: int = 0
     resumes: int = 0
     last_note: tuple[float, str] | None = None
@@ -94,14 +90,10 @@ class RunStatus:
     stopped: bool = False
     stop_status: str = ""
     stop_reason: str = ""
-    _trouble: str = "contact"
 
     def add(self, r: dict[str, Any]) -> None:
-        self.records += 1
+        self.tally(r)
         t_wall = r.get("t_wall")
-        if isinstance(t_wall, (int, float)):
-            self.first_wall = t_wall if self.first_wall is None else self.first_wall
-            self.last_wall = t_wall
         t = float(t_wall) if isinstance(t_wall, (int, float)) else 0.0
         kind = r.get("kind")
         if kind == "start":
@@ -135,10 +127,6 @@ class RunStatus:
             self.frames_recorded += 1
         elif trigger == "moved":
             self.moves += 1
-        elif trigger in ("contact_lost", "crashed"):
-            self._trouble = "contact" if trigger == "contact_lost" else "crash"
-        elif trigger == "recovered":
-            self.recoveries[self._trouble] += 1
 
     def _decision(self, r: dict[str, Any], t: float) -> None:
         decision = r.get("decision")
