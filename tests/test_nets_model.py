@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepspm.nets import serving
 from deepspm.nets.inference import Predictor, predict_async
 from deepspm.nets.model import NetDef, apply_eval, apply_train, count_params
 from deepspm.nets.presets import PRESETS, NetSpec, get_preset
@@ -100,6 +101,43 @@ def test_eval_is_per_sample_and_train_updates_running_statistics(tiny) -> None:
     np.testing.assert_allclose(after, 0.1 * np.asarray(conv_out.mean(axis=(0, 1, 2))), rtol=1e-4, atol=1e-6)
 
 
+# --- the serving forward (what Predictor runs) ---------------------------------------------------------
+
+
+def perturbed(variables, seed: int):
+    """Every variable moved off its init (BN running means and variances included), so folding is exercised."""
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(variables))))
+
+    def move(path, leaf):
+        noise = jax.random.uniform(next(keys), leaf.shape, leaf.dtype, -1.0, 1.0)
+        return leaf * jnp.exp(0.3 * noise) if "var" in jax.tree_util.keystr(path) else leaf + 0.2 * noise
+
+    return jax.tree_util.tree_map_with_path(move, variables)
+
+
+@pytest.mark.parametrize("spec", [get_preset("tiny"), NetSpec("tiny-flat", ((4,), (8, 8)), (True, True), (16, 8)),
+                                  get_preset("compact")], ids=lambda s: s.name)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_serving_forward_matches_the_module_in_both_dense_layouts(spec: NetSpec, batch: int) -> None:
+    net = NetDef.of(spec, N_ACTIONS)
+    variables = perturbed(net.init(jax.random.key(4)), seed=5)
+    x = jnp.asarray(images(batch, seed=6)[..., None])
+    expected = np.asarray(apply_eval(net, variables, x))
+    for layout in serving.DenseLayout:
+        weights = serving.prepare(net, variables, layout)
+        got = np.asarray(jax.jit(serving.forward, static_argnums=(0, 3))(net, weights, x, layout))
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * float(np.max(np.abs(expected))))
+
+
+def test_gemv_layout_holds_dense_kernels_transposed_and_only_serves_batch_one() -> None:
+    net = NetDef.of("compact", 1)
+    variables = net.init(jax.random.key(0))
+    gemv = serving.prepare(net, variables, serving.DenseLayout.GEMV)
+    gemm = serving.prepare(net, variables, serving.DenseLayout.GEMM)
+    assert gemv.dense[0].kernel.shape == (256, net.spec.flat_features) == gemm.dense[0].kernel.shape[::-1]
+    assert [serving.layout_for(b) for b in (1, 2, 64)] == [serving.DenseLayout.GEMV, *[serving.DenseLayout.GEMM] * 2]
+
+
 # --- Predictor ----------------------------------------------------------------------------------------
 
 
@@ -130,6 +168,23 @@ def test_predictor_matches_the_functional_eval_and_accepts_image_layouts(tiny) -
     np.testing.assert_allclose(predictor(x[0]), expected[:1], rtol=1e-5)
     with pytest.raises(ValueError, match="64x64"):
         predictor(np.zeros((1, 32, 32), np.float32))
+
+
+def test_predictor_serves_per_call_variables_without_changing_its_own(tiny) -> None:
+    net, first = tiny
+    second = perturbed(first, seed=9)
+    x = images(1)
+
+    def reference(variables):
+        return np.asarray(jax.nn.sigmoid(apply_eval(net, variables, jnp.asarray(x[..., None]))))[:, 0]
+
+    predictor = Predictor(net, first)
+    np.testing.assert_allclose(predictor(x, second), reference(second), rtol=1e-5)
+    np.testing.assert_allclose(predictor(x), reference(first), rtol=1e-5)  # per-call variables do not stick
+    np.testing.assert_allclose(predictor(x, second), reference(second), rtol=1e-5)  # served from its cache
+    predictor.set_variables(second)
+    np.testing.assert_allclose(predictor(np.concatenate([x, x])), np.repeat(reference(second), 2), rtol=1e-5)
+    assert predictor.traces["prepare gemv"] == 1 and predictor.traces["prepare gemm"] == 1
 
 
 def test_predict_batched_pads_to_one_shape(tiny) -> None:

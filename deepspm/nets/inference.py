@@ -12,13 +12,16 @@ import asyncio
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepspm.nets.model import NetDef, NetVars, apply_eval
+from deepspm.nets import serving
+from deepspm.nets.model import NetDef, NetVars
+from deepspm.nets.serving import DenseLayout, layout_for
 
 Output = Literal["probability", "values"]
 
@@ -51,12 +54,30 @@ def as_image_batch(images: Any, side_px: int) -> np.ndarray:
     return batch
 
 
+class _Prepared:
+    """One parameter snapshot and its serving forms, prepared lazily per dense layout (see `serving`)."""
+
+    def __init__(self, variables: NetVars, prepare: Callable[[NetVars, DenseLayout], list[Any]]) -> None:
+        self.variables = variables
+        self._prepare = prepare
+        self._leaves: dict[DenseLayout, list[Any]] = {}
+
+    def leaves(self, layout: DenseLayout) -> list[Any]:
+        # Two threads may both prepare a missing layout; both results are equal and the dict write is atomic.
+        leaves = self._leaves.get(layout)
+        if leaves is None:
+            leaves = self._leaves[layout] = self._prepare(self.variables, layout)
+        return leaves
+
+
 class Predictor:
     """Eval-mode forward pass of one net (BN running statistics, no dropout).
 
     `output="probability"`: sigmoid of the logits; shape (B,) for a 1-logit classifier, (B, K) for K labels.
     `output="values"`: raw outputs, e.g. the agent's Q-values (B, n_actions).
-    Thread-safe: each call reads the current variables once (an atomic reference read), so a concurrent
+    The executables run `serving.forward` over weights prepared once per parameter snapshot (BN folded,
+    dense kernels laid out for the batch size); passing the same `variables` object again reuses them.
+    Thread-safe: each call reads the current snapshot once (an atomic reference read), so a concurrent
     `set_variables` never tears a call; the compiled executables themselves are reentrant.
     """
 
@@ -66,41 +87,58 @@ class Predictor:
         self.net = net
         self.output: Output = output
         self.traces = TraceCounter()
-        # The executables take the flat leaves: flattening the nnx.State tree costs ~0.1 ms per call.
-        leaves, self._treedef = jax.tree.flatten(variables)
-        self._current: tuple[NetVars, list[Any]] = (variables, leaves)
+        self._treedef = jax.tree.structure(variables)
+        self._serving_treedefs: dict[DenseLayout, Any] = {}
+        self._prepare_jitted = {
+            layout: jax.jit(self.traces.wrap(f"prepare {layout.value}", partial(serving.prepare, net, layout=layout)))
+            for layout in DenseLayout
+        }
+        self._current = _Prepared(variables, self._prepare)
+        self._explicit: _Prepared | None = None  # the last snapshot passed per call (the DQN actor's)
         self._compiled: dict[int, Any] = {}
         self._compile_lock = threading.Lock()
-        treedef = self._treedef
 
-        def forward(leaves: list[jax.Array], images: jax.Array) -> jax.Array:
-            outputs = apply_eval(net, jax.tree.unflatten(treedef, leaves), images)
+        def forward(layout: DenseLayout, leaves: list[jax.Array], images: jax.Array) -> jax.Array:
+            weights = jax.tree.unflatten(self._serving_treedefs[layout], leaves)
+            outputs = serving.forward(net, weights, images, layout)
             if output == "probability":
                 outputs = jax.nn.sigmoid(outputs)
                 if net.n_outputs == 1:
                     outputs = outputs[:, 0]
             return outputs
 
-        self._jitted = jax.jit(self.traces.wrap("forward", forward))
+        self._jitted = {layout: jax.jit(self.traces.wrap("forward", partial(forward, layout))) for layout in DenseLayout}
 
     @property
     def variables(self) -> NetVars:
-        return self._current[0]
+        return self._current.variables
 
     def set_variables(self, variables: NetVars) -> None:
-        """Swap in new variables of the same structure (no recompilation)."""
-        self._current = (variables, self._leaves_of(variables))
+        """Swap in new variables of the same structure (no recompilation); prepares the layouts in use."""
+        prepared = self._snapshot_of(variables)
+        for layout in {layout_for(b) for b in self._compiled}:
+            prepared.leaves(layout)
+        self._current = prepared
 
-    def _leaves_of(self, variables: NetVars) -> list[Any]:
-        leaves, treedef = jax.tree.flatten(variables)
-        if treedef != self._treedef:
+    def _snapshot_of(self, variables: NetVars) -> _Prepared:
+        if jax.tree.structure(variables) != self._treedef:
             raise ValueError("variables do not match this predictor's net structure")
+        return _Prepared(variables, self._prepare)
+
+    def _prepare(self, variables: NetVars, layout: DenseLayout) -> list[Any]:
+        return jax.tree.leaves(self._prepare_jitted[layout](variables))
+
+    def _serving_abstract(self, layout: DenseLayout) -> list[Any]:
+        """ShapeDtypeStructs of the prepared leaves (records the serving treedef of `layout`)."""
+        shapes = jax.eval_shape(partial(serving.prepare, self.net, layout=layout), abstract_like(self.variables))
+        leaves, self._serving_treedefs[layout] = jax.tree.flatten(shapes)
         return leaves
 
     def compile(self, batch_sizes: Iterable[int]) -> None:
         """Trace, lower and compile for each batch size now, before the run needs it."""
         for batch_size in batch_sizes:
             self._executable(int(batch_size))
+            self._current.leaves(layout_for(int(batch_size)))
 
     def _executable(self, batch_size: int) -> Any:
         executable = self._compiled.get(batch_size)
@@ -108,24 +146,36 @@ class Predictor:
             with self._compile_lock:
                 executable = self._compiled.get(batch_size)
                 if executable is None:
+                    layout = layout_for(batch_size)
                     side = self.net.spec.image_side_px
                     images = jax.ShapeDtypeStruct((batch_size, side, side, 1), jnp.float32)
-                    executable = self._jitted.lower(abstract_like(self._current[1]), images).compile()
+                    lowered = self._jitted[layout].lower(self._serving_abstract(layout), images)
+                    executable = lowered.compile(compiler_options=serving.compiler_options())
                     self._compiled[batch_size] = executable
         return executable
+
+    def _prepared_for(self, variables: NetVars | None) -> _Prepared:
+        current = self._current
+        if variables is None or variables is current.variables:
+            return current
+        explicit = self._explicit
+        if explicit is None or explicit.variables is not variables:
+            explicit = self._explicit = self._snapshot_of(variables)
+        return explicit
 
     def __call__(self, images: Any, variables: NetVars | None = None) -> np.ndarray:
         """Images (B, 64, 64[, 1]) pre-processed to [-1.5, 1.5] -> numpy outputs; compiles a new B once."""
         batch = as_image_batch(images, self.net.spec.image_side_px)
-        leaves = self._current[1] if variables is None else self._leaves_of(variables)
-        return np.asarray(self._executable(batch.shape[0])(leaves, batch))
+        executable = self._executable(batch.shape[0])
+        leaves = self._prepared_for(variables).leaves(layout_for(batch.shape[0]))
+        return np.asarray(executable(leaves, batch))
 
     def predict_batched(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """Many images in fixed-size chunks (the last one zero-padded), so only one shape is ever compiled."""
         batch = as_image_batch(images, self.net.spec.image_side_px)
         n = batch.shape[0]
         size = max(1, min(batch_size, n))
-        variables = self._current[0]
+        variables = self._current.variables
         chunks = []
         for start in range(0, n, size):
             chunk = batch[start : start + size]
