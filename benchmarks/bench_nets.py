@@ -7,12 +7,17 @@ from other processes hits every contender alike):
   give the same outputs), under `torch.inference_mode()`;
 - PyTorch `torch.compile` (static shapes) where it compiles; a failure or a skipped compile reads "n/a".
 
-Roofline floor per preset and batch: max(FLOPs / the machine's best measured compute rate, weight bytes /
-its best measured memory bandwidth). FLOPs are counted analytically: 2 per multiply-add of every conv and FC
-layer (BN, ReLU and pooling are O(activations), < 1 % here); weights (params and BN statistics, float32) are
-read once per batch; activations are ignored. The compute rate is the best of a large float32 matmul (numpy
-and JAX), a 3x3 conv shaped like the paper's widest layer (JAX, and PyTorch when installed); the bandwidth
-is the best of a large array copy (bytes read + written) and a read-only reduction.
+Roofline floor per preset and batch, per layer: the layers run one after another (each consumes the
+previous one's output), so the floor is the sum over layers of max(layer FLOPs / the best compute rate,
+layer weight bytes / the best read bandwidth). FLOPs are counted analytically: 2 per multiply-add of every
+conv and FC layer (BN, ReLU and pooling are O(activations), < 1 % here); weights (params and BN statistics,
+float32) are read once per batch; activations are ignored. The whole-net bound max(all FLOPs / rate, all
+bytes / bandwidth) is reported beside it: it assumes the 2.1 GB first FC of `paper` streams while the convs
+compute, which their data dependence forbids (docs/decisions.md). The compute rate is the best of a large
+float32 matmul (numpy and JAX) and a 3x3 conv shaped like the paper's widest layer (JAX, and PyTorch when
+installed), measured once. Memory bandwidth drifts on a shared VM by up to 1.7x between minutes, so the
+read-bandwidth probes (a 512 MB matrix-vector product in numpy/BLAS and in JAX: a pure weight stream) run
+interleaved with the contenders, and every round's latency is divided by that round's floor.
 
 Also: double-DQN learner updates per second (`Learner.update`, batch 64) for `compact` (updates for 5 s)
 and `original` (one timed update: each costs ~40 s on this 2-core machine, after ~1 min of compiling).
@@ -55,6 +60,7 @@ GOAL_VS_EAGER = 3.0  # paper, batch 1: PyTorch eager latency / JAX latency
 GOAL_COMPACT_SPEEDUP = 20.0  # paper latency / compact latency
 N_ACTIONS = 12
 DQN_PLAN = (("compact", 5.0), ("original", 0.0))  # (preset, seconds of timed updates after the first; >= 1 update)
+SETTLE_S = 0.25  # idle before each timed block (see interleaved_timings)
 COMPILE_BUDGET_S = 120.0  # skip torch.compile at further batch sizes of a preset once one compile took longer
 # Smoke runs (the test that keeps this module working): `tiny` (global pooling) and a tiny net that flattens,
 # which exercises the (h, w, c) -> (c, h, w) permutation of the first FC layer's weights for PyTorch.
@@ -64,20 +70,34 @@ SMOKE_SPECS = (get_preset("tiny"), NetSpec("tiny-flat", ((4,), (8,)), (True, Tru
 # --- the architecture, counted ------------------------------------------------------------------------------
 
 
-def forward_flops(spec: NetSpec, n_outputs: int = 1) -> int:
-    """FLOPs of one image's forward pass: 2 per multiply-add of the convs (3x3, same padding) and FC layers."""
-    flops, side, maps = 0, spec.image_side_px, 1
-    for conv_set, pooled in zip(spec.conv_sets, spec.pool_after):
-        for out_maps in conv_set:
-            flops += 2 * side * side * 9 * maps * out_maps
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    flops: int  # per image: 2 per multiply-add
+    weight_bytes: int  # float32 kernel, BN scale/shift/mean/var or bias: read once per batch
+
+
+def layer_costs(spec: NetSpec, n_outputs: int = 1) -> list[LayerCost]:
+    """Every conv (3x3, same padding, BN) and FC layer (BN on the hidden ones, bias on the head) in order."""
+    layers, side, maps = [], spec.image_side_px, 1
+    for s, (conv_set, pooled) in enumerate(zip(spec.conv_sets, spec.pool_after)):
+        for k, out_maps in enumerate(conv_set):
+            layers.append(LayerCost(f"conv{s + 1}_{k + 1}", 2 * side * side * 9 * maps * out_maps,
+                                    4 * (9 * maps * out_maps + 4 * out_maps)))
             maps = out_maps
         if pooled:
             side //= 2
     features = spec.flat_features
-    for width in (*spec.hidden, n_outputs):
-        flops += 2 * features * width
+    for k, width in enumerate(spec.hidden):
+        layers.append(LayerCost(f"fc{k + 1}", 2 * features * width, 4 * (features * width + 4 * width)))
         features = width
-    return flops
+    layers.append(LayerCost("head", 2 * features * n_outputs, 4 * (features * n_outputs + n_outputs)))
+    return layers
+
+
+def forward_flops(spec: NetSpec, n_outputs: int = 1) -> int:
+    """FLOPs of one image's forward pass: 2 per multiply-add of the convs (3x3, same padding) and FC layers."""
+    return sum(layer.flops for layer in layer_costs(spec, n_outputs))
 
 
 def weight_bytes(net: NetDef) -> int:
@@ -206,7 +226,7 @@ def torch_forward(module: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 @dataclass
 class MachineRates:
-    """Best observed rates; `compute_flops` and `bandwidth_bytes` are what the floor uses."""
+    """Best observed rates; `compute_flops` and `bandwidth_bytes` are the best of the probes at start-up."""
 
     flops: dict[str, float] = field(default_factory=dict)  # FLOP/s per probe
     bytes_per_s: dict[str, float] = field(default_factory=dict)  # bytes/s per probe
@@ -220,6 +240,26 @@ class MachineRates:
         return max(self.bytes_per_s.values())
 
 
+class StreamProbes:
+    """Read-bandwidth probes to interleave with the contenders: one pass over a matrix, as a matrix-vector
+    product (the access pattern of a batch-1 FC layer), in numpy/BLAS and in JAX (the (out, in) layout that
+    `serving` uses at batch 1)."""
+
+    def __init__(self, nbytes: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        cols = 65536 if nbytes >= (64 << 20) else 4096
+        rows = max(1, nbytes // (4 * cols))
+        self.nbytes = 4 * rows * cols
+        self.matrix = rng.random((rows, cols), dtype=np.float32)
+        self.vector = rng.random(cols, dtype=np.float32)
+        self.jax_matrix, jax_vector = jnp.asarray(self.matrix), jnp.asarray(self.vector[None])
+        gemv = jax.jit(lambda m, v: jax.lax.dot_general(v, m, (((1,), (1,)), ((), ()))))
+        self.calls: dict[str, Callable[[], Any]] = {
+            "numpy matvec (read)": lambda: self.matrix @ self.vector,
+            "jax matvec (read)": lambda: gemv(self.jax_matrix, jax_vector).block_until_ready(),
+        }
+
+
 def best_seconds(fn: Callable[[], Any], reps: int) -> float:
     fn()  # warm up (and compile)
     best = math.inf
@@ -230,7 +270,7 @@ def best_seconds(fn: Callable[[], Any], reps: int) -> float:
     return best
 
 
-def measure_machine(smoke: bool) -> MachineRates:
+def measure_machine(smoke: bool, probes: StreamProbes) -> MachineRates:
     """Matmul and conv FLOP rates and memory bandwidth, best of a few repetitions each."""
     rng = np.random.default_rng(0)
     reps = 1 if smoke else 5
@@ -258,7 +298,7 @@ def measure_machine(smoke: bool) -> MachineRates:
                 torch.nn.functional.conv2d(tx, tw, padding=1)
 
         rates.flops["torch conv"] = conv_flops / best_seconds(torch_conv, reps)
-    size = (8 << 20) if smoke else (512 << 20)  # bytes
+    size = probes.nbytes
     src = np.ones(size // 4, np.float32)
     dst = np.empty_like(src)
     rates.bytes_per_s["numpy copy (read+write)"] = 2 * size / best_seconds(lambda: np.copyto(dst, src), reps)
@@ -266,16 +306,21 @@ def measure_machine(smoke: bool) -> MachineRates:
     jsrc = jnp.asarray(src)
     total = jax.jit(jnp.sum)
     rates.bytes_per_s["jax sum (read)"] = size / best_seconds(lambda: total(jsrc).block_until_ready(), reps)
+    for name, call in probes.calls.items():
+        rates.bytes_per_s[name] = size / best_seconds(call, reps)
     return rates
 
 
 # --- timing -------------------------------------------------------------------------------------------------
 
 
-def interleaved_timings(calls: dict[str, Callable[[], Any]], reps: int, min_block_s: float) -> dict[str, list[float]]:
+def interleaved_timings(calls: dict[str, Callable[[], Any]], reps: int, min_block_s: float,
+                        settle_s: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each callable, one sample per round, measured in alternation (one block of each
     per round) so that other processes' load hits every contender alike. A block repeats a call until it
-    lasts about `min_block_s`, so that timer and loop overhead stay negligible for sub-millisecond calls."""
+    lasts about `min_block_s`, so that timer and loop overhead stay negligible for sub-millisecond calls.
+    `settle_s` of idling before each block lets the previous contender's worker threads go to sleep: PyTorch's
+    OpenMP threads spin after a call, and XLA measured right after PyTorch ran ~15 % slower for it."""
     blocks = {}
     for name, fn in calls.items():
         fn()
@@ -285,6 +330,8 @@ def interleaved_timings(calls: dict[str, Callable[[], Any]], reps: int, min_bloc
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
         for name, fn in calls.items():
+            if settle_s:
+                time.sleep(settle_s)
             start = time.perf_counter()
             for _ in range(blocks[name]):
                 fn()
@@ -301,9 +348,13 @@ class LatencyRow:
     batch: int
     gflop: float
     weight_mb: float
-    floor_s: float
-    bound: str  # "memory" or "compute"
+    floor_s: float  # per-layer roofline floor, median over rounds (each round at its own bandwidth)
+    overlapped_floor_s: float  # whole-net max(compute, memory): perfect overlap, median over rounds
+    bound: str  # which term dominates the per-layer floor: "memory" or "compute"
     jax_s: float
+    floor_ratio: float = math.nan  # median over rounds of JAX latency / that round's floor
+    floor_ratio_best: float = math.nan
+    bandwidth_gbs: float = math.nan  # the stream probes' median read bandwidth over the rounds
     eager_s: float | None = None
     compiled_s: float | None = None
     compile_s: float | None = None  # torch.compile's first call at this batch size
@@ -315,14 +366,24 @@ class LatencyRow:
     eager_best_s: float | None = None
 
 
-def roofline_floor(flops: float, nbytes: float, rates: MachineRates) -> tuple[float, str]:
-    """(seconds, "compute" or "memory"): the larger of compute at the best rate and one read of the weights."""
-    compute_s, memory_s = flops / rates.compute_flops, nbytes / rates.bandwidth_bytes
-    return max(compute_s, memory_s), "compute" if compute_s >= memory_s else "memory"
+@dataclass(frozen=True)
+class Floor:
+    layered_s: float
+    overlapped_s: float
+    bound: str
 
 
-def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: MachineRates, *, with_compile: bool, smoke: bool,
-                 seed: int = 0) -> list[LatencyRow]:
+def roofline_floor(layers: list[LayerCost], batch: int, compute_flops: float, bandwidth: float) -> Floor:
+    """Per-layer roofline summed over the layers, and the whole-net bound that assumes perfect overlap."""
+    compute = [batch * layer.flops / compute_flops for layer in layers]
+    memory = [layer.weight_bytes / bandwidth for layer in layers]
+    layered = sum(max(c, m) for c, m in zip(compute, memory))
+    memory_share = sum(m for c, m in zip(compute, memory) if m > c)
+    return Floor(layered, max(sum(compute), sum(memory)), "memory" if memory_share > layered / 2 else "compute")
+
+
+def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: MachineRates, probes: StreamProbes, *,
+                 with_compile: bool, smoke: bool, seed: int = 0) -> list[LatencyRow]:
     """One preset's rows: one net per framework built once (same weights), every batch size measured."""
     net = NetDef.of(preset, 1)
     name = net.spec.name
@@ -331,15 +392,16 @@ def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: Machine
     predictor.compile(batches)
     module = torch_net(net, variables) if torch is not None else None
     rng = np.random.default_rng(seed)
-    flops, nbytes = forward_flops(net.spec), weight_bytes(net)
+    layers, nbytes = layer_costs(net.spec), weight_bytes(net)
     compiled, compile_spent = None, 0.0
     if module is not None and with_compile:
         compiled = torch.compile(module, dynamic=False)
     rows = []
     for batch in batches:
         images = rng.uniform(-1.5, 1.5, (batch, 64, 64, 1)).astype(np.float32)
-        row = LatencyRow(name, batch, batch * flops / 1e9, nbytes / 1e6, *roofline_floor(batch * flops, nbytes, rates),
-                         jax_s=math.nan)
+        start_floor = roofline_floor(layers, batch, rates.compute_flops, rates.bandwidth_bytes)
+        row = LatencyRow(name, batch, batch * sum(layer.flops for layer in layers) / 1e9, nbytes / 1e6,
+                         start_floor.layered_s, start_floor.overlapped_s, start_floor.bound, jax_s=math.nan)
         calls: dict[str, Callable[[], Any]] = {"jax": lambda: predictor(images)}
         if module is not None:
             forward = torch_forward(module)
@@ -365,9 +427,18 @@ def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: Machine
                 row.compiled_note = "n/a (not run)"
         else:
             row.compiled_note = "n/a (no torch)"
+        calls.update(probes.calls)
         expected_call_s = row.floor_s * 2
         reps = 1 if smoke else (9 if expected_call_s < 0.05 else 5 if batch == 1 else 3)
-        samples = interleaved_timings(calls, reps, 0.0 if smoke else 0.05)
+        samples = interleaved_timings(calls, reps, 0.0 if smoke else 0.05, 0.0 if smoke else SETTLE_S)
+        bandwidths = [probes.nbytes / min(round_s) for round_s in zip(*(samples[k] for k in probes.calls))]
+        floors = [roofline_floor(layers, batch, rates.compute_flops, bw) for bw in bandwidths]
+        ratios = [t / f.layered_s for t, f in zip(samples["jax"], floors)]
+        row.floor_s = statistics.median(f.layered_s for f in floors)
+        row.overlapped_floor_s = statistics.median(f.overlapped_s for f in floors)
+        row.bound = floors[len(floors) // 2].bound
+        row.floor_ratio, row.floor_ratio_best = statistics.median(ratios), min(ratios)
+        row.bandwidth_gbs = statistics.median(bandwidths) / 1e9
         row.jax_s, row.jax_best_s = statistics.median(samples["jax"]), min(samples["jax"])
         if "eager" in samples:
             row.eager_s, row.eager_best_s = statistics.median(samples["eager"]), min(samples["eager"])
@@ -422,24 +493,30 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None else f"{a / b:.2f}"
 
 
-def main(smoke: bool = False) -> dict[str, Any]:
-    """Run and print everything; `smoke` = two tiny nets, one repetition, no torch.compile, no JSON."""
+def main(smoke: bool = False, presets: tuple[NetSpec | str, ...] | None = None) -> dict[str, Any]:
+    """Run and print everything; `smoke` = two tiny nets, one repetition, no torch.compile, no JSON.
+
+    `presets`: the nets to measure, smallest first (the speed-up goal compares the first with the last).
+    """
     if not smoke:
         from deepspm.controller.diagnostics import configure_logging
 
         configure_logging("warning")
-    presets: tuple[NetSpec | str, ...] = SMOKE_SPECS if smoke else ("compact", "original", "paper")
+    if presets is None:
+        presets = SMOKE_SPECS if smoke else ("compact", "original", "paper")
     names = [get_preset(p).name if isinstance(p, str) else p.name for p in presets]
     small, big = names[0], names[-1]  # the speed-up compared: compact vs paper
     batches = (1, 8)
-    rates = measure_machine(smoke)
-    print_table("Machine (best of repetitions; the floor uses the best compute rate and the best bandwidth)",
+    probes = StreamProbes((8 << 20) if smoke else (512 << 20))
+    rates = measure_machine(smoke, probes)
+    print_table("Machine at start-up (best of repetitions; the floors use the best compute rate, and the matvec "
+                "probes' bandwidth measured again in every round)",
                 ("probe", "rate"),
                 [(k, f"{v / 1e9:.1f} GFLOP/s") for k, v in rates.flops.items()]
                 + [(k, f"{v / 1e9:.1f} GB/s") for k, v in rates.bytes_per_s.items()])
     rows: list[LatencyRow] = []
     for preset in presets:
-        rows += bench_preset(preset, batches, rates, with_compile=not smoke and torch is not None, smoke=smoke)
+        rows += bench_preset(preset, batches, rates, probes, with_compile=not smoke and torch is not None, smoke=smoke)
         if torch is not None:
             torch._dynamo.reset()
         gc.collect()  # free one preset's nets (paper: 2.25 GB per framework) before the next
@@ -447,10 +524,10 @@ def main(smoke: bool = False) -> dict[str, Any]:
     print_table(
         f"Inference latency, ms (median of interleaved repetitions; JAX {jax.__version__} Predictor AOT; {threads}; "
         f"load average {os.getloadavg()[0]:.1f})",
-        ("preset", "batch", "GFLOP", "weights MB", "floor", "bound", "JAX", "JAX/floor", "eager", "eager/JAX",
-         "compiled", "compiled/JAX", "compile s", "max|diff|"),
-        [(r.preset, r.batch, f"{r.gflop:.3g}", f"{r.weight_mb:.4g}", _ms(r.floor_s), r.bound, _ms(r.jax_s),
-          _ratio(r.jax_s, r.floor_s), _ms(r.eager_s), _ratio(r.eager_s, r.jax_s),
+        ("preset", "batch", "GFLOP", "weights MB", "GB/s", "floor", "bound", "overlap floor", "JAX", "JAX/floor",
+         "eager", "eager/JAX", "compiled", "compiled/JAX", "compile s", "max|diff|"),
+        [(r.preset, r.batch, f"{r.gflop:.3g}", f"{r.weight_mb:.4g}", f"{r.bandwidth_gbs:.1f}", _ms(r.floor_s), r.bound,
+          _ms(r.overlapped_floor_s), _ms(r.jax_s), f"{r.floor_ratio:.2f}", _ms(r.eager_s), _ratio(r.eager_s, r.jax_s),
           _ms(r.compiled_s) if r.compiled_s is not None else (r.compiled_note or "n/a"),
           _ratio(r.compiled_s, r.jax_s), "n/a" if r.compile_s is None else f"{r.compile_s:.1f}",
           "n/a" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}") for r in rows],
@@ -458,10 +535,15 @@ def main(smoke: bool = False) -> dict[str, Any]:
     by_key = {(r.preset, r.batch): r for r in rows}
     goals = []
     big1 = by_key[(big, 1)]
-    goals.append((f"{big} batch 1: JAX / floor", f"<= {GOAL_FLOOR_RATIO}", _ratio(big1.jax_s, big1.floor_s),
-                  _ratio(big1.jax_best_s, big1.floor_s)))
+    goals.append((f"{big} batch 1: JAX / per-layer floor", f"<= {GOAL_FLOOR_RATIO}", f"{big1.floor_ratio:.2f}",
+                  f"{big1.floor_ratio_best:.2f}"))
+    goals.append((f"{big} batch 1: JAX / whole-net overlap floor (unreachable, see docs/decisions.md)", "",
+                  _ratio(big1.jax_s, big1.overlapped_floor_s), ""))
     goals.append((f"{big} batch 1: PyTorch eager / JAX", f">= {GOAL_VS_EAGER}", _ratio(big1.eager_s, big1.jax_s),
                   _ratio(big1.eager_best_s, big1.jax_best_s)))
+    # No implementation beats the floor, so eager / floor caps what eager / JAX can reach.
+    goals.append((f"{big} batch 1: PyTorch eager / per-layer floor (the most eager / JAX can be)", "",
+                  _ratio(big1.eager_s, big1.floor_s), ""))
     for batch in batches:
         big_row, small_row = by_key[(big, batch)], by_key[(small, batch)]
         goals.append((f"{small} vs {big} batch {batch}: {big} / {small} (JAX)", f">= {GOAL_COMPACT_SPEEDUP}",

@@ -56,9 +56,27 @@ def test_nets_smoke() -> None:
 def test_nets_without_torch_report_na(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_nets, "torch", None)
     rates = bench_nets.MachineRates({"probe": 1e10}, {"probe": 1e10})
-    (row,) = bench_nets.bench_preset("tiny", (1,), rates, with_compile=False, smoke=True)
+    (row,) = bench_nets.bench_preset("tiny", (1,), rates, bench_nets.StreamProbes(1 << 20), with_compile=False,
+                                     smoke=True)
     assert row.eager_s is None and row.compiled_s is None and row.compiled_note == "n/a (no torch)"
-    assert row.bound == "compute" and row.floor_s == pytest.approx(bench_nets.forward_flops(get_preset("tiny")) / 1e10)
+    assert row.floor_s > 0 and row.floor_ratio == pytest.approx(row.jax_s / row.floor_s)
+
+
+def test_layer_costs_add_up_to_the_net() -> None:
+    for name in ("tiny", "compact", "paper"):
+        net = NetDef.of(name, 12)
+        layers = bench_nets.layer_costs(net.spec, 12)
+        assert sum(layer.weight_bytes for layer in layers) == bench_nets.weight_bytes(net)
+        assert len(layers) == sum(map(len, net.spec.conv_sets)) + len(net.spec.hidden) + 1
+
+
+def test_per_layer_floor_sums_each_layers_own_bound() -> None:
+    layers = [bench_nets.LayerCost("conv", 100, 10), bench_nets.LayerCost("fc", 10, 1000)]
+    floor = bench_nets.roofline_floor(layers, 1, compute_flops=10.0, bandwidth=10.0)
+    assert floor.layered_s == pytest.approx(10 + 100)  # the conv computes 10 s, then the FC streams 100 s
+    assert floor.overlapped_s == pytest.approx(max(110 / 10, 1010 / 10))
+    assert floor.bound == "memory"
+    assert bench_nets.roofline_floor(layers, 100, 10.0, 10.0).bound == "compute"  # 1000 s of conv at batch 100
 
 
 def test_sim_smoke() -> None:
