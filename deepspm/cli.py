@@ -313,9 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a clear one-line error for configuration and setup problems
         from deepspm.controller.config import ConfigError
         from deepspm.controller.journal import JournalError
+        from deepspm.controller.runlock import RunDirInUse
         from deepspm.controller.session import ResumeError
 
-        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError)):
+        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError, RunDirInUse)):
             print(f"deepspm: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from deepspm.controller import journal as journal_module
+from deepspm.controller.runlock import RunDirInUse, RunDirLock
 from deepspm.controller.journal import (
     JOURNAL_FILE,
     SCHEMA_VERSION,
@@ -85,8 +86,14 @@ async def write_run(run_dir: Path, n_events: int, *, close: bool = True) -> Jour
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer
-        journal._close_file()  # what the OS does for a killed process
+        die(journal)
     return journal
+
+
+def die(journal: Journal) -> None:
+    """What the OS does when the writing process is killed: its files close and its lock goes."""
+    journal._close_file()
+    journal._run_lock.release()
 
 
 # -- sequence and records ----------------------------------------------------------------------------------
@@ -507,3 +514,43 @@ def test_system_clock_reads_both_clocks() -> None:
     clock = SystemClock()
     a, b = clock.monotonic(), clock.monotonic()
     assert b >= a and clock.wall() > 1.6e9
+
+
+# --- one writer per run directory ------------------------------------------------------------------------
+
+
+async def test_a_second_writer_of_a_live_run_directory_is_refused(tmp_path: Path) -> None:
+    journal = new_journal(tmp_path)
+    writer = asyncio.create_task(journal.writer())
+    journal.start({"run_id": "r1", "seed": 0})
+    await journal.flush()
+    with pytest.raises(RunDirInUse, match=rf"in use by another deepspm process \(pid {os.getpid()}\)"):
+        new_journal(tmp_path, resume=True)
+    before = (tmp_path / JOURNAL_FILE).read_bytes()
+    assert journal.event("note", still="writing") == 1  # the refused resume touched nothing
+    await journal.close("ok", "done")
+    await writer
+    assert (tmp_path / JOURNAL_FILE).read_bytes().startswith(before)
+    resumed = new_journal(tmp_path, resume=True)  # the lock went with the close
+    await resumed.close("ok", "resumed")
+    assert check_journal(read_journal(tmp_path), require_stop=True) == []
+
+
+def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
+    """A killed holder leaves no stale lock: the OS drops flock locks of dead processes."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from deepspm.controller.runlock import RunDirLock; "
+         "lock = RunDirLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirInUse, match=f"pid {holder.pid}"):
+            RunDirLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunDirLock(tmp_path)
+    lock.acquire()
+    assert lock.held
+    lock.release()
+

@@ -29,6 +29,7 @@ from deepspm.controller.session import SimulatorOptions, run_session
 from deepspm.io.actions import ACTIONS, N_ACTIONS
 from deepspm.simulator.microscope import SimConfig
 from deepspm.simulator.sample import SampleConfig
+from tests.test_journal import die
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NM = 1e-9
@@ -185,7 +186,7 @@ class ScriptedRun:
     async def abandon(self) -> None:
         """Leave the journal as a killed process would: flushed, no stop record."""
         await self.journal.flush()
-        self.journal._close_file()
+        die(self.journal)
 
 
 async def write_scripted_run(run_dir: Path, *, stop: bool = True) -> ScriptedRun:

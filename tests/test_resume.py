@@ -83,3 +83,32 @@ def test_kill_9_at_twenty_points_and_resume(tmp_path: Path) -> None:
     commands = {r["seq"] for r in records if r["kind"] == "command"}
     outcomes = [r["of"] for r in records if r["kind"] in ("reply", "failure")]
     assert sorted(outcomes) == sorted(commands)
+
+
+def test_a_second_process_cannot_resume_a_live_run(tmp_path: Path) -> None:
+    """`run --resume` on a run that is still going is refused before it reads, writes or connects anything."""
+    from deepspm.controller.runcontrol import STOP_FILE
+
+    run_dir = tmp_path / "run"
+    live = start(["--frames", "5000", "--seed", "3", "--out", str(run_dir)])
+    try:
+        end = time.monotonic() + 120
+        while journal_lines(run_dir) < 30:
+            assert live.poll() is None and time.monotonic() < end, "the live run did not get going"
+            time.sleep(0.01)
+        second = subprocess.run([sys.executable, "-m", "deepspm.cli", "run", "--quiet", "--resume", str(run_dir)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"in use by another deepspm process (pid {live.pid})" in second.stderr
+        lines = journal_lines(run_dir)
+        while journal_lines(run_dir) < lines + 20:  # the live run carries on, undisturbed
+            assert live.poll() is None and time.monotonic() < end
+            time.sleep(0.01)
+        (run_dir / STOP_FILE).write_text("test over")
+        assert live.wait(timeout=120) == 0
+    finally:
+        if live.poll() is None:
+            live.kill()
+    records = read_journal(run_dir)
+    assert check_journal(records, require_stop=True) == []
+    assert not [r for r in records if r["kind"] == "resume"] and records[-1]["status"] == "stopped"

@@ -55,6 +55,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deepspm.controller.runlock import RunDirLock
+
 SCHEMA_VERSION = 1  # of the record layout; start() adds it to the start record as "schema"
 JOURNAL_FILE = "journal.jsonl"
 FRAMES_DIR = "frames"
@@ -377,7 +379,8 @@ class Journal:
     """Writes one run directory. Call `start()` once (new runs), then `event()` from the event loop's
     thread (or any thread: it is locked), run `writer()` as a task, and `close()` from a `finally`."""
 
-    def __init__(self, run_dir: Path, clock: Clock, *, resume: bool = False, fsync: bool = False) -> None:
+    def __init__(self, run_dir: Path, clock: Clock, *, resume: bool = False, fsync: bool = False,
+                 lock: RunDirLock | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.clock = clock
         self.fsync = fsync
@@ -386,6 +389,21 @@ class Journal:
         self.checkpoints_dir = self.run_dir / CHECKPOINTS_DIR
         for folder in (self.run_dir, self.frames_dir, self.checkpoints_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        # One writer per run directory, locked before anything is removed, truncated or appended. A caller
+        # that must hold the lock for longer (the session, from before it reads the journal) passes it in.
+        if lock is None:
+            lock = RunDirLock(self.run_dir)
+            lock.acquire()
+        elif not lock.held:
+            raise ValueError("the run directory lock passed to Journal must be held")
+        self._run_lock = lock
+        try:
+            self._open(resume)
+        except BaseException:
+            self._run_lock.release()
+            raise
+
+    def _open(self, resume: bool) -> None:
         removed = tuple(_remove_temp_files(self.frames_dir) + _remove_temp_files(self.checkpoints_dir))
 
         self._lock = threading.Lock()  # seq assignment + queue
@@ -575,6 +593,7 @@ class Journal:
             await self.flush()
         finally:
             await asyncio.to_thread(self._close_file)
+            self._run_lock.release()
         return seq
 
     # -- side files ----------------------------------------------------------------------------------------

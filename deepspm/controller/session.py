@@ -26,6 +26,7 @@ from deepspm.controller.config import RunConfig, config_from_dict, config_to_dic
 from deepspm.controller.journal import Journal, SystemClock, load_frame, scan_journal
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.runcontrol import RunControl
+from deepspm.controller.runlock import RunDirLock
 from deepspm.fsm.table import table_as_records, table_hash
 from deepspm.io.client import NanonisClient
 from deepspm.io.commands import Release
@@ -152,7 +153,32 @@ async def run_session(
     With `resume`, `run_dir` holds a run that was killed or crashed: its config, nets and run id are taken
     from the journal, the loop fast-forwards through the journal (answered from it, not the instrument) to
     rebuild its state exactly, and then carries on live, appending to the same journal.
+    The run directory is locked first (`RunDirInUse` if another process holds it), so a second process can
+    neither resume a live run nor touch the microscope on its behalf.
     """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunDirLock(run_dir)
+    lock.acquire()
+    try:
+        return await _locked_session(cfg, run_dir, lock, simulator=simulator, progress=progress, control=control,
+                                     brain=brain, on_simulator=on_simulator, resume=resume)
+    finally:
+        lock.release()
+
+
+async def _locked_session(
+    cfg: RunConfig,
+    run_dir: Path,
+    lock: RunDirLock,
+    *,
+    simulator: SimulatorOptions | None,
+    progress: Callable[[RunLoop], None] | None,
+    control: RunControl | None,
+    brain: NetBrain | None,
+    on_simulator: Callable[[Any], None] | None,
+    resume: bool,
+) -> SessionResult:
     records: list[dict[str, Any]] = []
     if resume:
         records = scan_journal(run_dir).records
@@ -161,6 +187,7 @@ async def run_session(
                               f"{records[-1].get('reason')}); nothing to resume")
         if records:
             cfg = config_from_dict(records[0]["config"])
+    journal = Journal(run_dir, SystemClock(), resume=resume, lock=lock)  # before the simulator: nothing to leak
     paths = records[0].get("checkpoint_paths", {}) if records else {}
     brain = brain or await asyncio.to_thread(
         load_brain, cfg, _optional_path(paths.get("classifier")), _optional_path(paths.get("agent")))
@@ -188,7 +215,6 @@ async def run_session(
     monotonic = sim.clock.now if sim is not None else time.monotonic
     instrument = NanonisInstrument(client, cfg.scan, cfg.approach, cfg.dip, cfg.orientation, sleep=sleep,
                                    monotonic=monotonic)
-    journal = Journal(run_dir, SystemClock(), resume=resume)
     control = control or RunControl.for_run_dir(run_dir)
     status, reason, loop = "fault", "did not start", None
     structlog.contextvars.bind_contextvars(run_id=run_dir.name)
