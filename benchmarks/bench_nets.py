@@ -11,7 +11,8 @@ Roofline floor per preset and batch, per layer: the layers run one after another
 previous one's output), so the floor is the sum over layers of max(layer FLOPs / the best compute rate,
 layer weight bytes / the best read bandwidth). FLOPs are counted analytically: 2 per multiply-add of every
 conv and FC layer (BN, ReLU and pooling are O(activations), < 1 % here); weights (params and BN statistics,
-float32) are read once per batch; activations are ignored. The whole-net bound max(all FLOPs / rate, all
+float32) are read once per batch; activations are ignored. (JAX runs most convs as Winograd F(2x2, 3x3),
+which needs 2.25x fewer multiplications than the direct conv counted here.) The whole-net bound max(all FLOPs / rate, all
 bytes / bandwidth) is reported beside it: it assumes the 2.1 GB first FC of `paper` streams while the convs
 compute, which their data dependence forbids (docs/decisions.md). The compute rate is the best of a large
 float32 matmul (numpy and JAX) and a 3x3 conv shaped like the paper's widest layer (JAX, and PyTorch when

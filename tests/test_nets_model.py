@@ -115,8 +115,11 @@ def perturbed(variables, seed: int):
     return jax.tree_util.tree_map_with_path(move, variables)
 
 
+WINOGRAD_SPEC = NetSpec("winograd", ((16,), (64,)), (False, True), (16,), global_pool=True)  # conv 2: Winograd
+
+
 @pytest.mark.parametrize("spec", [get_preset("tiny"), NetSpec("tiny-flat", ((4,), (8, 8)), (True, True), (16, 8)),
-                                  get_preset("compact")], ids=lambda s: s.name)
+                                  get_preset("compact"), WINOGRAD_SPEC], ids=lambda s: s.name)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_serving_forward_matches_the_module_in_both_dense_layouts(spec: NetSpec, batch: int) -> None:
     net = NetDef.of(spec, N_ACTIONS)
@@ -127,6 +130,22 @@ def test_serving_forward_matches_the_module_in_both_dense_layouts(spec: NetSpec,
         weights = serving.prepare(net, variables, layout)
         got = np.asarray(jax.jit(serving.forward, static_argnums=(0, 3))(net, weights, x, layout))
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * float(np.max(np.abs(expected))))
+
+
+@pytest.mark.parametrize(("batch", "side", "maps_in", "maps_out"), [(1, 8, 3, 5), (2, 6, 16, 4), (1, 16, 64, 32)])
+def test_winograd_conv_equals_the_direct_conv(batch: int, side: int, maps_in: int, maps_out: int) -> None:
+    keys = jax.random.split(jax.random.key(side), 2)
+    x = jax.random.normal(keys[0], (batch, side, side, maps_in))
+    kernel = jax.random.normal(keys[1], (3, 3, maps_in, maps_out))
+    direct = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = serving.winograd_conv(x, serving.winograd_kernel(kernel))
+    np.testing.assert_allclose(got, direct, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(direct))))
+
+
+def test_winograd_runs_where_the_work_hides_its_transforms() -> None:
+    assert serving.winograd_plan(WINOGRAD_SPEC) == (False, True)  # 1 -> 16 maps at 64 px: 1.2 MFLOP; 16 -> 64: 75
+    assert serving.winograd_plan(get_preset("paper")) == (False,) + (True,) * 11
+    assert not any(serving.winograd_plan(get_preset("compact")))
 
 
 def test_gemv_layout_holds_dense_kernels_transposed_and_only_serves_batch_one() -> None:

@@ -8,8 +8,9 @@ weights are prepared once per parameter snapshot, outside the per-image executab
   contiguous last axis ~1.4x faster than the (in, out) kernel that training keeps (measured on the `paper`
   first FC, 2.1 GB: ~70 versus ~97 ms), but the same (out, in) kernel is ~5x slower than (in, out) at
   batch >= 2. So batch 1 uses `GEMV` (out, in) and larger batches use `GEMM` (in, out), unchanged.
-On the CPU the convolutions are compiled with XLA's YNNPACK library fusion (`compiler_options`): ~15 %
-faster for `paper` (its 16x16 and 64-map layers), the same for `compact`, identical outputs to rounding.
+- the convs with enough work (`winograd_plan`) run as Winograd F(2x2, 3x3): 2.25x fewer multiplications
+  (`paper` convs ~33 -> ~21 ms); their kernels are transformed here, once.
+On the CPU the direct convolutions are compiled with XLA's YNNPACK library fusion (`compiler_options`).
 `model.apply_eval` stays the reference; tests hold the two to float32 rounding for every layer plan.
 """
 
@@ -20,8 +21,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deepspm.nets.model import NetDef, NetVars
+from deepspm.nets.presets import NetSpec
 
 
 class DenseLayout(str, Enum):
@@ -43,11 +46,66 @@ def compiler_options() -> dict[str, str]:
 
 
 class Affine(NamedTuple):
-    """A kernel with its per-output-channel epilogue `y = relu(x . kernel * scale + shift)` (BN folded)."""
+    """A kernel with its per-output-channel epilogue `y = relu(x . kernel * scale + shift)` (BN folded).
 
-    kernel: jax.Array
+    A Winograd conv's kernel is its 16 transformed (in, out) matrices (`winograd_kernel`)."""
+
+    kernel: Any
     scale: jax.Array
     shift: jax.Array
+
+
+# --- Winograd F(2x2, 3x3) (Lavin & Gray, 2016) -----------------------------------------------------------
+# A 3x3 "same" conv computed per 4x4 input tile (stride 2) as 16 independent (tiles, in) x (in, out) matrix
+# products plus cheap additive transforms: 2.25x fewer multiplications than the direct conv, identical to
+# float32 rounding (~1e-6 relative). XLA's CPU backend runs 16 separate 2-D products faster than one batched
+# product (which it gives one core). Worth it only for layers with enough work to hide the transforms.
+WINOGRAD_MIN_MFLOP = 32.0  # per image: the direct conv's multiply-adds x 2 (paper and original: 11 of 12 convs qualify, compact: none)
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)  # kernel transform
+
+
+def winograd_plan(spec: NetSpec) -> tuple[bool, ...]:
+    """For each conv layer in order: whether it runs as Winograd (even side, >= WINOGRAD_MIN_MFLOP)."""
+    plan, side, maps = [], spec.image_side_px, 1
+    for conv_set, pooled in zip(spec.conv_sets, spec.pool_after):
+        for out_maps in conv_set:
+            mflop = 2 * side * side * 9 * maps * out_maps / 1e6
+            plan.append(side % 2 == 0 and mflop >= WINOGRAD_MIN_MFLOP)
+            maps = out_maps
+        if pooled:
+            side //= 2
+    return tuple(plan)
+
+
+def winograd_kernel(kernel: jax.Array) -> tuple[jax.Array, ...]:
+    """(3, 3, in, out) HWIO -> the 16 matrices G k G^T[r, c] (in, out), row-major over (r, c)."""
+    u = jnp.einsum("ri,ijab,cj->rcab", _G, kernel, _G)
+    return tuple(u[r, c] for r in range(4) for c in range(4))
+
+
+def _bt(d0: jax.Array, d1: jax.Array, d2: jax.Array, d3: jax.Array) -> tuple[jax.Array, ...]:
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3  # B^T d along one axis
+
+
+def _at(m0: jax.Array, m1: jax.Array, m2: jax.Array, m3: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return m0 + m1 + m2, m1 - m2 - m3  # A^T m along one axis
+
+
+def winograd_conv(x: jax.Array, tiles: tuple[jax.Array, ...]) -> jax.Array:
+    """(B, H, W, in) NHWC, H and W even -> (B, H, W, out): the 3x3 "same" conv of `winograd_kernel` tiles."""
+    b, h, w, c = x.shape
+    th, tw = h // 2, w // 2
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    even, odd = padded[:, 0::2], padded[:, 1::2]  # tile t covers padded rows 2t .. 2t+3
+    products = []
+    for rows in _bt(even[:, :th], odd[:, :th], even[:, 1:], odd[:, 1:]):
+        even_c, odd_c = rows[:, :, 0::2], rows[:, :, 1::2]
+        for v in _bt(even_c[:, :, :tw], odd_c[:, :, :tw], even_c[:, :, 1:], odd_c[:, :, 1:]):
+            products.append((v.reshape(b * th * tw, c) @ tiles[len(products)]).reshape(b, th, tw, -1))
+    by_column = [_at(*(products[4 * r + col] for r in range(4))) for col in range(4)]  # (row 0, row 1) each
+    out = [_at(*(by_column[col][row] for col in range(4))) for row in range(2)]  # out[row][col] of each tile
+    tiled = jnp.stack([jnp.stack(out[row], axis=3) for row in range(2)], axis=2)  # (B, th, 2, tw, 2, out)
+    return tiled.reshape(b, h, w, -1)
 
 
 class ServingWeights(NamedTuple):
@@ -74,8 +132,9 @@ def prepare(net: NetDef, variables: NetVars, layout: DenseLayout) -> ServingWeig
         return kernel.T if layout is DenseLayout.GEMV else kernel
 
     convs = tuple(
-        Affine(_value(params["convs"][i]["conv"]["kernel"]), *_fold_bn(params["convs"][i]["bn"], stats["convs"][i]["bn"], eps))
-        for i in range(sum(len(s) for s in net.spec.conv_sets))
+        Affine((winograd_kernel if winograd else _identity)(_value(params["convs"][i]["conv"]["kernel"])),
+               *_fold_bn(params["convs"][i]["bn"], stats["convs"][i]["bn"], eps))
+        for i, winograd in enumerate(winograd_plan(net.spec))
     )
     dense = tuple(
         Affine(oriented(_value(params["dense"][i]["linear"]["kernel"])),
@@ -86,6 +145,10 @@ def prepare(net: NetDef, variables: NetVars, layout: DenseLayout) -> ServingWeig
     return ServingWeights(convs, dense, oriented(_value(head["kernel"])), _value(head["bias"]))
 
 
+def _identity(kernel: jax.Array) -> jax.Array:
+    return kernel
+
+
 def _dense(x: jax.Array, kernel: jax.Array, layout: DenseLayout) -> jax.Array:
     contracted = 1 if layout is DenseLayout.GEMV else 0
     return jax.lax.dot_general(x, kernel, (((1,), (contracted,)), ((), ())))
@@ -94,10 +157,15 @@ def _dense(x: jax.Array, kernel: jax.Array, layout: DenseLayout) -> jax.Array:
 def forward(net: NetDef, weights: ServingWeights, images: jax.Array, layout: DenseLayout) -> jax.Array:
     """(B, 64, 64, 1) images -> (B, n_outputs) raw outputs; eval mode, the same arithmetic as `apply_eval`."""
     spec, x, layer = net.spec, images, 0
+    winograd = winograd_plan(spec)
     for conv_set, pooled in zip(spec.conv_sets, spec.pool_after):
         for _ in conv_set:
             conv = weights.convs[layer]
-            x = jax.lax.conv_general_dilated(x, conv.kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            if winograd[layer]:
+                x = winograd_conv(x, conv.kernel)
+            else:
+                x = jax.lax.conv_general_dilated(x, conv.kernel, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
             x = jax.nn.relu(x * conv.scale + conv.shift)
             layer += 1
         if pooled:
