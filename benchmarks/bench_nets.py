@@ -355,6 +355,9 @@ class LatencyRow:
     jax_s: float
     floor_ratio: float = math.nan  # median over rounds of JAX latency / that round's floor
     floor_ratio_best: float = math.nan
+    overlap_ratio: float = math.nan  # the same against the whole-net floor
+    overlap_ratio_best: float = math.nan
+    weights_read_s: float = math.nan  # one read of all weights at the rounds' median bandwidth: nothing is faster
     bandwidth_gbs: float = math.nan  # the stream probes' median read bandwidth over the rounds
     eager_s: float | None = None
     compiled_s: float | None = None
@@ -435,11 +438,14 @@ def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: Machine
         bandwidths = [probes.nbytes / min(round_s) for round_s in zip(*(samples[k] for k in probes.calls))]
         floors = [roofline_floor(layers, batch, rates.compute_flops, bw) for bw in bandwidths]
         ratios = [t / f.layered_s for t, f in zip(samples["jax"], floors)]
+        overlap_ratios = [t / f.overlapped_s for t, f in zip(samples["jax"], floors)]
         row.floor_s = statistics.median(f.layered_s for f in floors)
         row.overlapped_floor_s = statistics.median(f.overlapped_s for f in floors)
         row.bound = floors[len(floors) // 2].bound
         row.floor_ratio, row.floor_ratio_best = statistics.median(ratios), min(ratios)
+        row.overlap_ratio, row.overlap_ratio_best = statistics.median(overlap_ratios), min(overlap_ratios)
         row.bandwidth_gbs = statistics.median(bandwidths) / 1e9
+        row.weights_read_s = nbytes / statistics.median(bandwidths)
         row.jax_s, row.jax_best_s = statistics.median(samples["jax"]), min(samples["jax"])
         if "eager" in samples:
             row.eager_s, row.eager_best_s = statistics.median(samples["eager"]), min(samples["eager"])
@@ -538,13 +544,13 @@ def main(smoke: bool = False, presets: tuple[NetSpec | str, ...] | None = None) 
     big1 = by_key[(big, 1)]
     goals.append((f"{big} batch 1: JAX / per-layer floor", f"<= {GOAL_FLOOR_RATIO}", f"{big1.floor_ratio:.2f}",
                   f"{big1.floor_ratio_best:.2f}"))
-    goals.append((f"{big} batch 1: JAX / whole-net overlap floor (unreachable, see docs/decisions.md)", "",
-                  _ratio(big1.jax_s, big1.overlapped_floor_s), ""))
+    goals.append((f"{big} batch 1: JAX / whole-net floor (assumes the convs overlap the FC weight stream)",
+                  f"<= {GOAL_FLOOR_RATIO}", f"{big1.overlap_ratio:.2f}", f"{big1.overlap_ratio_best:.2f}"))
     goals.append((f"{big} batch 1: PyTorch eager / JAX", f">= {GOAL_VS_EAGER}", _ratio(big1.eager_s, big1.jax_s),
                   _ratio(big1.eager_best_s, big1.jax_best_s)))
-    # No implementation beats the floor, so eager / floor caps what eager / JAX can reach.
-    goals.append((f"{big} batch 1: PyTorch eager / per-layer floor (the most eager / JAX can be)", "",
-                  _ratio(big1.eager_s, big1.floor_s), ""))
+    # Nothing runs faster than one read of its weights, so eager / that caps what eager / JAX can reach.
+    goals.append((f"{big} batch 1: PyTorch eager / one read of the weights (the most eager / JAX can be)", "",
+                  _ratio(big1.eager_s, big1.weights_read_s), ""))
     for batch in batches:
         big_row, small_row = by_key[(big, batch)], by_key[(small, batch)]
         goals.append((f"{small} vs {big} batch {batch}: {big} / {small} (JAX)", f">= {GOAL_COMPACT_SPEEDUP}",
