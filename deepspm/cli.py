@@ -116,7 +116,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
     train_classifier_command(args.data, args.out, preset=args.preset, epochs=args.epochs, seed=args.seed,
                              val_fraction=args.val_fraction, good_weight=args.good_weight,
-                             multiclass=args.multiclass, overwrite=args.overwrite)
+                             multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep)
     return 0
 
 
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction kept for validation, stratified by label (default 0.24, as the paper)")
     tc.add_argument("--good-weight", dest="good_weight", type=float, default=8.0,
                     help="loss weight of good-probe images (default 8, the paper; 1 suits a balanced set)")
+    tc.add_argument("--keep", choices=("last", "best"), default="last",
+                    help="weights to save: the last epoch's (default), or the epoch with the best validation ROC AUC "
+                         "(macro over classes with --multiclass); metrics.json names the kept epoch")
     tc.add_argument("--multiclass", action="store_true", help="H:Si set: one output per crowd-voted class")
     tc.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     tc.set_defaults(func=_train_classifier)

@@ -66,6 +66,15 @@ def test_dataset_synth_gallery_and_classifier_evaluation(tmp_path: Path, capsys)
                  "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert "roc_auc" in json.dumps(metrics) and "accuracy" in json.dumps(metrics)
+    ckpt = tmp_path / "tiny"
+    assert main(["train", "classifier", "--data", str(data), "--out", str(ckpt), "--preset", "tiny", "--epochs", "3",
+                 "--keep", "best", "--good-weight", "1"]) == 0
+    summary = json.loads((ckpt / "metrics.json").read_text())
+    aucs = [h["val"]["roc_auc"] for h in summary["history"]]
+    assert summary["options"]["keep"] == "best" and summary["epoch"] == aucs.index(max(aucs)) + 1
+    kept = {k: v for k, v in summary["metrics"].items() if k != "by_kind"}  # by_kind: added for synthetic sets
+    assert kept == summary["history"][summary["epoch"] - 1]["val"]
+    assert f"kept epoch {summary['epoch']} of 3 (best)" in capsys.readouterr().out
 
 
 def test_config_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:

@@ -172,3 +172,29 @@ def test_train_classifier_rejects_mismatched_inputs() -> None:
     x[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         train_classifier(x, y, "tiny", epochs=1, seed=0, progress=False)
+
+
+def test_keep_best_returns_the_weights_of_the_best_validation_epoch() -> None:
+    x, y = toy_set(240, seed=2)
+    config = ClassifierConfig(batch_size=32, val_fraction=0.25, keep="best")
+    result = train_classifier(x, y, "tiny", epochs=6, seed=5, config=config, progress=False)
+    aucs = [h["val"]["roc_auc"] for h in result.history]
+    assert result.epoch == aucs.index(max(aucs)) + 1 == 3  # the earliest of the tied best epochs
+    kept, last = result.history[2]["val"], result.history[-1]["val"]
+    # the scores of the kept weights: the ROC point closest to (0, 1) sits at a score unique to each epoch
+    assert kept["roc_best"]["threshold"] != last["roc_best"]["threshold"]
+    assert result.metrics == kept and result.summary()["epoch"] == 3
+    again = evaluate(result.predictor(), x[result.val_indices], y[result.val_indices])
+    assert again["roc_best"]["threshold"] == pytest.approx(kept["roc_best"]["threshold"], rel=1e-5)
+    assert again["confusion_matrix"] == kept["confusion_matrix"]
+    assert train_classifier(x, y, "tiny", epochs=6, seed=5, config=ClassifierConfig(batch_size=32, val_fraction=0.25),
+                            progress=False).epoch == 6
+
+
+def test_keep_is_checked() -> None:
+    with pytest.raises(ValueError, match="keep must be one of last, best"):
+        ClassifierConfig(keep="first")
+    x, y = toy_set(20, seed=0)
+    with pytest.raises(ValueError, match="needs a validation split"):
+        train_classifier(x, y, "tiny", epochs=1, seed=0, config=ClassifierConfig(val_fraction=0.0, keep="best"),
+                         progress=False)

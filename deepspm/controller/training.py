@@ -235,12 +235,14 @@ def train_classifier_command(
     val_fraction: float = 0.24, batch_size: int = 64, learning_rate: float = 1e-3, l2: float = 5e-5,
     good_weight: float = 8.0, threshold: float = DEFAULT_THRESHOLD, multiclass: bool = False,
     min_responses: int = 1, workers: int | None = None, overwrite: bool = False, progress: bool = True,
+    keep: str = "last",
 ) -> dict[str, Any]:
     """Train a probe classifier from scratch and save it as a checkpoint directory `out` (kind "classifier").
 
     data: one or more labelled sets (see `load_labelled`), concatenated. A seeded split stratified by label
     keeps `val_fraction` for validation (the paper's 24 %). Adam at `learning_rate`, L2 `l2` on kernels,
     good samples weighted `good_weight` (binary only), random flips, `epochs` passes of `batch_size`.
+    `keep`: save the last epoch's weights, or ("best") those of the epoch with the best validation ROC AUC.
     Prints and returns the validation metrics (at `threshold`, at 0.5 and at the ROC point closest to
     (0, 1)); writes `out/metrics.json` (metrics, per-epoch history, data, options, split sizes) and
     `out/split.json` (the validation rows). The checkpoint's metadata repeats the options and the metrics.
@@ -251,13 +253,13 @@ def train_classifier_command(
     options = {
         "preset": preset, "epochs": epochs, "seed": seed, "val_fraction": val_fraction, "batch_size": batch_size,
         "learning_rate": learning_rate, "l2": l2, "good_weight": good_weight, "threshold": threshold,
-        "multiclass": multiclass, "min_responses": min_responses,
+        "multiclass": multiclass, "min_responses": min_responses, "keep": keep,
     }
     images, labels, info = load_labelled_sets(
         list(data), multiclass=multiclass, min_responses=min_responses, seed=seed, workers=workers, progress=progress
     )
     config = ClassifierConfig(batch_size=batch_size, learning_rate=learning_rate, l2=l2, good_weight=good_weight,
-                              val_fraction=val_fraction, threshold=threshold)
+                              val_fraction=val_fraction, threshold=threshold, keep=keep)
     start = time.perf_counter()
     result = train_classifier(images, labels, preset, epochs, seed, config=config,
                               class_names=info["class_names"], progress=progress)
@@ -269,15 +271,15 @@ def train_classifier_command(
         metrics = {**metrics, "by_kind": accuracy_by_kind([info["kinds"][i] for i in val], labels[val], scores, threshold)}
     summary = {
         "kind": "classifier", "options": options, "data": _without_kinds(info), "n_train": int(result.train_indices.size),
-        "n_val": int(result.val_indices.size), "train_seconds": round(seconds, 1), "metrics": metrics,
-        "history": result.history,
+        "n_val": int(result.val_indices.size), "train_seconds": round(seconds, 1), "epoch": result.epoch,
+        "metrics": metrics, "history": result.history,
     }
     save_net(out, result.net, result.variables, kind="classifier", overwrite=overwrite,
              metadata={k: v for k, v in summary.items() if k != "history"})
     _write_json(out / METRICS_FILE, summary)
     _write_json(out / "split.json", {"val_indices": result.val_indices.tolist(), "data": [str(p) for p in data]})
     print(f"classifier ({preset}, seed {seed}) trained on {summary['n_train']} images in {seconds:.0f} s; "
-          f"validation on {summary['n_val']}:")
+          f"kept epoch {result.epoch} of {epochs} ({keep}); validation on {summary['n_val']}:")
     if metrics:
         print(format_metrics(metrics))
     print(f"saved {out}")

@@ -11,6 +11,7 @@ head (the H:Si(100) multi-class mode), which trains K independent sigmoids witho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,6 +32,16 @@ from deepspm.nets.presets import NetSpec
 _INIT, _STEP = 0, 1
 
 
+KEEP_CHOICES = ("last", "best")
+
+
+def selection_score(metrics: dict[str, Any]) -> float:
+    """What `keep="best"` maximises: the validation ROC AUC (macro over labels for a multi-label head);
+    threshold-free, so it does not reward an epoch for where its scores happen to fall around 0.9."""
+    auc = metrics.get("roc_auc", metrics.get("macro_roc_auc"))
+    return -math.inf if auc is None else float(auc)
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
     batch_size: int = 64
@@ -41,6 +52,11 @@ class ClassifierConfig:
     threshold: float = DEFAULT_THRESHOLD
     flips: bool = True
     eval_batch_size: int = 256
+    keep: str = "last"  # the weights returned: the last epoch's, or "best": the best validation ROC AUC's
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP_CHOICES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,12 +139,13 @@ class TrainResult:
     variables: NetVars
     config: ClassifierConfig
     seed: int
-    metrics: dict[str, Any]  # validation metrics after the last epoch ({} without a validation split)
+    metrics: dict[str, Any]  # validation metrics of the returned weights ({} without a validation split)
     history: list[dict[str, Any]]  # per epoch: mean training loss and validation metrics
     train_indices: np.ndarray
     val_indices: np.ndarray
     class_names: tuple[str, ...] | None = None
     traces: TraceCounter = field(default_factory=TraceCounter)
+    epoch: int = 0  # the epoch (1-based) whose weights these are: the last, or the best with keep="best"
 
     def predictor(self) -> Predictor:
         return Predictor(self.net, self.variables, "probability")
@@ -143,6 +160,7 @@ class TrainResult:
             "class_names": list(self.class_names) if self.class_names else None,
             "n_train": int(self.train_indices.size),
             "n_val": int(self.val_indices.size),
+            "epoch": self.epoch,
             "metrics": self.metrics,
             "history": self.history,
         }
@@ -181,7 +199,8 @@ def train_classifier(
 
     Deterministic for a given seed: the jax root key `jax.random.key(seed)` is folded per purpose and step;
     shuffling and the split use numpy generators seeded from the same seed. The last epoch's weights are
-    returned; `on_epoch` receives each epoch's record (e.g. to checkpoint).
+    returned, or with `config.keep == "best"` those of the epoch with the best `selection_score` (the
+    earliest on a tie); `on_epoch` receives each epoch's record (e.g. to checkpoint).
     """
     labels = np.asarray(labels, dtype=np.float32)
     n_outputs = 1 if labels.ndim == 1 else labels.shape[1]
@@ -193,6 +212,8 @@ def train_classifier(
         raise ValueError("images contain NaN or inf")
 
     train_idx, val_idx = stratified_split(labels, config.val_fraction, seed)
+    if config.keep == "best" and val_idx.size == 0:
+        raise ValueError('keep="best" needs a validation split (val_fraction > 0)')
     batch_size = min(config.batch_size, train_idx.size)
     if batch_size == 0:
         raise ValueError("no training images")
@@ -215,6 +236,7 @@ def train_classifier(
 
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
+    best: tuple[int, NetVars, dict[str, Any]] | None = None
     step = 0
     for epoch in range(epochs):
         order = shuffle_rng.permutation(train_idx)
@@ -234,12 +256,17 @@ def train_classifier(
         record = {"epoch": epoch + 1, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
                   "val": metrics}
         history.append(record)
+        if config.keep == "best" and (best is None or selection_score(metrics) > selection_score(best[2])):
+            best = (epoch + 1, jax.tree.map(jnp.copy, variables), metrics)  # train_step consumes `variables`
         if on_epoch is not None:
             on_epoch(record)
 
+    kept_epoch = epochs
+    if best is not None:
+        kept_epoch, variables, metrics = best
     traces.update(predictor.traces)
     return TrainResult(net, variables, config, seed, metrics, history, train_idx, val_idx,
-                       tuple(class_names) if class_names is not None else None, traces)
+                       tuple(class_names) if class_names is not None else None, traces, kept_epoch)
 
 
 def mean_loss(
