@@ -22,6 +22,7 @@ import pytest
 from deepspm.controller import journal as journal_module
 from deepspm.controller.runlock import RunDirInUse, RunDirLock
 from deepspm.controller.journal import (
+    time_spent_s,
     JOURNAL_FILE,
     SCHEMA_VERSION,
     Journal,
@@ -554,3 +555,15 @@ def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
     assert lock.held
     lock.release()
 
+
+
+def test_time_spent_sums_each_process_span() -> None:
+    def rec(seq: int, kind: str, t: float) -> dict:
+        return {"seq": seq, "t_mono": t, "t_wall": 0.0, "kind": kind}
+
+    one = [rec(0, "start", 5.0), rec(1, "note", 65.0)]
+    assert time_spent_s(one) == 60.0
+    # killed at 65 s, resumed on a fresh clock at 2 s and killed at 32 s, resumed at 1 s, still going at 11 s
+    three = one + [rec(2, "resume", 2.0), rec(3, "note", 32.0), rec(4, "resume", 1.0), rec(5, "note", 11.0)]
+    assert time_spent_s(three) == 60.0 + 30.0 + 10.0
+    assert time_spent_s([]) == 0.0

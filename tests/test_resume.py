@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepspm.controller.journal import check_journal, read_journal
+from deepspm.controller.journal import check_journal, read_journal, time_spent_s
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -112,3 +112,28 @@ def test_a_second_process_cannot_resume_a_live_run(tmp_path: Path) -> None:
     records = read_journal(run_dir)
     assert check_journal(records, require_stop=True) == []
     assert not [r for r in records if r["kind"] == "resume"] and records[-1]["status"] == "stopped"
+
+
+def test_a_resumed_run_keeps_its_time_budget(tmp_path: Path) -> None:
+    """Killed twice and resumed, a run with a 0.5 h budget stops after 0.5 h of run time in all, not 0.5 h
+    after its last resume; re-lived settles are not waited out again (the simulator's clock would show it)."""
+    budget_s = 1800.0
+    uninterrupted = tmp_path / "whole"
+    assert start(["--frames", "100000", "--hours", "0.5", "--seed", "7", "--out", str(uninterrupted)]).wait(120) == 0
+    whole = read_journal(uninterrupted)
+    assert whole[-1]["reason"] == "time budget of 0.5 h reached"
+    step_s = max(b["t_mono"] - a["t_mono"] for a, b in zip(whole, whole[1:]))  # the longest wait between records
+
+    run_dir = tmp_path / "run"
+    proc = start(["--frames", "100000", "--hours", "0.5", "--seed", "7", "--out", str(run_dir)])
+    for lines in (150, 350):
+        assert run_until(proc, run_dir, lines), "the run ended before the kill"
+        proc = start(["--resume", str(run_dir)])
+    assert proc.wait(timeout=120) == 0
+    records = read_journal(run_dir)
+    assert check_journal(records, require_stop=True) == []
+    resumes = [r for r in records if r["kind"] == "resume"]
+    assert len(resumes) == 2 and 0 < resumes[0]["time_spent_s"] < resumes[1]["time_spent_s"] < budget_s
+    assert records[-1]["reason"] == "time budget of 0.5 h reached"
+    assert budget_s <= time_spent_s(records) <= budget_s + step_s
+    assert abs(records[-1]["counters"]["frames"] - whole[-1]["counters"]["frames"]) <= 5

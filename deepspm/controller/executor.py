@@ -19,6 +19,8 @@ from deepspm.io.instrument import Frame, Instrument, ZState
 
 
 class JournalSink(Protocol):
+    replaying: bool  # True while a resume or replay re-lives recorded records (no live time passes)
+
     def event(self, kind: str, **data: Any) -> int: ...
     async def flush(self) -> None: ...
     async def save_frame(self, array: np.ndarray) -> str: ...
@@ -80,7 +82,8 @@ class Executor:
             await self.journal.flush()
         try:
             if isinstance(command, Settle):
-                await self.sleep(command.seconds)
+                if not self.journal.replaying:  # a re-lived settle was waited out when it was recorded
+                    await self.sleep(command.seconds)
                 result = None
             elif not command.touches_instrument:
                 result = None

@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePath
@@ -99,6 +99,17 @@ class SystemClock:
 
     def wall(self) -> float:
         return time.time()
+
+
+class RunClock(SystemClock):
+    """Monotonic time from the run's clock (the simulator's, when simulating: the clock the loop's waits
+    and time budget use), wall time from the system."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self._monotonic = monotonic
+
+    def monotonic(self) -> float:
+        return self._monotonic()
 
 
 @dataclass
@@ -367,17 +378,35 @@ def check_journal(records: list[dict[str, Any]], *, require_stop: bool = False) 
 @dataclass(frozen=True)
 class ResumeInfo:
     """What `Journal(..., resume=True)` found: the start record, the last record before the resume,
-    and how many bytes of a torn last line it cut off."""
+    how many bytes of a torn last line it cut off, and the run time the earlier processes spent."""
 
     start: dict[str, Any]
     last: dict[str, Any]
     torn_bytes: int
     removed_temp_files: tuple[str, ...]
+    time_spent_s: float = 0.0
+
+
+def time_spent_s(records: list[dict[str, Any]]) -> float:
+    """Run time recorded so far on the journal's monotonic clock: each process's span (a resume record
+    starts a new process and a new clock), summed. The time between a process's last record and its
+    death is not counted."""
+    spent, first, last = 0.0, None, None
+    for r in records:
+        if r["kind"] == RESUME and first is not None:
+            spent += last - first
+            first = None
+        if first is None:
+            first = r["t_mono"]
+        last = r["t_mono"]
+    return spent + (last - first if first is not None else 0.0)
 
 
 class Journal:
     """Writes one run directory. Call `start()` once (new runs), then `event()` from the event loop's
     thread (or any thread: it is locked), run `writer()` as a task, and `close()` from a `finally`."""
+
+    replaying = False  # always live (`ReplayJournal` re-lives recorded records)
 
     def __init__(self, run_dir: Path, clock: Clock, *, resume: bool = False, fsync: bool = False,
                  lock: RunDirLock | None = None) -> None:
@@ -439,12 +468,14 @@ class Journal:
         last = contents.records[-1]
         self._next_seq = self._on_disk_next = last["seq"] + 1
         self._started = True
-        self.resume_info = ResumeInfo(contents.records[0], last, len(contents.torn_tail), removed)
+        spent = time_spent_s(contents.records)
+        self.resume_info = ResumeInfo(contents.records[0], last, len(contents.torn_tail), removed, spent)
         self._enqueue(RESUME, {
             "previous_seq": last["seq"],
             "previous_kind": last["kind"],
             "torn_bytes": len(contents.torn_tail),
             "removed_temp_files": list(removed),
+            "time_spent_s": spent,
         })
 
     # -- records ------------------------------------------------------------------------------------------

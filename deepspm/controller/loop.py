@@ -91,7 +91,9 @@ class RunLoop:
         monotonic: Callable[[], float] | None = None,
         control: RunControl | None = None,
         progress: Callable[["RunLoop"], None] | None = None,
+        time_spent_s: float = 0.0,
     ) -> None:
+        """`time_spent_s`: run time of the processes before a resume, which the time budget counts too."""
         self.config = config
         self.journal = journal
         self.brain = brain
@@ -110,7 +112,7 @@ class RunLoop:
         self.control = control or RunControl()
         self._progress = progress
         self._monotonic = monotonic or asyncio.get_running_loop().time
-        self._started = self._monotonic()
+        self._started = self._monotonic() - time_spent_s
         self._episode_start_actions = 0
         self._consecutive_faults = 0
 
@@ -168,7 +170,8 @@ class RunLoop:
         run = self.config.run
         if run.frames is not None and self.counters.frames >= run.frames:
             return f"frame budget of {run.frames} reached"
-        if run.hours is not None and self._monotonic() - self._started >= run.hours * 3600:
+        # The budget runs on live time only: a replayed past stops where its journal stopped (ReplayControl).
+        if run.hours is not None and not self.journal.replaying and self._monotonic() - self._started >= run.hours * 3600:
             return f"time budget of {run.hours} h reached"
         return None
 

@@ -23,7 +23,7 @@ import structlog
 
 from deepspm.controller.brain import NetBrain
 from deepspm.controller.config import RunConfig, config_from_dict, config_to_dict
-from deepspm.controller.journal import Journal, SystemClock, load_frame, scan_journal
+from deepspm.controller.journal import Journal, RunClock, load_frame, scan_journal
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.runcontrol import RunControl
 from deepspm.controller.runlock import RunDirLock
@@ -187,7 +187,6 @@ async def _locked_session(
                               f"{records[-1].get('reason')}); nothing to resume")
         if records:
             cfg = config_from_dict(records[0]["config"])
-    journal = Journal(run_dir, SystemClock(), resume=resume, lock=lock)  # before the simulator: nothing to leak
     paths = records[0].get("checkpoint_paths", {}) if records else {}
     brain = brain or await asyncio.to_thread(
         load_brain, cfg, _optional_path(paths.get("classifier")), _optional_path(paths.get("agent")))
@@ -219,6 +218,8 @@ async def _locked_session(
     status, reason, loop = "fault", "did not start", None
     structlog.contextvars.bind_contextvars(run_id=run_dir.name)
     try:
+        # On the run's clock, so that the time a resumed run has already spent is measured as its budget is.
+        journal = Journal(run_dir, RunClock(monotonic), resume=resume, lock=lock)
         async with asyncio.TaskGroup() as tasks:
             writer = tasks.create_task(journal.writer())
             watcher = tasks.create_task(control.watch_stop_file())
@@ -287,6 +288,7 @@ def _fast_forward_loop(records: list[dict[str, Any]], run_dir: Path, instrument:
         config=cfg,
         control=ReplayControl(replay_journal, records, live=control),
         progress=progress, sleep=sleep, monotonic=monotonic,
+        time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
     )
 
 
