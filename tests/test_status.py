@@ -182,3 +182,4 @@ async def test_a_resumed_run_counts_on_across_the_resume(tmp_path: Path) -> None
     assert lines["frames"] == "6 recorded, 5 classified, 2 good probe (40.0%), 1 bad sample"
     assert lines["counters"].endswith("failures 1, resumes 1")
     assert lines["stopped"] == "completed: frame budget reached"
+    assert lines["run time"] == "00:06:30 (all processes)"  # 330 s before the kill, 60 s after the resume

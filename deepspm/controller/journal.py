@@ -303,15 +303,24 @@ def read_journal(run_dir: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class RecordTally:
-    """What every reader of a journal counts the same way (the report and the status view build on it):
-    records, the wall-clock span they cover, and recoveries, each attributed to the contact_lost or
-    crashed transition before it."""
+    """What every reader of a journal counts the same way (the report, the status view and resume build on
+    it): records, the wall-clock span they cover, the run time, and recoveries, each attributed to the
+    contact_lost or crashed transition before it."""
 
     records: int = 0
     first_wall: float | None = None
     last_wall: float | None = None
     recoveries: dict[str, int] = dataclasses.field(default_factory=lambda: {"contact": 0, "crash": 0})
     _trouble: str = "contact"
+    _spent_before: float = 0.0  # run time of the processes before the last resume
+    _process_span: tuple[float, float] | None = None  # (first, last) t_mono of the current process
+
+    @property
+    def time_spent_s(self) -> float:
+        """Run time on the journal's monotonic clock: each process's span (a resume record starts a new
+        process and a new clock), summed. The time between a process's last record and its death is lost."""
+        span = self._process_span
+        return self._spent_before + (span[1] - span[0] if span else 0.0)
 
     def tally(self, r: Mapping[str, Any]) -> None:
         self.records += 1
@@ -319,12 +328,27 @@ class RecordTally:
         if isinstance(t_wall, (int, float)):
             self.first_wall = t_wall if self.first_wall is None else self.first_wall
             self.last_wall = t_wall
+        t_mono = r.get("t_mono")
+        if isinstance(t_mono, (int, float)):
+            if r.get("kind") == RESUME or self._process_span is None:
+                self._spent_before = self.time_spent_s
+                self._process_span = (t_mono, t_mono)
+            else:
+                self._process_span = (self._process_span[0], t_mono)
         if r.get("kind") == "transition":
             trigger = r.get("trigger")
             if trigger in ("contact_lost", "crashed"):
                 self._trouble = "contact" if trigger == "contact_lost" else "crash"
             elif trigger == "recovered":
                 self.recoveries[self._trouble] += 1
+
+
+def time_spent_s(records: list[dict[str, Any]]) -> float:
+    """`RecordTally.time_spent_s` of a whole journal."""
+    tally = RecordTally()
+    for r in records:
+        tally.tally(r)
+    return tally.time_spent_s
 
 
 def check_journal(records: list[dict[str, Any]], *, require_stop: bool = False) -> list[str]:
@@ -385,21 +409,6 @@ class ResumeInfo:
     torn_bytes: int
     removed_temp_files: tuple[str, ...]
     time_spent_s: float = 0.0
-
-
-def time_spent_s(records: list[dict[str, Any]]) -> float:
-    """Run time recorded so far on the journal's monotonic clock: each process's span (a resume record
-    starts a new process and a new clock), summed. The time between a process's last record and its
-    death is not counted."""
-    spent, first, last = 0.0, None, None
-    for r in records:
-        if r["kind"] == RESUME and first is not None:
-            spent += last - first
-            first = None
-        if first is None:
-            first = r["t_mono"]
-        last = r["t_mono"]
-    return spent + (last - first if first is not None else 0.0)
 
 
 class Journal:

@@ -76,6 +76,8 @@ class RunStatus(RecordTally):
     last_frame: LastFrame | None = None
     bad_probe_count: int = 0
     bad_probe_threshold: int = 10
+    budget_hours: float | None = None  # the run's time budget (run.hours), if any
+    simulated: bool = False  # against the embedded simulator: run time is its clock's
     episodes: int = 0
     in_episode: bool = False
     episode_actions: int = 0
@@ -100,6 +102,9 @@ class RunStatus(RecordTally):
             self.run_id = str(r.get("run_id", self.run_id))
             episode = (r.get("config") or {}).get("episode") or {}
             self.bad_probe_threshold = int(episode.get("bad_probe_threshold", self.bad_probe_threshold))
+            hours = ((r.get("config") or {}).get("run") or {}).get("hours")
+            self.budget_hours = float(hours) if isinstance(hours, (int, float)) else None
+            self.simulated = bool((r.get("instrument") or {}).get("simulated"))
         elif kind == "transition":
             self._transition(r)
         elif kind == "decision":
@@ -218,6 +223,9 @@ def render(follower: JournalFollower, now: float) -> str:
             if quiet > STALE_AFTER_S:
                 line += " (no record for a long time: is the run still alive?)"
         lines.append(line)
+        budget = f" of the {s.budget_hours:g} h budget" if s.budget_hours else ""
+        clock = ", simulated time" if s.simulated else ""
+        lines.append(_row("run time", f"{format_duration(s.time_spent_s)}{budget} (all processes{clock})"))
     good = f"{s.good_frames / s.frames_classified:.1%}" if s.frames_classified else "–"
     lines.append(_row("frames", f"{s.frames_recorded} recorded, {s.frames_classified} classified, "
                                 f"{s.good_frames} good probe ({good}), {s.bad_samples} bad sample"))
