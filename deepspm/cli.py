@@ -317,9 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deepspm.controller.config import ConfigError
         from deepspm.controller.journal import JournalError
         from deepspm.controller.runlock import RunDirInUse
-        from deepspm.controller.session import ResumeError
+        from deepspm.controller.session import CheckpointMismatch, ResumeError
 
-        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError, RunDirInUse)):
+        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError, RunDirInUse, CheckpointMismatch)):
             print(f"deepspm: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -32,6 +33,33 @@ def test_run_writes_a_complete_journal(short_run: Path, capsys) -> None:
 def test_replay_says_identical(short_run: Path, capsys) -> None:
     assert main(["replay", str(short_run)]) == 0
     assert "identical" in capsys.readouterr().out
+
+
+def copy_with_start(run_dir: Path, to: Path, **changes) -> Path:
+    """A copy of a run whose start record is changed as another machine or a tamperer would see it."""
+    shutil.copytree(run_dir, to)
+    lines = (to / "journal.jsonl").read_text().splitlines(keepends=True)
+    start = json.loads(lines[0])
+    for key, value in changes.items():
+        start[key] = {**start[key], **value}
+    lines[0] = json.dumps(start) + "\n"
+    (to / "journal.jsonl").write_text("".join(lines))
+    return to
+
+
+def test_recompute_replay_of_a_run_copied_from_another_machine(short_run: Path, tmp_path: Path, capsys) -> None:
+    elsewhere = {"classifier": "/elsewhere/deepspm/weights/classifier", "agent": "/elsewhere/deepspm/weights/agent"}
+    copied = copy_with_start(short_run, tmp_path / "copied", checkpoint_paths=elsewhere)
+    assert main(["replay", str(copied), "--mode", "recompute"]) == 0  # the shipped weights, found here, verified
+    assert "identical" in capsys.readouterr().out
+    tampered = copy_with_start(short_run, tmp_path / "other-weights", checkpoint_paths=elsewhere,
+                               checkpoints={"classifier": "classifier@000000000000"})
+    assert main(["replay", str(tampered), "--mode", "recompute"]) == 2
+    assert "are not the ones the run used (classifier@000000000000)" in capsys.readouterr().err
+    own = copy_with_start(short_run, tmp_path / "own-weights", checkpoint_paths=elsewhere,
+                          config={"classifier": {"checkpoint": "/elsewhere/my-classifier"}})
+    assert main(["replay", str(own), "--mode", "recompute"]) == 2
+    assert "checkpoint /elsewhere/deepspm/weights/classifier is not on this machine" in capsys.readouterr().err
 
 
 def test_what_if_replay_with_another_classifier_reports_decisions_and_agreement(short_run: Path, tmp_path: Path,

@@ -24,7 +24,7 @@ from deepspm.controller.replay import (
     ReplayJournal,
     recorded_calls,
 )
-from deepspm.controller.session import load_brain
+from deepspm.controller.session import load_brain, recorded_checkpoint
 
 MODES = ("recorded", "recompute")
 
@@ -82,9 +82,9 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     what_if = classifier is not None or agent is not None
     nets = None
     if what_if or mode == "recompute":
-        paths = start.get("checkpoint_paths") or {}
         nets = await asyncio.to_thread(
-            load_brain, cfg, Path(classifier or paths["classifier"]), Path(agent or paths["agent"]), False)
+            load_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
+            Path(agent) if agent else recorded_checkpoint(start, "agent"), False)
     decisions = [r for r in records if r.get("kind") == "decision" and r.get("decision") in ("classify", "action")]
     brain = ReplayBrain(decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
                         classifier_version=start["checkpoints"]["classifier"])

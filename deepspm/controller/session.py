@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import structlog
 
@@ -75,6 +75,33 @@ def checkpoint_id(path: Path) -> str:
         digest.update(str(f.relative_to(path)).encode())
         digest.update(f.read_bytes())
     return f"{path.name}@{digest.hexdigest()[:12]}"
+
+
+class CheckpointMismatch(RuntimeError):
+    """The weights found for a journaled run are not the ones it ran with."""
+
+
+def recorded_checkpoint(start: Mapping[str, Any], name: str) -> Path | None:
+    """The `name` ("classifier" or "agent") checkpoint a journaled run used, found on this machine and
+    verified against the content id in its start record.
+
+    The start record holds the path the weights were loaded from. A run copied to another machine (or made
+    by another installation) that used the shipped weights finds them in this installation's package. None
+    when the start record names no checkpoint (a brain injected by a test)."""
+    recorded = (start.get("checkpoint_paths") or {}).get(name)
+    if recorded is None:
+        return None
+    path = Path(recorded)
+    if not path.exists():
+        if ((start.get("config") or {}).get(name) or {}).get("checkpoint") != "shipped":
+            raise FileNotFoundError(f"the run's {name} checkpoint {recorded} is not on this machine")
+        path = WEIGHTS_DIR / name
+    expected = (start.get("checkpoints") or {}).get(name)
+    if expected is not None and checkpoint_id(path) != expected:
+        raise CheckpointMismatch(f"the {name} weights at {path} ({checkpoint_id(path)}) are not the ones the run "
+                                 f"used ({expected}); put those back at {recorded} (a what-if replay takes "
+                                 f"other weights with --{name})")
+    return path
 
 
 def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: Path | None = None,
@@ -187,9 +214,10 @@ async def _locked_session(
                               f"{records[-1].get('reason')}); nothing to resume")
         if records:
             cfg = config_from_dict(records[0]["config"])
-    paths = records[0].get("checkpoint_paths", {}) if records else {}
-    brain = brain or await asyncio.to_thread(
-        load_brain, cfg, _optional_path(paths.get("classifier")), _optional_path(paths.get("agent")))
+    if brain is None:
+        start = records[0] if records else {}
+        brain = await asyncio.to_thread(load_brain, cfg, recorded_checkpoint(start, "classifier"),
+                                        recorded_checkpoint(start, "agent"))
     sim = sim_thread = None
     host, port = cfg.instrument.host or "127.0.0.1", cfg.instrument.port
     if simulator is not None:
@@ -266,10 +294,6 @@ async def _locked_session(
 
 class ResumeError(RuntimeError):
     """The run directory cannot be resumed (it stopped normally, or its journal is unsound)."""
-
-
-def _optional_path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 def _fast_forward_loop(records: list[dict[str, Any]], run_dir: Path, instrument: NanonisInstrument, journal: Journal,
