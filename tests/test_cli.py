@@ -115,9 +115,12 @@ def test_config_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
     assert "pixels = 128" in capsys.readouterr().out
 
 
-def test_resume_of_a_finished_run_is_refused_clearly(short_run: Path, capsys) -> None:
+def test_resume_of_a_finished_run_is_refused_clearly(short_run: Path, tmp_path: Path, capsys) -> None:
     assert main(["run", "--resume", str(short_run), "--quiet"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "typo"), "--quiet"]) == 2
+    assert f"no journal in {tmp_path / 'typo'}" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()  # a mistyped directory is not created
 
 
 def test_fsm_diagram(capsys) -> None:

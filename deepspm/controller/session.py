@@ -23,7 +23,7 @@ import structlog
 
 from deepspm.controller.brain import NetBrain
 from deepspm.controller.config import RunConfig, config_from_dict, config_to_dict
-from deepspm.controller.journal import Journal, RunClock, load_frame, scan_journal
+from deepspm.controller.journal import JOURNAL_FILE, Journal, RunClock, load_frame, scan_journal
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.runcontrol import RunControl
 from deepspm.controller.runlock import RunDirLock
@@ -184,6 +184,8 @@ async def run_session(
     neither resume a live run nor touch the microscope on its behalf.
     """
     run_dir = Path(run_dir)
+    if resume and not (run_dir / JOURNAL_FILE).is_file():
+        raise ResumeError(f"nothing to resume: no journal in {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunDirLock(run_dir)
     lock.acquire()
