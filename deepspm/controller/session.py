@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hashlib
 import importlib.metadata
 import platform
@@ -217,9 +218,7 @@ async def _locked_session(
         if records:
             cfg = config_from_dict(records[0]["config"])
     if brain is None:
-        start = records[0] if records else {}
-        brain = await asyncio.to_thread(load_brain, cfg, recorded_checkpoint(start, "classifier"),
-                                        recorded_checkpoint(start, "agent"))
+        brain = await asyncio.to_thread(_load_recorded_brain, cfg, records[0] if records else {})
     sim = sim_thread = None
     host, port = cfg.instrument.host or "127.0.0.1", cfg.instrument.port
     if simulator is not None:
@@ -247,6 +246,10 @@ async def _locked_session(
     control = control or RunControl.for_run_dir(run_dir)
     status, reason, loop = "fault", "did not start", None
     structlog.contextvars.bind_contextvars(run_id=run_dir.name)
+    # Exempt everything alive now (nets, modules, JAX caches) from the run's garbage collections: a full
+    # collection walks every tracked object, and over a large heap one stalled the event loop for >0.1 s.
+    # No collection first (it would stall the loop itself); `gc.unfreeze()` at the end hands them back.
+    gc.freeze()
     try:
         # On the run's clock, so that the time a resumed run has already spent is measured as its budget is.
         journal = Journal(run_dir, RunClock(monotonic), resume=resume, lock=lock)
@@ -291,7 +294,13 @@ async def _locked_session(
             await sim_thread.call_async(sim.close)
             sim_thread.stop()
         structlog.contextvars.unbind_contextvars("run_id")
+        gc.unfreeze()
     return SessionResult(run_dir, status, reason, loop)
+
+
+def _load_recorded_brain(cfg: RunConfig, start: Mapping[str, Any]) -> NetBrain:
+    """The nets of the config, or those a journaled run used (`start`: its start record; {} for a new run)."""
+    return load_brain(cfg, recorded_checkpoint(start, "classifier"), recorded_checkpoint(start, "agent"))
 
 
 class ResumeError(RuntimeError):
