@@ -80,14 +80,8 @@ class LayerCost:
 
 def layer_costs(spec: NetSpec, n_outputs: int = 1) -> list[LayerCost]:
     """Every conv (3x3, same padding, BN) and FC layer (BN on the hidden ones, bias on the head) in order."""
-    layers, side, maps = [], spec.image_side_px, 1
-    for s, (conv_set, pooled) in enumerate(zip(spec.conv_sets, spec.pool_after)):
-        for k, out_maps in enumerate(conv_set):
-            layers.append(LayerCost(f"conv{s + 1}_{k + 1}", 2 * side * side * 9 * maps * out_maps,
-                                    4 * (9 * maps * out_maps + 4 * out_maps)))
-            maps = out_maps
-        if pooled:
-            side //= 2
+    layers = [LayerCost(f"conv{k + 1}", 2 * side * side * 9 * maps_in * maps_out, 4 * (9 * maps_in * maps_out + 4 * maps_out))
+              for k, (side, maps_in, maps_out) in enumerate(spec.conv_shapes())]
     features = spec.flat_features
     for k, width in enumerate(spec.hidden):
         layers.append(LayerCost(f"fc{k + 1}", 2 * features * width, 4 * (features * width + 4 * width)))

@@ -45,6 +45,17 @@ class NetSpec:
                     raise ValueError(f"{self.name}: cannot pool an odd side of {side} px")
                 side //= 2
 
+    def conv_shapes(self) -> list[tuple[int, int, int]]:
+        """(side px, input maps, output maps) of every 3x3 conv, in order."""
+        shapes, side, maps = [], self.image_side_px, 1
+        for conv_set, pooled in zip(self.conv_sets, self.pool_after):
+            for out_maps in conv_set:
+                shapes.append((side, maps, out_maps))
+                maps = out_maps
+            if pooled:
+                side //= 2
+        return shapes
+
     @property
     def final_side_px(self) -> int:
         """Spatial side of the last conv set's output (before flattening or global pooling)."""

@@ -66,15 +66,8 @@ _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.floa
 
 def winograd_plan(spec: NetSpec) -> tuple[bool, ...]:
     """For each conv layer in order: whether it runs as Winograd (even side, >= WINOGRAD_MIN_MFLOP)."""
-    plan, side, maps = [], spec.image_side_px, 1
-    for conv_set, pooled in zip(spec.conv_sets, spec.pool_after):
-        for out_maps in conv_set:
-            mflop = 2 * side * side * 9 * maps * out_maps / 1e6
-            plan.append(side % 2 == 0 and mflop >= WINOGRAD_MIN_MFLOP)
-            maps = out_maps
-        if pooled:
-            side //= 2
-    return tuple(plan)
+    return tuple(side % 2 == 0 and 2 * side * side * 9 * maps_in * maps_out / 1e6 >= WINOGRAD_MIN_MFLOP
+                 for side, maps_in, maps_out in spec.conv_shapes())
 
 
 def winograd_kernel(kernel: jax.Array) -> tuple[jax.Array, ...]:
