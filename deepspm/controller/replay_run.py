@@ -24,7 +24,7 @@ from deepspm.controller.replay import (
     ReplayJournal,
     recorded_calls,
 )
-from deepspm.controller.session import load_brain, recorded_checkpoint
+from deepspm.controller.session import check_recorded_nets, load_brain, recorded_checkpoint
 
 MODES = ("recorded", "recompute")
 
@@ -85,6 +85,8 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
         nets = await asyncio.to_thread(
             load_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
             Path(agent) if agent else recorded_checkpoint(start, "agent"), False)
+        check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent))
+                                               if given is None))
     decisions = [r for r in records if r.get("kind") == "decision" and r.get("decision") in ("classify", "action")]
     brain = ReplayBrain(decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
                         classifier_version=start["checkpoints"]["classifier"])

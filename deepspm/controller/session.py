@@ -83,12 +83,12 @@ class CheckpointMismatch(RuntimeError):
 
 
 def recorded_checkpoint(start: Mapping[str, Any], name: str) -> Path | None:
-    """The `name` ("classifier" or "agent") checkpoint a journaled run used, found on this machine and
-    verified against the content id in its start record.
+    """The `name` ("classifier" or "agent") checkpoint a journaled run used, found on this machine.
 
     The start record holds the path the weights were loaded from. A run copied to another machine (or made
     by another installation) that used the shipped weights finds them in this installation's package. None
-    when the start record names no checkpoint (a brain injected by a test)."""
+    when the start record names no checkpoint (a brain injected by a test). `check_recorded_nets` then
+    verifies what was loaded against the start record's content ids."""
     recorded = (start.get("checkpoint_paths") or {}).get(name)
     if recorded is None:
         return None
@@ -97,12 +97,20 @@ def recorded_checkpoint(start: Mapping[str, Any], name: str) -> Path | None:
         if ((start.get("config") or {}).get(name) or {}).get("checkpoint") != "shipped":
             raise FileNotFoundError(f"the run's {name} checkpoint {recorded} is not on this machine")
         path = WEIGHTS_DIR / name
-    expected = (start.get("checkpoints") or {}).get(name)
-    if expected is not None and checkpoint_id(path) != expected:
-        raise CheckpointMismatch(f"the {name} weights at {path} ({checkpoint_id(path)}) are not the ones the run "
-                                 f"used ({expected}); put those back at {recorded} (a what-if replay takes "
-                                 f"other weights with --{name})")
     return path
+
+
+def check_recorded_nets(start: Mapping[str, Any], brain: NetBrain, names: tuple[str, ...]) -> None:
+    """`CheckpointMismatch` unless the loaded `names` nets are the ones the start record names (content ids,
+    computed once by `load_brain`)."""
+    versions = {"classifier": brain.classifier_version, "agent": brain.agent_version}
+    for name in names:
+        expected = (start.get("checkpoints") or {}).get(name)
+        if expected is not None and versions[name] != expected:
+            where = (start.get("checkpoint_paths") or {}).get(name)
+            raise CheckpointMismatch(f"the {name} weights found for this run ({versions[name]}) are not the ones "
+                                     f"the run used ({expected}); put those back at {where} (a what-if replay takes "
+                                     f"other weights with --{name})")
 
 
 def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: Path | None = None,
@@ -300,7 +308,9 @@ async def _locked_session(
 
 def _load_recorded_brain(cfg: RunConfig, start: Mapping[str, Any]) -> NetBrain:
     """The nets of the config, or those a journaled run used (`start`: its start record; {} for a new run)."""
-    return load_brain(cfg, recorded_checkpoint(start, "classifier"), recorded_checkpoint(start, "agent"))
+    brain = load_brain(cfg, recorded_checkpoint(start, "classifier"), recorded_checkpoint(start, "agent"))
+    check_recorded_nets(start, brain, ("classifier", "agent"))
+    return brain
 
 
 class ResumeError(RuntimeError):
