@@ -17,7 +17,7 @@ from deepspm.controller.episode import (
     Phase,
     ProbeOutcome,
     TerminalReward,
-    Transition,
+    ConditioningStep,
     random_reset_action,
 )
 from deepspm.fsm.guards import episode_starts, training_mode
@@ -83,13 +83,13 @@ def test_rewards_and_the_episode_span() -> None:
     run.start_episode()
     s0 = run.last_frame
     first = run.step(BAD, action=7)
-    assert first.transition == Transition(s0, 7, -1.0, run.last_frame, terminal=False)
+    assert first.step == ConditioningStep(s0, 7, -1.0, run.last_frame, terminal=False)
     assert first.reward == -1.0 and first.next_phase is Phase.CONDITION and first.trigger == "probe_bad"
     assert first.labels == (ImageLabel(run.last_frame, False),)
     s1 = run.last_frame
     last = run.step(GOOD, action=2)
     # the paper: -1 for the action plus +10 for the successful episode
-    assert last.transition == Transition(s1, 2, 9.0, run.last_frame, terminal=True)
+    assert last.step == ConditioningStep(s1, 2, 9.0, run.last_frame, terminal=True)
     assert last.trigger == "probe_good" and last.episode_ended and not last.in_episode
     assert last.next_phase is Phase.SCAN and last.bad_probe_count == 0
     assert last.labels == (ImageLabel(run.last_frame, True),)
@@ -111,7 +111,7 @@ def test_no_room_means_no_transition_and_the_episode_goes_on() -> None:
     run = Script(tracker)
     run.start_episode()
     outcome = tracker.observe(BAD, "g")  # no action was executed (no_room)
-    assert outcome.transition is None and outcome.next_phase is Phase.CONDITION and tracker.episode_actions == 0
+    assert outcome.step is None and outcome.next_phase is Phase.CONDITION and tracker.episode_actions == 0
 
 
 def test_actions_are_only_accepted_when_due() -> None:
@@ -133,7 +133,7 @@ def test_episode_cap_truncates_and_moves_to_a_new_area() -> None:
     assert [o.next_phase for o in outcomes] == [Phase.CONDITION, Phase.CONDITION, Phase.NEW_AREA]
     last = outcomes[-1]
     assert last.episode_ended and last.episode_truncated and last.trigger == "probe_bad"
-    assert last.transition is not None and not last.transition.terminal and last.reward == -1.0
+    assert last.step is not None and not last.step.terminal and last.reward == -1.0
     assert not episode_starts(last.decision_context(tracker.config))  # FSM: probe_bad -> selecting
     assert [run.step(BAD).episode_started for _ in range(10)] == [False] * 9 + [True]
     assert tracker.episode_index == 2
@@ -151,11 +151,11 @@ def test_training_first_episode_starts_without_reset_and_reset_follows_success()
     assert success.trigger == "probe_good" and training_mode(success.decision_context(cfg))
     # reset phase: random actions until p < 0.1; no reward, no transition
     r1 = run.step(BAD, action=5)
-    assert r1.trigger is None and r1.next_phase is Phase.RESET and r1.transition is None
+    assert r1.trigger is None and r1.next_phase is Phase.RESET and r1.step is None
     r2 = run.step(GOOD, action=9)
     assert r2.trigger is None and r2.next_phase is Phase.RESET
     r3 = run.step(VERY_BAD, action=11)
-    assert r3.trigger == "reset_done" and r3.next_phase is Phase.SCAN and r3.transition is None
+    assert r3.trigger == "reset_done" and r3.next_phase is Phase.SCAN and r3.step is None
     assert tracker.reset_actions == 3
     assert not any(label.good_image for o in (r1, r2, r3) for label in o.labels)
     # the next image starts the next episode at once (no 10-image trigger in training)
@@ -171,7 +171,7 @@ def test_training_reset_gives_up_after_five_and_the_next_episode_ends_immediatel
     resets = [run.step(GOOD, action=6) for _ in range(5)]
     assert [o.trigger for o in resets] == [None] * 4 + ["reset_done"]
     still_good = run.step(GOOD)
-    assert still_good.episode_started and still_good.episode_ended and still_good.transition is None
+    assert still_good.episode_started and still_good.episode_ended and still_good.step is None
     assert still_good.next_phase is Phase.RESET and still_good.trigger == "probe_good"
     assert tracker.episode_index == 2 and tracker.episode_actions == 0
 
@@ -231,10 +231,10 @@ def test_scripted_runs_keep_the_invariants(training: bool, probabilities: list[f
         outcome = tracker.observe(p, last)
         labelled += [label.frame_ref for label in outcome.labels]
         assert 0 <= outcome.bad_probe_count <= cfg.bad_probe_threshold
-        if outcome.transition is not None:
-            assert acted and in_episode_before and outcome.transition.next_state_ref == last
-            assert outcome.transition.reward in (-1.0, 9.0)
-            assert outcome.transition.terminal == (outcome.reward == 9.0) == outcome.probe_good
+        if outcome.step is not None:
+            assert acted and in_episode_before and outcome.step.next_state_ref == last
+            assert outcome.step.reward in (-1.0, 9.0)
+            assert outcome.step.terminal == (outcome.reward == 9.0) == outcome.probe_good
         ctx = outcome.decision_context(cfg)
         if outcome.trigger == "probe_bad":
             assert episode_starts(ctx) == (outcome.next_phase is Phase.CONDITION)

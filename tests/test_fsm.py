@@ -73,6 +73,8 @@ EXPECTED_EDGES = {
     ("probe_bad", S.classifying, S.conditioning, "episode_starts"),
     ("conditioned", S.conditioning, S.selecting, None),
     ("no_room", S.conditioning, S.selecting, None),
+    ("reset_continues", S.classifying, S.resetting, None),
+    ("reset_over", S.classifying, S.selecting, None),
     ("reset_done", S.resetting, S.selecting, None),
     *{("stop", s, S.stopped, None) for s in State if s not in (S.stopped, S.fault)},
     *{("fail", s, S.fault, None) for s in State if s is not S.fault},
@@ -146,7 +148,7 @@ def test_rows_are_frozen_and_triggers_listed_in_table_order() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         TABLE[0].dest = S.fault  # type: ignore[misc]
     assert TRIGGERS[:3] == ("start", "approached", "settled")
-    assert set(TRIGGERS) == {row.trigger for row in TABLE} and len(TRIGGERS) == 18
+    assert set(TRIGGERS) == {row.trigger for row in TABLE} and len(TRIGGERS) == 20
 
 
 def test_every_guard_named_in_the_table_exists() -> None:

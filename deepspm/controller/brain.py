@@ -2,12 +2,15 @@
 
 `Brain` is the loop's view; `NetBrain` implements it with the compiled JAX predictors and the double-DQN
 learner of `deepspm.nets`. Net work runs in worker threads (`asyncio.to_thread`), so the event loop keeps
-serving the instrument; the learner is its own task and publishes a new parameter snapshot atomically after
-each update, so acting always reads a consistent copy and never waits for learning.
+serving the instrument. Learning happens where the plans ask for it (`learn`, after each stored
+experience, the updates owed under the update-to-data ratio), never at a time the scheduler picks: the
+weights after any journaled step are a function of the journal, so replay recomputes online-learned
+decisions exactly and resume rebuilds the weights, not only the replay memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,8 +40,6 @@ class Brain(Protocol):
               next_mask: np.ndarray) -> None: ...
 
     async def learn(self) -> None: ...
-
-    def stop_learning(self) -> None: ...
 
 
 class NetBrain:
@@ -84,9 +85,6 @@ class NetBrain:
             self.learner.record(state, action, reward, next_state, terminal, next_mask)
 
     async def learn(self) -> None:
-        """The learner task; returns at once when online learning is off."""
+        """The learner updates owed now (none when online learning is off), in a worker thread."""
         if self.learn_online:
-            await self.learner.run()
-
-    def stop_learning(self) -> None:
-        self.learner.stop()
+            await asyncio.to_thread(self.learner.catch_up)

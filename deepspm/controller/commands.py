@@ -25,16 +25,6 @@ class Command:
 
 
 @dataclass(frozen=True)
-class Approach(Command):
-    op = "approach"
-
-
-@dataclass(frozen=True)
-class SetZ(Command):
-    op = "set_z_extension"
-
-
-@dataclass(frozen=True)
 class ReadZ(Command):
     op = "z_state"
 
@@ -45,14 +35,38 @@ class Withdraw(Command):
 
 
 @dataclass(frozen=True)
-class RetractAfterCrash(Command):
-    op = "retract_after_crash"
+class StartApproach(Command):
+    op = "start_approach"
 
 
 @dataclass(frozen=True)
-class MoveArea(Command):
-    op = "move_area"
+class ApproachRunning(Command):
+    op = "approach_running"
+
+
+@dataclass(frozen=True)
+class StopApproach(Command):
+    op = "stop_approach"
+
+
+@dataclass(frozen=True)
+class MotorMove(Command):
+    """Coarse steps; `purpose` says which procedure they belong to (journal only)."""
+
+    op = "motor_move"
+    meta_fields = ("purpose",)
     direction: int
+    steps: int
+    purpose: str = ""
+
+
+@dataclass(frozen=True)
+class Wait(Command):
+    """Let time pass between polls (approach); like `Settle`, not waited out again when a journal is re-lived."""
+
+    op = "wait"
+    touches_instrument = False
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,8 @@ class Stall(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    c.op: c for c in (Approach, SetZ, ReadZ, Withdraw, RetractAfterCrash, MoveArea, Settle, Scan, Pulse, Dip, Stall)
+    c.op: c for c in (ReadZ, Withdraw, StartApproach, ApproachRunning, StopApproach, MotorMove, Wait, Settle, Scan,
+                      Pulse, Dip, Stall)
 }
 
 

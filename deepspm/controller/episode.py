@@ -85,7 +85,7 @@ class EpisodeConfig:
 
 
 @dataclass(frozen=True)
-class Transition:
+class ConditioningStep:
     """One RL experience: action `action` chosen on frame `state_ref` led to frame `next_state_ref`."""
 
     state_ref: str
@@ -122,12 +122,12 @@ class ProbeOutcome:
     episode_started: bool = False
     episode_ended: bool = False
     episode_truncated: bool = False
-    transition: Transition | None = None
+    step: ConditioningStep | None = None
     labels: tuple[ImageLabel, ...] = ()
 
     @property
     def reward(self) -> float | None:
-        return None if self.transition is None else self.transition.reward
+        return None if self.step is None else self.step.reward
 
     def decision_context(self, config: EpisodeConfig) -> DecisionContext:
         """The FSM guards' view of this outcome."""
@@ -253,17 +253,17 @@ class EpisodeTracker:
     def _observe_in_episode(self, good: bool, ref: str, action: int | None, state_ref: str | None) -> ProbeOutcome:
         cfg = self.config
         truncated = not good and self.episode_actions >= cfg.max_episode_actions
-        transition = None
+        step = None
         if action is not None and state_ref is not None:
             reward = cfg.step_reward
             if good:
                 reward = cfg.success_reward if cfg.terminal_reward is TerminalReward.CODE else reward + cfg.success_reward
-            transition = Transition(state_ref, action, reward, ref, terminal=good)
+            step = ConditioningStep(state_ref, action, reward, ref, terminal=good)
         if good:
             self.in_episode = False
             self._after_good_probe()
             return self._outcome(
-                good, "probe_good", episode_ended=True, transition=transition, labels=(ImageLabel(ref, True),)
+                good, "probe_good", episode_ended=True, step=step, labels=(ImageLabel(ref, True),)
             )
         if truncated:
             self.in_episode, self.bad_probe_count = False, 0
@@ -274,11 +274,11 @@ class EpisodeTracker:
                 "probe_bad",
                 episode_ended=True,
                 episode_truncated=True,
-                transition=transition,
+                step=step,
                 labels=(ImageLabel(ref, False),),
             )
         self.phase = Phase.CONDITION
-        return self._outcome(good, "probe_bad", transition=transition, labels=(ImageLabel(ref, False),))
+        return self._outcome(good, "probe_bad", step=step, labels=(ImageLabel(ref, False),))
 
     def _observe_reset(self, p_good: float, good: bool, ref: str) -> ProbeOutcome:
         labels = (ImageLabel(ref, False),)

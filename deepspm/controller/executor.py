@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 import structlog
 
-from deepspm.controller.commands import Command, Settle
+from deepspm.controller.commands import Command, Settle, Wait
 from deepspm.io.instrument import Frame, Instrument, ZState
 
 
@@ -27,7 +27,7 @@ class JournalSink(Protocol):
 
 
 # Before these the journal is flushed to disk: a resumed run must know they may have happened.
-FLUSH_BEFORE = frozenset({"pulse", "dip", "move_area", "approach", "retract_after_crash", "set_z_extension"})
+FLUSH_BEFORE = frozenset({"pulse", "dip", "motor_move", "start_approach"})
 
 
 def zstate_to_record(z: ZState) -> dict[str, Any]:
@@ -35,8 +35,8 @@ def zstate_to_record(z: ZState) -> dict[str, Any]:
 
 
 def result_to_record(result: Any, frame_ref: str | None) -> Any:
-    if result is None:
-        return None
+    if result is None or isinstance(result, bool):
+        return result
     if isinstance(result, ZState):
         return {"type": "ZState", **zstate_to_record(result)}
     if isinstance(result, Frame):
@@ -55,8 +55,8 @@ def digest(outcome: Any) -> str:
 
 def result_from_record(record: Any, load_frame: Callable[[str], np.ndarray]) -> Any:
     """Inverse of `result_to_record` (replay)."""
-    if record is None:
-        return None
+    if record is None or isinstance(record, bool):
+        return record
     data = dict(record)
     kind = data.pop("type")
     if kind == "ZState":
@@ -81,8 +81,8 @@ class Executor:
         if command.op in FLUSH_BEFORE:
             await self.journal.flush()
         try:
-            if isinstance(command, Settle):
-                if not self.journal.replaying:  # a re-lived settle was waited out when it was recorded
+            if isinstance(command, (Settle, Wait)):
+                if not self.journal.replaying:  # a re-lived wait was waited out when it was recorded
                     await self.sleep(command.seconds)
                 result = None
             elif not command.touches_instrument:

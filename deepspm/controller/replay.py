@@ -31,7 +31,7 @@ from deepspm.controller.runcontrol import OperatorRequest, RequestKind, RequestS
 from deepspm.io import errors as io_errors
 from deepspm.io import instrument as io_instrument
 from deepspm.io.errors import Interrupted
-from deepspm.io.instrument import Frame, Instrument, PiezoRange, ZState
+from deepspm.io.instrument import OPERATIONS, Instrument
 from deepspm.nets.dqn import select_action
 
 _HEADER = ("seq", "t_mono", "t_wall", "kind")
@@ -159,35 +159,15 @@ class ReplayInstrument:
         if self.live is not None:
             await self.live.close()
 
-    async def piezo_range(self) -> PiezoRange:
-        return await self._call("piezo_range")
+    def __getattr__(self, op: str) -> Callable[..., Any]:
+        """Every operation of `OPERATIONS`, answered by `_call` (arguments are passed by keyword)."""
+        if op not in OPERATIONS:
+            raise AttributeError(op)
 
-    async def z_state(self) -> ZState:
-        return await self._call("z_state")
+        async def call(**args: Any) -> Any:
+            return await self._call(op, **args)
 
-    async def approach(self) -> ZState:
-        return await self._call("approach")
-
-    async def withdraw(self) -> None:
-        return await self._call("withdraw")
-
-    async def set_z_extension(self) -> ZState:
-        return await self._call("set_z_extension")
-
-    async def retract_after_crash(self) -> ZState:
-        return await self._call("retract_after_crash")
-
-    async def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame:
-        return await self._call("scan", centre_x_m=centre_x_m, centre_y_m=centre_y_m, size_m=size_m)
-
-    async def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None:
-        return await self._call("pulse", x_m=x_m, y_m=y_m, bias_V=bias_V, width_s=width_s)
-
-    async def dip(self, x_m: float, y_m: float, depth_m: float, bias_V: float, duration_s: float) -> None:
-        return await self._call("dip", x_m=x_m, y_m=y_m, depth_m=depth_m, bias_V=bias_V, duration_s=duration_s)
-
-    async def move_area(self, direction: int) -> None:
-        return await self._call("move_area", direction=direction)
+        return call
 
 
 def _check_digest(outcome: dict[str, Any] | None) -> None:
@@ -335,10 +315,6 @@ class ReplayBrain:
     async def learn(self) -> None:
         if self.live is not None:
             await self.live.learn()
-
-    def stop_learning(self) -> None:
-        if self.live is not None:
-            self.live.stop_learning()
 
 
 # -- operator requests ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Compose and run one session: config -> instrument (real or simulated) -> nets -> journal -> run loop.
 
 This is what `deepspm run` delegates to. It owns the tasks of a run in one `asyncio.TaskGroup` (the loop,
-the journal writer, the stop-file watcher, the learner) and guarantees the journal's stop record from a
+the journal writer, the stop-file watcher) and guarantees the journal's stop record from a
 `finally`. With no instrument address the simulated microscope is served on a loopback port in this
 process, and the controller talks to it through TCP exactly as it would to a real Nanonis.
 """
@@ -249,8 +249,7 @@ async def _locked_session(
     # Against the simulator, waits (settling, approach polls) and the time budget run on its clock.
     sleep = sim.clock.sleep if sim is not None else asyncio.sleep
     monotonic = sim.clock.now if sim is not None else time.monotonic
-    instrument = NanonisInstrument(client, cfg.scan, cfg.approach, cfg.dip, cfg.orientation, sleep=sleep,
-                                   monotonic=monotonic)
+    instrument = NanonisInstrument(client, cfg.scan, cfg.approach, cfg.dip, cfg.orientation)
     control = control or RunControl.for_run_dir(run_dir)
     status, reason, loop = "fault", "did not start", None
     structlog.contextvars.bind_contextvars(run_id=run_dir.name)
@@ -264,7 +263,6 @@ async def _locked_session(
         async with asyncio.TaskGroup() as tasks:
             writer = tasks.create_task(journal.writer())
             watcher = tasks.create_task(control.watch_stop_file())
-            learner = tasks.create_task(brain.learn())
             try:
                 await instrument.connect()
                 r = await instrument.piezo_range()
@@ -289,13 +287,12 @@ async def _locked_session(
                 log.error("session.failed", error=reason)
             finally:
                 watcher.cancel()
-                brain.stop_learning()
                 if not journal.closed:
                     if journal.next_seq == 0:
                         journal.start({"run_id": run_dir.name, "config": config_to_dict(cfg), "seed": cfg.run.seed,
                                        "versions": package_versions(), "failed_before_start": True})
                     await journal.close(status, reason, **(_summary(loop) if loop else {}))
-                del writer, learner
+                del writer
     finally:
         await client.close()
         if sim is not None and sim_thread is not None:

@@ -55,7 +55,9 @@ TABLE: tuple[Transition, ...] = (
     Transition("probe_bad", (S.classifying,), S.conditioning, "episode_starts", "counter reaches the threshold, or already in an episode"),
     Transition("conditioned", (S.conditioning,), S.selecting, None, "action executed (reward -1); its area is forbidden"),
     Transition("no_room", (S.conditioning,), S.selecting, None, "no allowed action fits the free area of this image"),
-    Transition("reset_done", (S.resetting,), S.selecting, None, "training-mode reset finished"),
+    Transition("reset_continues", (S.classifying,), S.resetting, None, "reset phase: p >= 0.1; another random reset action"),
+    Transition("reset_over", (S.classifying,), S.selecting, None, "reset phase over (p < 0.1 or 5 actions); next frame opens an episode"),
+    Transition("reset_done", (S.resetting,), S.selecting, None, "reset action executed; scan a new region"),
     Transition("stop", NON_TERMINAL_STATES, S.stopped, None, "operator or run control stop, at a safe point"),
     Transition("fail", tuple(s for s in State if s is not S.fault), S.fault, None, "unrecoverable; tip withdrawn first"),
 )

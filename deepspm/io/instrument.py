@@ -11,10 +11,8 @@ Conventions (explicit because the original left them unchecked, reference deepsp
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -105,20 +103,32 @@ class DipSettings:
     timeout_s: float = 30.0
 
 
+# The single instrument operations the controller performs, each one journaled command. Composite procedures
+# (approach and poll, set the z extension, retract after a crash, change approach area) are plan stubs in
+# `deepspm.controller.plans` built from these, so every step is journaled, replayed and resumable.
+OPERATIONS: tuple[str, ...] = (
+    "piezo_range", "z_state", "withdraw", "start_approach", "approach_running", "stop_approach", "motor_move",
+    "scan", "pulse", "dip",
+)
+# Operations that change the instrument: never retried automatically; the journal is flushed before each.
+CHANGING_OPERATIONS: frozenset[str] = frozenset({"withdraw", "start_approach", "stop_approach", "motor_move",
+                                                 "scan", "pulse", "dip"})
+
+
 @runtime_checkable
 class Instrument(Protocol):
     async def connect(self) -> None: ...
     async def close(self) -> None: ...
     async def piezo_range(self) -> PiezoRange: ...
     async def z_state(self) -> ZState: ...
-    async def approach(self) -> ZState: ...
     async def withdraw(self) -> None: ...
-    async def set_z_extension(self) -> ZState: ...
-    async def retract_after_crash(self) -> ZState: ...
+    async def start_approach(self) -> None: ...
+    async def approach_running(self) -> bool: ...
+    async def stop_approach(self) -> None: ...
+    async def motor_move(self, direction: int, steps: int) -> None: ...
     async def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame: ...
     async def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None: ...
     async def dip(self, x_m: float, y_m: float, depth_m: float, bias_V: float, duration_s: float) -> None: ...
-    async def move_area(self, direction: int) -> None: ...
 
 
 @dataclass
@@ -130,8 +140,6 @@ class NanonisInstrument:
     approach_settings: ApproachSettings = field(default_factory=ApproachSettings)
     dip_settings: DipSettings = field(default_factory=DipSettings)
     orientation: FrameOrientation = field(default_factory=FrameOrientation)
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    monotonic: Callable[[], float] = time.monotonic
     _z_channel: int | None = None
     _configured: tuple | None = None
     _range: PiezoRange | None = None
@@ -165,53 +173,28 @@ class NanonisInstrument:
     async def withdraw(self) -> None:
         await self.client.z_withdraw(self.approach_settings.withdraw_timeout_s)
 
-    async def approach(self) -> ZState:
-        """Auto-approach and poll until it ends; stops the approach if it overruns."""
-        s = self.approach_settings
+    async def start_approach(self) -> None:
+        """Start the auto-approach; it runs on the controller until it ends (poll `approach_running`)."""
         await self.client.auto_approach_set(True)
-        start = self.monotonic()
-        while await self.client.auto_approach_running():
-            if self.monotonic() - start > s.timeout_s:
-                await self.client.auto_approach_set(False)
-                raise ApproachFailed(f"auto-approach still running after {s.timeout_s:g} s; stopped")
-            await self.sleep(s.poll_s)
-        return await self.z_state()
 
-    async def set_z_extension(self) -> ZState:
-        """Bring the z piezo to the target extension (about 80 %) with single coarse steps and re-approaches."""
-        s = self.approach_settings
-        state = await self.z_state()
-        for _ in range(s.max_adjustments):
-            if abs(state.extension - s.target_extension) <= s.extension_tolerance:
-                return state
-            direction = s.towards_sample_direction if state.extension > s.target_extension else s.away_from_sample_direction
-            await self.withdraw()
-            await self.client.motor_start_move(direction, s.z_steps_per_adjust)
-            state = await self.approach()
-        raise ApproachFailed(f"z extension {state.extension:.2f} not within {s.target_extension}+-{s.extension_tolerance} "
-                             f"after {s.max_adjustments} coarse adjustments")
+    async def approach_running(self) -> bool:
+        return await self.client.auto_approach_running()
 
-    async def retract_after_crash(self) -> ZState:
-        """Withdraw, back off with the coarse motor, approach again and re-centre z."""
-        s = self.approach_settings
-        await self.withdraw()
-        await self.client.motor_start_move(s.away_from_sample_direction, s.crash_retract_steps)
-        await self.approach()
-        return await self.set_z_extension()
+    async def stop_approach(self) -> None:
+        await self.client.auto_approach_set(False)
 
-    async def move_area(self, direction: int) -> None:
-        """Withdraw and move the coarse positioner to a new approach area (X/Y direction code).
-
-        The approach in the new area is a separate operation (the run's `approaching` state)."""
-        await self.withdraw()
-        await self.client.motor_start_move(direction, self.approach_settings.area_move_steps)
+    async def motor_move(self, direction: int, steps: int) -> None:
+        """Coarse steps (direction 0 X+, 1 X-, 2 Y+, 3 Y-, 4 Z+, 5 Z-); the safety envelope requires the
+        tip withdrawn."""
+        await self.client.motor_start_move(direction, steps)
 
     async def _configure_scan(self, size_m: float) -> None:
         s = self.scan_settings
         key = (size_m, s.pixels, s.fwd_speed_mps, s.bwd_speed_mps)
         if self._configured == key:
             return
-        assert self._z_channel is not None, "connect() first"
+        if self._z_channel is None:
+            raise InstrumentError("scan before connect(): the z channel is not known yet")
         await self.client.scan_buffer_set([self._z_channel], s.pixels, s.pixels)
         await self.client.scan_speed_set(s.fwd_speed_mps, s.bwd_speed_mps)
         self._configured = key
@@ -231,7 +214,6 @@ class NanonisInstrument:
         if timed_out:
             await self.client.scan_stop()
             raise ScanFailed(f"scan at ({centre_x_m:.3g}, {centre_y_m:.3g}) m did not end within {timeout_s:.0f} s; stopped")
-        assert self._z_channel is not None
         grabbed = await self.client.scan_frame_data_grab(self._z_channel, forward=True)
         data = grabbed.data
         if self.orientation.acquisition_order and grabbed.scan_up:

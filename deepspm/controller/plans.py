@@ -1,0 +1,408 @@
+"""The run's policies as plans: one generator per FSM state, and the plan stubs they are built from.
+
+A plan decides; an engine executes. A plan yields messages and receives their results:
+- a `Command` (`commands.py`): performed on the instrument and journaled with its reply; a `Scan` answers
+  with a `messages.Scanned` (the frame and its journal reference); an instrument error is thrown into the
+  plan at the `yield`, which may handle it (an action's unknown outcome) or let it end the step;
+- a `documents.Document` (decisions, notes): journaled as it is;
+- `messages.Compute`, `Classify`, `Choose`, `Experience`, `Learn`: CPU and net work;
+- `messages.Fire`: the FSM trigger that ends the state's plan.
+Plans import no asyncio and do no I/O. The async run loop and the synchronous engine used for training in
+simulation drive the very same plans, so a policy exists once.
+
+`RunState` is everything the plans decide from (planner map, episode tracker, counters, position, the last
+judged frame). It is plain data, rebuilt exactly by re-living a journal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deepspm.controller.commands import (
+    ApproachRunning, Command, Dip, MotorMove, Pulse, ReadZ, Scan, Settle, Stall, StartApproach, StopApproach, Wait,
+    Withdraw,
+)
+from deepspm.controller.config import RunConfig
+from deepspm.controller.documents import (
+    ActionChosen, Classification, NoRoom, Note, ResetActionChosen, SampleVerdict, ZCheck,
+)
+from deepspm.controller.episode import EpisodeTracker, ProbeOutcome, random_reset_action
+from deepspm.controller.locator import ActionSite, action_mask, locate_action
+from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned
+from deepspm.controller.planner import RegionPlanner, bad_sample_radius_m
+from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess
+from deepspm.controller.seeds import derived_seed
+from deepspm.fsm.states import State
+from deepspm.io.actions import ACTIONS, ActionKind
+from deepspm.io.errors import InstrumentError, SafetyError
+from deepspm.io.instrument import ApproachFailed, ApproachSettings, ZState
+
+
+class RunFailed(Exception):
+    """An unrecoverable condition (repeated crashes, a failed recovery): the run goes to `fault`."""
+
+
+class PlanError(RuntimeError):
+    """A plan was started without what its state needs (a bug, never an instrument condition)."""
+
+
+@dataclass
+class RunCounters:
+    frames: int = 0  # recorded images: judged frames, not creep frames, not bad samples (the frame budget counts these)
+    scanned_frames: int = 0  # every non-creep frame scanned, bad samples included
+    creep_frames: int = 0
+    good_probe_frames: int = 0
+    bad_samples: int = 0
+    episodes: int = 0
+    episode_lengths: list[int] = field(default_factory=list)
+    actions: int = 0
+    reset_actions: int = 0
+    moves: int = 0
+    contact_recoveries: int = 0
+    crash_recoveries: int = 0
+
+
+@dataclass
+class Position:
+    target_xy_m: tuple[float, float] = (0.0, 0.0)
+    previous_xy_m: tuple[float, float] = (0.0, 0.0)
+    new_region: bool = True  # the next scan of this region is its first: record a creep frame first
+    consecutive_bad_sample: int = 0
+    consecutive_crashes: int = 0
+    consecutive_lost_contacts: int = 0
+    recovery: str | None = None  # "contact" or "crash" while recovering
+    force_move: bool = False  # an episode hit its cap: move to a new approach area
+
+
+@dataclass
+class JudgedFrame:
+    """The last classified frame: what conditioning acts on."""
+
+    ref: str
+    pre: Preprocessed
+    site: ActionSite
+    mask: np.ndarray
+
+
+@dataclass
+class RunState:
+    """What the plans decide from and update; no I/O handles, no clocks."""
+
+    config: RunConfig
+    planner: RegionPlanner
+    tracker: EpisodeTracker
+    counters: RunCounters = field(default_factory=RunCounters)
+    position: Position = field(default_factory=Position)
+    last: JudgedFrame | None = None
+    pending: Scanned | None = None  # recorded in scanning, judged in classifying
+    images: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ref -> (image, mask), recent
+    reset_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    agent_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    episode_start_actions: int = 0
+    classifier_version: str = "unknown"  # which weights judge the frames (journaled with each judgement)
+
+    @classmethod
+    def new(cls, config: RunConfig, classifier_version: str = "unknown") -> RunState:
+        seed = config.run.seed
+        return cls(config, RegionPlanner(config.planner), EpisodeTracker(config=config.episode),
+                   reset_rng=np.random.default_rng([seed, 1]), agent_rng=np.random.default_rng([seed, 2]),
+                   classifier_version=classifier_version)
+
+    def remember(self, ref: str, image: np.ndarray, mask: np.ndarray, keep: int = 8) -> None:
+        self.images[ref] = (image, mask)
+        while len(self.images) > keep:
+            self.images.pop(next(iter(self.images)))
+
+
+# -- plan stubs: composite instrument procedures, one journaled operation per step -------------------------------
+
+
+def approach(s: ApproachSettings) -> Plan:
+    """Auto-approach and poll until it ends (at most `timeout_s`, then it is stopped); returns the z state."""
+    yield StartApproach()
+    polls = max(1, math.ceil(s.timeout_s / s.poll_s))
+    for _ in range(polls):
+        if not (yield ApproachRunning()):
+            return (yield ReadZ())
+        yield Wait(s.poll_s)
+    yield StopApproach()
+    raise ApproachFailed(f"auto-approach still running after {s.timeout_s:g} s; stopped")
+
+
+def set_z_extension(s: ApproachSettings) -> Plan:
+    """Bring the z piezo to the target extension (about 80 %) with single coarse steps and re-approaches."""
+    state: ZState = yield ReadZ()
+    for _ in range(s.max_adjustments):
+        if abs(state.extension - s.target_extension) <= s.extension_tolerance:
+            return state
+        towards = state.extension > s.target_extension
+        direction = s.towards_sample_direction if towards else s.away_from_sample_direction
+        yield Withdraw()
+        yield MotorMove(direction, s.z_steps_per_adjust, "adjust z extension")
+        state = yield from approach(s)
+    raise ApproachFailed(f"z extension {state.extension:.2f} not within {s.target_extension}+-{s.extension_tolerance} "
+                         f"after {s.max_adjustments} coarse adjustments")
+
+
+def retract_after_crash(s: ApproachSettings) -> Plan:
+    """Withdraw, back off with the coarse motor, approach again and re-centre z."""
+    yield Withdraw()
+    yield MotorMove(s.away_from_sample_direction, s.crash_retract_steps, "retract after a crash")
+    yield from approach(s)
+    return (yield from set_z_extension(s))
+
+
+def move_area(s: ApproachSettings, direction: int) -> Plan:
+    """Withdraw and move the coarse positioner to a new approach area (the approach there is its own state)."""
+    yield Withdraw()
+    yield MotorMove(direction, s.area_move_steps, "new approach area")
+
+
+# -- one plan per state -------------------------------------------------------------------------------------------
+
+
+def idle(rs: RunState) -> Plan:
+    yield Fire("start")
+
+
+def approaching(rs: RunState) -> Plan:
+    yield from approach(rs.config.approach)
+    yield from set_z_extension(rs.config.approach)
+    rs.position.new_region = True
+    yield Fire("approached")
+
+
+def settling(rs: RunState) -> Plan:
+    yield Settle(rs.config.run.settle_s)
+    yield Fire("settled")
+
+
+def selecting(rs: RunState) -> Plan:
+    pos = rs.position
+    target = None if pos.force_move else rs.planner.next_region(pos.previous_xy_m)
+    if target is None:
+        pos.force_move = False
+        yield Fire("area_exhausted")
+        return
+    pos.target_xy_m = (float(target[0]), float(target[1]))
+    pos.new_region = True
+    yield Fire("region_selected")
+
+
+def scanning(rs: RunState) -> Plan:
+    pos, size = rs.position, rs.config.scan.frame_size_m
+    x, y = pos.target_xy_m
+    if pos.new_region:
+        creep: Scanned = yield Scan(x, y, size, "creep")
+        rs.counters.creep_frames += 1
+        if (yield from z_trouble(rs, creep)):
+            return
+        pos.new_region = False
+    scanned: Scanned = yield Scan(x, y, size, "frame")
+    if (yield from z_trouble(rs, scanned)):
+        return
+    pos.consecutive_crashes = pos.consecutive_lost_contacts = 0
+    rs.planner.mark_scanned(pos.target_xy_m)
+    pos.previous_xy_m = pos.target_xy_m
+    rs.counters.scanned_frames += 1
+    rs.pending = scanned
+    yield Fire("frame_recorded")
+
+
+def z_trouble(rs: RunState, scanned: Scanned) -> Plan:
+    """Lost contact or crash, judged from the z extension right after the scan; True if so (trigger fired)."""
+    ext = scanned.frame.z_after.extension
+    s = rs.config.detection
+    for trouble, trigger, hit in (("contact", "contact_lost", ext >= s.lost_contact_extension),
+                                  ("crash", "crashed", ext <= s.crash_extension)):
+        if hit:
+            rs.position.recovery = trouble
+            yield ZCheck(extension=ext, verdict=trigger)
+            yield Fire(trigger)
+            return True
+    return False
+
+
+def recovering(rs: RunState) -> Plan:
+    pos, limits, s = rs.position, rs.config.detection, rs.config.approach
+    if pos.recovery == "crash":
+        pos.consecutive_crashes += 1
+        if pos.consecutive_crashes >= limits.max_consecutive_crashes:
+            raise RunFailed(f"{pos.consecutive_crashes} crashes in a row at {pos.target_xy_m} m")
+        yield from retract_after_crash(s)
+        rs.counters.crash_recoveries += 1
+        # The original blocks a circle around a crash and images elsewhere: the sample there is likely
+        # damaged. Scanning resumes at the nearest free cell (the same one if none is left).
+        rs.planner.block_circle(pos.target_xy_m, limits.crash_forbidden_radius_m)
+        elsewhere = rs.planner.next_region(pos.target_xy_m)
+        if elsewhere is not None:
+            pos.target_xy_m = (float(elsewhere[0]), float(elsewhere[1]))
+    else:
+        pos.consecutive_lost_contacts += 1
+        if pos.consecutive_lost_contacts > limits.max_consecutive_lost_contacts:
+            raise RunFailed(f"contact lost {pos.consecutive_lost_contacts} times in a row at {pos.target_xy_m} m")
+        yield from approach(s)
+        yield from set_z_extension(s)
+        rs.counters.contact_recoveries += 1
+    pos.recovery = None
+    pos.new_region = True  # the re-approach causes creep again: discard one frame
+    yield Fire("recovered")
+
+
+def classifying(rs: RunState) -> Plan:
+    scanned = rs.pending
+    if scanned is None:
+        raise PlanError("classifying needs a recorded frame")
+    cfg, pos, det = rs.config, rs.position, rs.config.detection
+    frame, ref = scanned.frame, scanned.ref
+    seed = derived_seed(cfg.run.seed, rs.counters.scanned_frames)
+    pre: Preprocessed = yield Compute(preprocess, (frame.data_m, seed))
+    rough = is_bad_sample(frame.data_m, det.bad_sample_peak_to_peak_m, plane_m=pre.plane_m)
+    if rough and pos.consecutive_bad_sample < det.bad_sample_accept_after:
+        pos.consecutive_bad_sample += 1
+        radius = bad_sample_radius_m(pos.consecutive_bad_sample, det.bad_sample_base_radius_m)
+        rs.planner.block_circle(pos.target_xy_m, radius)
+        rs.counters.bad_samples += 1
+        yield SampleVerdict(frame=ref, verdict="bad_sample", radius_m=radius)
+        yield Fire("sample_bad")
+        return
+    pos.consecutive_bad_sample = 0
+    rs.counters.frames += 1
+    site = locate_action(pre.normalised, pos.target_xy_m, cfg.scan.frame_size_m, valid=pre.valid)
+    mask = action_mask(site.free_side_m)
+    rs.remember(ref, pre.normalised, mask)
+    p_good: float = yield Classify(pre.normalised)
+    outcome = rs.tracker.observe(p_good, ref)
+    rs.last = JudgedFrame(ref, pre, site, mask)
+    if outcome.probe_good:
+        rs.counters.good_probe_frames += 1
+    yield from learn_from(rs, outcome)
+    trigger = classification_trigger(outcome)
+    ctx = outcome.decision_context(rs.tracker.config)
+    if outcome.episode_started:
+        rs.counters.episodes += 1
+        rs.episode_start_actions = rs.counters.actions
+    if outcome.episode_ended:
+        rs.counters.episode_lengths.append(rs.counters.actions - rs.episode_start_actions)
+    if outcome.episode_truncated:
+        pos.force_move = True
+    yield Classification(
+        frame=ref, ransac_seed=seed, p_good=p_good, good=outcome.probe_good, classifier=rs.classifier_version,
+        trigger=trigger, context=ctx.as_record(), bad_probe_count=outcome.bad_probe_count,
+        in_episode=outcome.in_episode, episode=outcome.episode_index, episode_started=outcome.episode_started,
+        episode_ended=outcome.episode_ended, reward=outcome.reward, free_side_m=site.free_side_m,
+        episode_truncated=outcome.episode_truncated, episode_actions=rs.tracker.episode_actions,
+        labels=[[label.frame_ref, label.good_image] for label in outcome.labels],
+    )
+    yield Fire(trigger, ctx)
+
+
+def classification_trigger(outcome: ProbeOutcome) -> str:
+    """The FSM trigger for a judged frame. The reset phase has its own two rows (`reset_continues`,
+    `reset_over`), so the journal never shows a made-up good or bad probe."""
+    if outcome.trigger is None:
+        return "reset_continues"
+    if outcome.trigger == "reset_done":
+        return "reset_over"
+    return outcome.trigger
+
+
+def learn_from(rs: RunState, outcome: ProbeOutcome) -> Plan:
+    """A completed conditioning step goes to the replay memory, followed by the learner updates it is owed."""
+    t = outcome.step
+    if t is None or t.state_ref not in rs.images or t.next_state_ref not in rs.images:
+        return
+    state, _ = rs.images[t.state_ref]
+    next_state, next_mask = rs.images[t.next_state_ref]
+    yield Experience(state, t.action, t.reward, next_state, t.terminal, next_mask)
+    yield Learn()
+
+
+def conditioning(rs: RunState) -> Plan:
+    last = rs.last
+    if last is None:
+        raise PlanError("conditioning needs a classified frame")
+    if not last.mask.any():
+        yield NoRoom(frame=last.ref)
+        yield Fire("no_room")
+        return
+    decision = yield Choose(last.pre.normalised, last.mask, rs.agent_rng)
+    yield ActionChosen(
+        frame=last.ref, action=decision.action, q_values=decision.q_values, mask=last.mask.tolist(),
+        epsilon=decision.epsilon, explored=decision.explored, agent=decision.net_version,
+        site_xy_m=[last.site.x_m, last.site.y_m], free_side_m=last.site.free_side_m,
+    )
+    yield from act(rs, decision.action, last)
+    rs.tracker.record_action(decision.action, last.ref)
+    rs.counters.actions += 1
+    yield Fire("conditioned")
+
+
+def resetting(rs: RunState) -> Plan:
+    last = rs.last
+    if last is None:
+        raise PlanError("resetting needs a classified frame")
+    action = random_reset_action(rs.reset_rng, last.mask)
+    yield ResetActionChosen(frame=last.ref, action=action)
+    yield from act(rs, action, last)
+    rs.tracker.record_action(action, last.ref)
+    rs.counters.reset_actions += 1
+    yield Fire("reset_done")
+
+
+def action_command(index: int, x_m: float, y_m: float) -> Command:
+    action = ACTIONS[index]
+    if action.kind is ActionKind.PULSE:
+        return Pulse(x_m, y_m, action.bias_V, action.duration_s, index)
+    if action.kind is ActionKind.DIP:
+        return Dip(x_m, y_m, action.dip_depth_m, action.bias_V, action.duration_s, index)
+    return Stall(index)
+
+
+def act(rs: RunState, index: int, last: JudgedFrame) -> Plan:
+    """Execute a conditioning action. If its outcome is unknown (timeout, lost connection) it counts as
+    done: a pulse or dip is never repeated, the next frame shows what happened."""
+    x, y = last.site.x_m, last.site.y_m
+    try:
+        yield action_command(index, x, y)
+    except SafetyError:
+        raise
+    except InstrumentError as exc:
+        yield Note(f"action {index} outcome unknown ({type(exc).__name__}); not repeated")
+    rs.planner.block_circle((x, y), ACTIONS[index].forbidden_radius_m)
+    rs.position.previous_xy_m = (x, y)  # the original's reference point during conditioning
+
+
+def moving(rs: RunState) -> Plan:
+    yield from move_area(rs.config.approach, rs.config.approach.area_move_direction)
+    rs.planner.new_area()
+    rs.position = dataclasses.replace(rs.position, previous_xy_m=(0.0, 0.0), new_region=True)
+    rs.counters.moves += 1
+    yield Fire("moved")
+
+
+PLANS: dict[State, Callable[[RunState], Plan]] = {
+    State.idle: idle,
+    State.approaching: approaching,
+    State.settling: settling,
+    State.selecting: selecting,
+    State.scanning: scanning,
+    State.recovering: recovering,
+    State.classifying: classifying,
+    State.conditioning: conditioning,
+    State.resetting: resetting,
+    State.moving: moving,
+}
+
+
+def plan_for(state: State, rs: RunState) -> Plan:
+    """The plan of one step in `state`."""
+    try:
+        return PLANS[state](rs)
+    except KeyError:
+        raise PlanError(f"no plan for the terminal state {state.value!r}") from None
