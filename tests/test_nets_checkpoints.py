@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from deepspm.nets.checkpoint_info import CheckpointError, checkpoint_kind, read_checkpoint_meta
 from deepspm.nets.checkpoints import (
     load_dqn,
     load_net,
@@ -50,8 +52,29 @@ def test_net_round_trip_gives_identical_outputs(tmp_path: Path, classifier) -> N
     assert restored.net == net and restored.metadata["auc"] == 0.9
     x = images(3, seed=0)
     np.testing.assert_array_equal(Predictor(net, variables)(x), Predictor(restored.net, restored.variables)(x))
-    with pytest.raises(ValueError, match="agent"):
+    with pytest.raises(CheckpointError, match="holds a classifier checkpoint, not an agent"):
         load_net(path, expect_kind="agent")
+
+
+def test_cheap_metadata_reading_equals_orbax_reading(tmp_path: Path, classifier) -> None:
+    """`checkpoint_info` reads meta/metadata as plain JSON; if orbax ever stores it otherwise, this fails."""
+    net, variables = classifier
+    path = save_net(tmp_path / "clf", net, variables, kind="classifier", metadata={"seed": 4})
+    assert read_checkpoint_meta(path) == read_meta(path)
+    assert checkpoint_kind(path) == "classifier"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: (d / "file.txt").write_text("x") and d / "file.txt", "is a file, not a checkpoint directory"),
+    (lambda d: d, "is not a deepspm checkpoint (it has no meta/metadata)"),
+])
+def test_a_path_that_is_no_checkpoint_is_a_checkpoint_error(tmp_path: Path, make, message) -> None:
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        checkpoint_kind(path)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_net(path)
 
 
 def test_existing_checkpoints_are_not_silently_replaced(tmp_path: Path, classifier) -> None:

@@ -26,13 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from deepspm.nets.checkpoint_info import FORMAT, KINDS, CheckpointError, read_checkpoint_meta, require_kind
 from deepspm.nets.dqn import DQNConfig, Learner, make_optimizer
 from deepspm.nets.model import NetDef, NetVars
 from deepspm.nets.presets import NetSpec
 from deepspm.nets.replay_buffer import ReplayBuffer
-
-FORMAT = "deepspm.nets.checkpoint/1"
-KINDS = ("classifier", "agent", "dqn_training")
 
 
 def _key_name(key: Any) -> str:
@@ -90,10 +88,14 @@ def _write(path: Path | str, arrays: dict[str, Any], meta: dict[str, Any], overw
 
 
 def read_meta(path: Path | str) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint (cheap: no arrays are read)."""
-    meta = _checkpointer().restore(Path(path).absolute(), ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The JSON metadata of a checkpoint (cheap: no arrays are read); `CheckpointError` if `path` is none."""
+    read_checkpoint_meta(path)  # a clear error for a wrong path before orbax sees it
+    try:
+        meta = _checkpointer().restore(Path(path).absolute(), ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except (KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
     return meta
 
 
@@ -157,9 +159,9 @@ async def save_net_async(
 
 def load_net(path: Path | str, expect_kind: str | None = None) -> NetCheckpoint:
     """Restore a net into a fresh process: metadata first, then arrays against the abstract variables."""
+    if expect_kind is not None:
+        require_kind(path, expect_kind)
     meta = read_meta(path)
-    if expect_kind is not None and meta["kind"] != expect_kind:
-        raise ValueError(f"{path} holds a {meta['kind']} net, expected {expect_kind}")
     net = _net_from_meta(meta)
     abstract = net.abstract_vars()
     arrays = _read_arrays(path, flatten_named(abstract))
@@ -190,7 +192,7 @@ def load_dqn(path: Path | str) -> tuple[Learner, dict[str, Any]]:
     """A fresh `Learner` in the saved state, and the caller's metadata."""
     meta = read_meta(path)
     if meta["kind"] != "dqn_training":
-        raise ValueError(f"{path} holds a {meta['kind']} net, not a DQN training state")
+        raise CheckpointError(f"{path} holds a {meta['kind']} net, not a DQN training state")
     net = _net_from_meta(meta)
     learner_meta = meta["learner"]
     config = DQNConfig(**learner_meta["config"])
