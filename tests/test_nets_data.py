@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from deepspm.nets.data import (
     DataError,
+    check_labelled_path,
     class_names,
     halve_to,
     hsi100_to_input_range,
@@ -121,6 +123,34 @@ def test_npz_binary_and_multiclass_modes_on_a_small_file(tmp_path: Path) -> None
     assert binary.images.dtype == np.float32 and -1.0 <= binary.images.min() and binary.images.max() <= 1.0
     with pytest.raises(DataError, match="mode"):
         load_hsi100_npz(path, mode="ternary")
+
+
+def test_check_labelled_path_names_the_layout_or_the_problem(tmp_path: Path) -> None:
+    fake_npz(tmp_path / "set.npz")
+    assert check_labelled_path(tmp_path / "set.npz") == "npz"
+    write(tmp_path / "folders" / "bad" / "a.npy", heights(1))
+    assert check_labelled_path(tmp_path / "folders") == "folders"
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", images=np.zeros(3))
+    (tmp_path / "emptyset" / "good").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("x")
+    for name, problem in [("missing", "does not exist"), ("notes.txt", "neither an .npz file nor a folder"),
+                          ("junk.npz", "not a readable .npz archive"),
+                          ("other.npz", "lacks the arrays scores, names, n_responses, categories"),
+                          ("emptyset", "no .npy files in good/"), (".", "neither a good/ nor a bad/ folder")]:
+        with pytest.raises(DataError, match=re.escape(problem)):
+            check_labelled_path(tmp_path / name)
+    with pytest.raises(DataError, match="not a readable .npz archive"):
+        load_hsi100_npz(tmp_path / "junk.npz")
+
+
+def test_a_junk_npy_file_is_a_data_error_naming_it(tmp_path: Path) -> None:
+    write(tmp_path / "good" / "ok.npy", heights(1))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "junk.npy").write_text("not numpy")
+    with pytest.raises(DataError, match=r"junk\.npy is not a \.npy array file"):
+        load_deepspm_folders(tmp_path)
 
 
 @pytest.mark.skipif(not HSI100.exists(), reason="../shared/data is not available")

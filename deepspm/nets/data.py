@@ -10,6 +10,7 @@ Two layouts:
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,18 @@ def _supported(shape: tuple[int, ...], side_px: int) -> bool:
     return factor & (factor - 1) == 0
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise DataError(f"{path} is not a .npy array file ({e})") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path} is an .npz archive, not a .npy array file")
+    return array
+
+
 def load_deepspm_folders(
     roots: Path | str | Iterable[Path | str],
     *,
@@ -88,7 +101,7 @@ def load_deepspm_folders(
             files.extend((path, LABEL_FOLDERS[path.parent.name]) for path in sorted(folder.glob(pattern)) if path.is_file())
     images, labels, paths, rejected = [], [], [], []
     for path, label in files:
-        array = np.load(path, allow_pickle=False)
+        array = _load_npy(path)
         if not _supported(array.shape, side_px):
             rejected.append((path, tuple(array.shape)))
             continue
@@ -149,14 +162,13 @@ def load_hsi100_npz(path: Path | str, *, mode: str = "binary", min_responses: in
     (an image can be in several classes).
     `min_responses` keeps images with at least that many votes (>= 2 is the cleaner subset).
     """
+    check_hsi100_npz(path)
     with np.load(Path(path), allow_pickle=False) as npz:
         images = npz["images"]
         scores = npz["scores"].astype(np.float32)
         names = npz["names"]
         responses = npz["n_responses"]
         categories = tuple(str(c) for c in npz["categories"])
-    if categories != HSI100_CATEGORIES:
-        raise DataError(f"unexpected categories {categories}; expected {HSI100_CATEGORIES}")
     keep = responses >= min_responses
     if mode == "binary":
         good_vote = scores[:, _GOOD_CLASSES].max(axis=1)
@@ -178,6 +190,54 @@ def load_hsi100_npz(path: Path | str, *, mode: str = "binary", min_responses: in
         categories=categories,
         indices=indices,
     )
+
+
+HSI100_ARRAYS = ("images", "scores", "names", "n_responses", "categories")
+
+
+def check_hsi100_npz(path: Path | str) -> None:
+    """`DataError` unless `path` is a readable .npz with the H:Si(100) set's arrays and categories (cheap: the
+    images are not read)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} is a single .npy array, not an .npz archive")
+            missing = [name for name in HSI100_ARRAYS if name not in npz.files]
+            if missing:
+                raise DataError(f"{path} is not the H:Si(100) tip-state set: it lacks the arrays {', '.join(missing)}")
+            categories = tuple(str(c) for c in npz["categories"])
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path} is not a readable .npz archive ({e})") from None
+    if categories != HSI100_CATEGORIES:
+        raise DataError(f"{path}: unexpected categories {categories}; expected {HSI100_CATEGORIES}")
+
+
+def check_labelled_path(path: Path | str) -> str:
+    """Which supported layout `path` is, checked cheaply before any image is read: "npz" (the H:Si(100) set)
+    or "folders" (good/ and/or bad/ holding .npy files). `DataError` naming the path and the problem otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise DataError(f"{path} is neither an .npz file nor a folder with good/ and bad/")
+        check_hsi100_npz(path)
+        return "npz"
+    if not path.is_dir():
+        raise DataError(f"{path} is neither a file nor a folder")
+    folders = [path / name for name in LABEL_FOLDERS if (path / name).is_dir()]
+    if not folders:
+        raise DataError(f"{path} has neither a good/ nor a bad/ folder")
+    try:
+        found = any(p.is_file() for folder in folders for p in folder.glob("*.npy"))
+    except OSError as e:
+        raise DataError(f"cannot list {path}: {e.strerror or e}") from None
+    if not found:
+        raise DataError(f"{path}: no .npy files in {' or '.join(f.name + '/' for f in folders)}")
+    return "folders"
 
 
 def class_names(dataset: NpzDataset | FolderDataset) -> Sequence[str] | None:
