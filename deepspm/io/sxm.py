@@ -485,3 +485,90 @@ def write_sxm(path: Path | str, images: Sequence[ScanImage], params: ScanParamet
             if image is not None:
                 planes[(ch.name, direction)] = np.asarray(image, dtype=np.float32)
     return write_atomic(path, encode_sxm(header, planes))
+
+
+# --- a run's frames as .sxm ---------------------------------------------------------------------------------
+
+SXM_OUTPUT_MODES = ("judged", "all", "none")
+"""`[output] sxm`: which recorded frames a run writes as .sxm: those the classifier judged (default), every
+recorded frame (creep frames and rescans too), or none."""
+
+SXM_DIR = "sxm"
+
+
+@dataclass(frozen=True)
+class FrameRecordInfo:
+    """What the run knows about one recorded frame, for its .sxm file (SI units, UTC)."""
+
+    run_id: str
+    seq: int  # the journal sequence number of the scan's reply
+    frame_ref: str  # the frame's content hash in RUN_DIR/frames/
+    centre_m: tuple[float, float]
+    size_m: float
+    scan_up: bool
+    recorded_utc: datetime
+    bias_v: float | None = None
+    setpoint_a: float | None = None
+    judgement: str | None = None  # e.g. "good", "bad", "bad sample"; None when not judged
+    p_good: float | None = None
+    line_time_s: tuple[float, float] | None = None
+    channel: str = "Z"
+
+    def comment(self) -> str:
+        judged = "not judged" if self.judgement is None else f"judged {self.judgement}"
+        p = "" if self.p_good is None else f", p(good)={self.p_good:.4f}"
+        return f"deepspm run {self.run_id}, journal seq {self.seq}, frame {self.frame_ref[:12]}: {judged}{p}"
+
+    def extra(self) -> dict[str, str]:
+        out = {"DeepSPM>Run ID": self.run_id, "DeepSPM>Journal seq": str(self.seq), "DeepSPM>Frame": self.frame_ref,
+               "DeepSPM>Judgement": self.judgement or "none"}
+        if self.p_good is not None:
+            out["DeepSPM>p(good)"] = format_number(self.p_good)
+        return out
+
+
+def frame_file_name(info: FrameRecordInfo) -> str:
+    """`<seq, 7 digits>_<first 12 hex of the frame hash>.sxm`: sorts in journal order, names the frame."""
+    return f"{info.seq:07d}_{info.frame_ref[:12]}.sxm"
+
+
+class SxmFrameWriter:
+    """Writes a run's recorded frames as `RUN_DIR/sxm/<seq>_<hash>.sxm` (see `SXM_OUTPUT_MODES`).
+
+    The journal stays the source of truth: `write` returns the file's path relative to the run directory
+    (for the journal to name), or None when the mode skips the frame. Files are written atomically.
+    """
+
+    def __init__(self, run_dir: Path | str, mode: str = "judged") -> None:
+        if mode not in SXM_OUTPUT_MODES:
+            raise SxmError(None, f"[output] sxm must be one of {', '.join(SXM_OUTPUT_MODES)}, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+
+    def wants(self, judged: bool) -> bool:
+        return self.mode == "all" or (self.mode == "judged" and judged)
+
+    def write(self, frame_m: np.ndarray, info: FrameRecordInfo, backward_m: np.ndarray | None = None) -> str | None:
+        """Write one frame (lines, pixels) of heights in metres, row 0 at the top, if the mode wants it."""
+        if not self.wants(info.judgement is not None):
+            return None
+        relative = f"{SXM_DIR}/{frame_file_name(info)}"
+        write_frame_sxm(self.run_dir / relative, frame_m, info, backward_m)
+        return relative
+
+
+def write_frame_sxm(path: Path | str, frame_m: np.ndarray, info: FrameRecordInfo,
+                    backward_m: np.ndarray | None = None) -> Path:
+    """One recorded frame (lines, pixels; metres; row 0 at the top) as an .sxm with the run's metadata."""
+    frame = np.asarray(frame_m, dtype=np.float32)
+    if frame.ndim != 2:
+        raise SxmError(path, f"a frame must be 2-D, got shape {frame.shape}")
+    lines, pixels = frame.shape
+    params = ScanParameters(
+        range_m=(info.size_m, info.size_m * lines / pixels), offset_m=info.centre_m, angle_deg=0.0,
+        scan_up=info.scan_up, bias_v=info.bias_v, setpoint_a=info.setpoint_a, recorded_utc=info.recorded_utc,
+        comment=info.comment(), line_time_s=info.line_time_s, source_file=Path(path).name, extra=info.extra(),
+    )
+    channel = ScanImage(info.channel, "m", forward=frame,
+                        backward=None if backward_m is None else np.asarray(backward_m, np.float32))
+    return write_sxm(path, [channel], params)
