@@ -105,9 +105,29 @@ def _dataset_synth(args: argparse.Namespace) -> int:
 
 
 def _dataset_gallery(args: argparse.Namespace) -> int:
+    from deepspm.controller.labdata import MANIFEST, manifest_gallery
     from deepspm.controller.training import gallery_command
 
+    if (args.dataset / MANIFEST).is_file():  # an imported lab set (dataset import)
+        manifest_gallery(args.dataset, args.out)
+        return 0
     gallery_command(args.dataset, args.out, n_per_class=args.per_class, seed=args.seed)
+    return 0
+
+
+def _dataset_import(args: argparse.Namespace) -> int:
+    from deepspm.controller.labdata import import_sxm_command
+
+    import_sxm_command(args.inputs, args.out, labels=args.labels, channel=args.channel, direction=args.direction,
+                       skip_bad=args.skip_bad, overwrite=args.overwrite)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from deepspm.controller.export import export_command
+
+    export_command(args.source, args.out, fmt=args.format, frames=args.frames, frame_size_m=args.frame_size_nm * 1e-9,
+                   overwrite=args.overwrite)
     return 0
 
 
@@ -217,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --follow (default 2)")
     status.set_defaults(func=_status)
 
-    dataset = sub.add_parser("dataset", help="synthetic training data from the simulator",
+    dataset = sub.add_parser("dataset", help="training data: synthetic, imported from .sxm, galleries",
                              description="Synthetic labelled frames from the simulator, and galleries to judge them.")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     synth = dataset_sub.add_parser("synth", help="write labelled 64x64 frames in the original DeepSPM layout",
@@ -236,6 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     gal.add_argument("--per-class", dest="per_class", type=int, default=12, help="frames per class (default 12)")
     gal.add_argument("--seed", type=int, default=0, help="which frames are picked (default 0)")
     gal.set_defaults(func=_dataset_gallery)
+    imp = dataset_sub.add_parser(
+        "import", help="a lab's Nanonis .sxm scans as a data set for train classifier",
+        description="Import .sxm files and folders as OUT/good, OUT/bad, OUT/unlabelled (one channel, raw values "
+                    "in the file's unit, the central square resampled to 64x64 px) with OUT/manifest.csv (source, "
+                    "physical size, bias, setpoint, time). Labels: --labels CSV, else good/ or bad/ folder names, else "
+                    "unlabelled. Nothing is written unless every input can be read.")
+    imp.add_argument("inputs", type=Path, nargs="+", metavar="SXM_FILE_OR_DIR", help=".sxm files or folders (searched recursively)")
+    imp.add_argument("--out", type=Path, required=True, metavar="DIR", help="the data set folder to create")
+    imp.add_argument("--labels", type=Path, metavar="CSV", help="columns file,class: .sxm name (or path relative to "
+                     "its folder argument) and good, bad or unlabelled")
+    imp.add_argument("--channel", default="Z", help="channel name as in the file's DATA_INFO (default Z, heights in m)")
+    imp.add_argument("--direction", choices=("forward", "backward"), default="forward", help="scan direction (default forward)")
+    imp.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                     help="skip unreadable .sxm files inside folders (with the reason) instead of stopping")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    imp.set_defaults(func=_dataset_import)
+
 
     train = sub.add_parser("train", help="train the probe classifier or the conditioning agent",
                            description="Train the probe classifier on labelled images, or the agent in simulation.")
@@ -297,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     ea.set_defaults(func=_evaluate_agent)
 
+    export = sub.add_parser(
+        "export", help="a run's (or a data set's) frames as .sxm, .gwy or .png",
+        description="Write every recorded frame of a run directory (from its journal), or every frame of a data "
+                    "set folder, as Nanonis .sxm, Gwyddion .gwy or a levelled PNG, one file per frame.")
+    export.add_argument("source", type=Path, metavar="RUN_DIR", help="a run directory (journal.jsonl) or a data set folder")
+    export.add_argument("--format", choices=("sxm", "gwy", "png"), default="sxm", help="file format (default sxm)")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the files")
+    export.add_argument("--frames", choices=("all", "judged"), default="all",
+                        help="run frames: all recorded (default) or only those the classifier judged")
+    export.add_argument("--frame-size-nm", dest="frame_size_nm", type=float, default=10.0,
+                        help="data sets without a manifest: frame width in nm (default 10, the simulator's)")
+    export.add_argument("--overwrite", action="store_true", help="replace existing files in DIR")
+    export.set_defaults(func=_export)
+
     config = sub.add_parser("config", help="inspect the run configuration", description="Inspect the run configuration.")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser("show", help="print the resolved configuration as TOML (defaults filled in)")
@@ -317,9 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deepspm.controller.config import ConfigError
         from deepspm.controller.journal import JournalError
         from deepspm.controller.runlock import RunDirInUse
+        from deepspm.controller.export import ExportError
         from deepspm.controller.session import CheckpointMismatch, ResumeError
+        from deepspm.io.sxm import SxmError
+        from deepspm.nets.data import DataError
 
-        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError, RunDirInUse, CheckpointMismatch)):
+        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError, RunDirInUse, CheckpointMismatch,
+                            SxmError, ExportError, DataError, FileExistsError)):
             print(f"deepspm: error: {exc}", file=sys.stderr)
             return 2
         raise
