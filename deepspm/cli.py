@@ -53,9 +53,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from deepspm.controller.diagnostics import configure_logging
     from deepspm.simulator.fake_nanonis import serve_forever
 
+    from deepspm.simulator.microscope import SimConfig
+
     configure_logging("info")
     try:
-        asyncio.run(serve_forever(port=args.port, seed=args.seed, time_scale=args.time_scale))
+        asyncio.run(serve_forever(port=args.port, seed=args.seed, time_scale=args.time_scale,
+                                  config=SimConfig(surface=args.sample)))
     except KeyboardInterrupt:
         pass
     return 0
@@ -98,13 +101,23 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dataset_synth(args: argparse.Namespace) -> int:
+    if args.sample == "hsi":
+        from deepspm.simulator.hsi_dataset import synth_hsi_command
+
+        return synth_hsi_command(args.out, n=args.n, seed=args.seed, good_fraction=args.good_fraction)
     from deepspm.controller.training import synth_dataset_command
 
-    synth_dataset_command(args.out, n=args.n, seed=args.seed, good_fraction=args.good_fraction)
+    good_fraction = 0.25 if args.good_fraction is None else args.good_fraction
+    synth_dataset_command(args.out, n=args.n, seed=args.seed, good_fraction=good_fraction)
     return 0
 
 
 def _dataset_gallery(args: argparse.Namespace) -> int:
+    if args.dataset.suffix == ".npz":  # an H:Si(100) set (synthetic, from dataset synth --sample hsi)
+        from deepspm.simulator.hsi_dataset import gallery
+
+        gallery(args.dataset, args.out, real_npz=args.real, per_class=min(args.per_class, 8), seed=args.seed)
+        return 0
     from deepspm.controller.labdata import MANIFEST, manifest_gallery
     from deepspm.controller.training import gallery_command
 
@@ -173,6 +186,20 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help="override one config key, e.g. --set scan.pixels=128 (repeatable)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepspm",
@@ -207,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="seed of the simulated sample and probe (default 0)")
     sim.add_argument("--time-scale", dest="time_scale", type=float, default=1.0,
                      help="wall seconds per simulated second: 1 = real time (default), 0 = as fast as possible")
+    sim.add_argument("--sample", choices=("ag_mgpc", "hsi"), default="ag_mgpc",
+                     help="the simulated surface: MgPc on Ag(100) (default) or H:Si(100)-(2x1) with its tip states")
     sim.set_defaults(func=_simulate)
 
     replay = sub.add_parser(
@@ -243,11 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth = dataset_sub.add_parser("synth", help="write labelled 64x64 frames in the original DeepSPM layout",
                                    description="Write N labelled 64x64 raw frames (heights in metres, .npy) as "
                                                "OUT/good/*.npy and OUT/bad/*.npy, plus labels.csv with the probe kind.")
-    synth.add_argument("--n", type=int, required=True, help="number of frames")
+    synth.add_argument("--n", type=_positive_int, required=True, help="number of frames")
     synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     synth.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
-    synth.add_argument("--good-fraction", dest="good_fraction", type=float, default=0.25,
-                       help="fraction of frames taken with a good probe (default 0.25, as the paper's data)")
+    synth.add_argument("--good-fraction", dest="good_fraction", type=_fraction, default=None,
+                       help="fraction of frames taken with a good probe, 0-1 (default 0.25 as the paper's data; "
+                            "hsi: 0.46, about the real set's share)")
+    synth.add_argument("--sample", choices=("ag_mgpc", "hsi"), default="ag_mgpc",
+                       help="ag_mgpc (default): 10 nm frames of MgPc/Ag(100) as raw .npy in good/ and bad/; hsi: "
+                            "H:Si(100) frames of 3-25 nm in the real tip-state set's representation, written as one "
+                            ".npz in its layout (OUT is the .npz file; --good-fraction then means the good tip states)")
     synth.set_defaults(func=_dataset_synth)
     gal = dataset_sub.add_parser("gallery", help="a labelled montage PNG of a data set",
                                  description="Draw a labelled montage of good and bad frames of a data set.")
@@ -255,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     gal.add_argument("--out", type=Path, required=True, metavar="PNG", help="the PNG to write")
     gal.add_argument("--per-class", dest="per_class", type=int, default=12, help="frames per class (default 12)")
     gal.add_argument("--seed", type=int, default=0, help="which frames are picked (default 0)")
+    gal.add_argument("--real", type=Path, metavar="NPZ",
+                     help="H:Si sets (.npz): real frames of the matching classes to show beside the simulated ones")
     gal.set_defaults(func=_dataset_gallery)
     imp = dataset_sub.add_parser(
         "import", help="a lab's Nanonis .sxm scans as a data set for train classifier",

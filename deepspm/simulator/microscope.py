@@ -54,6 +54,8 @@ from deepspm.simulator.conditioning import (
     debris_for,
     spontaneous_change,
 )
+from deepspm.simulator.hsi import HsiSample, HsiSampleConfig
+from deepspm.simulator.hsi_probe import HsiTipState, apply_hsi_event, hsi_crash_damage, hsi_spontaneous_change, make_hsi_probe
 from deepspm.simulator.piezo import SurfaceZ
 from deepspm.simulator.probe import BETA_PER_M, ProbeKind, ProbeState, make_probe
 from deepspm.simulator.render import CURRENT_SATURATION_A, FrameGeometry, ScanPlan, Streak
@@ -110,8 +112,12 @@ class SimConfig:
     """Knobs of the simulated instrument. Defaults describe a well-behaved LT-STM; tests turn them up."""
 
     sample: SampleConfig = field(default_factory=SampleConfig)
-    # probe
-    initial_probe_kind: ProbeKind = ProbeKind.GOOD
+    # which surface is imaged: "ag_mgpc" (MgPc on Ag(100), `sample`) or "hsi" (H:Si(100)-(2x1), `hsi_sample`,
+    # with its own tip states and conditioning table, see `hsi_probe`)
+    surface: str = "ag_mgpc"
+    hsi_sample: HsiSampleConfig = field(default_factory=HsiSampleConfig)
+    # probe (on H:Si a ProbeKind maps to a tip state: good -> dimers, any bad kind -> blurry)
+    initial_probe_kind: ProbeKind | HsiTipState = ProbeKind.GOOD
     degradation_per_frame: float = 0.01  # P(good -> bad) per 64-line frame of scanning
     spontaneous_changes: bool = True  # bad probes also change by themselves while scanning
     # piezo, z
@@ -142,10 +148,17 @@ class SimConfig:
     default_speed_fwd_m_per_s: float = 80e-9
     default_speed_bwd_m_per_s: float = 160e-9
 
+    def __post_init__(self) -> None:
+        if self.surface not in SURFACES:
+            raise ValueError(f"unknown simulated surface {self.surface!r}; one of {', '.join(SURFACES)}")
+
+
+SURFACES = ("ag_mgpc", "hsi")
+
 
 @dataclass(frozen=True)
 class GroundTruth:
-    kind: ProbeKind
+    kind: ProbeKind | HsiTipState
     is_good: bool
     probe: ProbeState
     area_index: tuple[int, int]
@@ -221,13 +234,14 @@ class SimulatedMicroscope:
         self.seed = int(seed)
         self.clock = clock
         self.config = c = config or SimConfig()
-        self.sample = Sample(self.seed, c.sample)
+        self._hsi = c.surface == "hsi"
+        self.sample = HsiSample(self.seed, c.hsi_sample) if self._hsi else Sample(self.seed, c.sample)
         self._read_rng = area_rng(self.seed, _P_READ)
         self._local_height_cache: tuple[object, float] = (None, 0.0)
         self._counter = {"scan": 0, "event": 0, "approach": 0, "motor": 0}
         now = clock.now()
         # probe
-        self._probe = make_probe(c.initial_probe_kind, area_rng(self.seed, _P_PROBE0))
+        self._probe = self._make_probe(c.initial_probe_kind, area_rng(self.seed, _P_PROBE0))
         self._pending_probe: list[tuple[float, int, ProbeState]] = []  # (time, scan id, probe)
         # coarse position and z
         self._coarse_m = [0.0, 0.0, 0.0]
@@ -272,6 +286,19 @@ class SimulatedMicroscope:
     def _rng(self, purpose: int, counter_name: str) -> np.random.Generator:
         self._counter[counter_name] += 1
         return area_rng(self.seed, purpose, self._counter[counter_name])
+
+    def _make_probe(self, kind: ProbeKind | HsiTipState, rng: np.random.Generator) -> ProbeState:
+        """A fresh probe of a kind on this surface (a ProbeKind on H:Si: good -> dimers, bad -> blurry)."""
+        if not self._hsi:
+            if not isinstance(kind, ProbeKind):
+                raise ValueError(f"{kind!r} is an H:Si tip state; this simulator images the {self.config.surface} surface")
+            return make_probe(kind, rng)
+        if isinstance(kind, ProbeKind):
+            kind = HsiTipState.DIMERS if kind.is_good else HsiTipState.BLURRY
+        return make_hsi_probe(kind, rng)
+
+    def _crash_damage(self, rng: np.random.Generator) -> ProbeState:
+        return hsi_crash_damage(rng) if self._hsi else crash_damage(rng)
 
     def _draw_drift_rate(self) -> float:
         c = self.config
@@ -332,7 +359,7 @@ class SimulatedMicroscope:
     def _check_contact(self, now: float) -> None:
         touching = self._gap_m(now) <= 0.0
         if touching and not self._in_contact:
-            self._probe = crash_damage(self._rng(_P_EVENT, "event"))
+            self._probe = self._crash_damage(self._rng(_P_EVENT, "event"))
             self._pending_probe.clear()
         self._in_contact = touching
 
@@ -397,7 +424,7 @@ class SimulatedMicroscope:
     def _apply_event(self, event: Event, now: float) -> None:
         rng = self._rng(_P_EVENT, "event")
         self._pending_probe.clear()
-        self._probe = apply_event(self._probe, event, rng)
+        self._probe = apply_hsi_event(self._probe, event, rng) if self._hsi else apply_event(self._probe, event, rng)
         radius, height = debris_for(event)
         if radius > 0:
             self.area.add_debris(self._tip_xy[0], self._tip_xy[1], radius, height, rng)
@@ -571,15 +598,18 @@ class SimulatedMicroscope:
         line_s = fwd_s + bwd_s
         probe = self._probe
         kernels: list[tuple] = []
+        buckling: list[float] = []
         kernel_map = np.zeros((geom.lines, geom.pixels), dtype=np.int8)
         streaks: list[Streak] = []
 
         def add_segment(p: ProbeState, row0: int, col0: int) -> None:
             base = len(kernels)
             kernels.append(p.apices)
+            buckling.append(p.buckling)
             rows = np.arange(row0, geom.lines)
             if p.flicker_apices and p.flicker_rate > 0 and len(rows):
                 kernels.append(p.flicker_apices)
+                buckling.append(p.buckling)
                 flips = rng.random(len(rows)) < p.flicker_rate
                 state = np.cumsum(flips) % 2
                 idx = base + state
@@ -596,7 +626,10 @@ class SimulatedMicroscope:
 
         add_segment(probe, 0, 0)
         new_probe = None
-        if probe.is_good or c.spontaneous_changes:
+        if self._hsi:
+            if c.spontaneous_changes:
+                new_probe = hsi_spontaneous_change(probe, geom.lines / 64.0, rng)
+        elif probe.is_good or c.spontaneous_changes:
             new_probe = spontaneous_change(probe, c.degradation_per_frame, geom.lines / 64.0, rng)
         self._pending_probe = [p for p in self._pending_probe if p[0] <= t0]
         if new_probe is not None:
@@ -618,6 +651,7 @@ class SimulatedMicroscope:
             z_mode=z_mode, z_hold_m=z_hold, setpoint_A=self._setpoint_A, bias_V=self._bias_V,
             creep_m=self._creep_vec, creep_t0_s=self._creep_t0, creep_tau_s=c.xy_creep_tau_s,
             debris_count=len(self.area.debris_sites),
+            kernel_buckling=tuple(buckling) if any(buckling) else (),
         )
         self._scan = _ScanRun(plan)
 
@@ -841,7 +875,7 @@ class SimulatedMicroscope:
         else:
             if self._gap_m(now) < 2 * NM:
                 # dragging the tip over the surface
-                self._probe = crash_damage(rng)
+                self._probe = self._crash_damage(rng)
                 self._pending_probe.clear()
             axis = 0 if direction in (MotorDirection.X_PLUS, MotorDirection.X_MINUS) else 1
             sign = 1.0 if direction in (MotorDirection.X_PLUS, MotorDirection.Y_PLUS) else -1.0
@@ -950,11 +984,11 @@ class SimulatedMicroscope:
         lost = self._approach is None and self._z_on and self._z_needed(now) < self._z_low
         return GroundTruth(self._probe.kind, self._probe.is_good, self._probe, self._area_index, self._in_contact, lost)
 
-    def set_probe(self, probe: ProbeState | ProbeKind, rng: np.random.Generator | None = None) -> None:
+    def set_probe(self, probe: ProbeState | ProbeKind | HsiTipState, rng: np.random.Generator | None = None) -> None:
         """Replace the probe (tests, data-set synthesis). A kind draws fresh parameters."""
         self._update()
-        if isinstance(probe, ProbeKind):
-            probe = make_probe(probe, rng if rng is not None else self._rng(_P_EVENT, "event"))
+        if isinstance(probe, (ProbeKind, HsiTipState)):
+            probe = self._make_probe(probe, rng if rng is not None else self._rng(_P_EVENT, "event"))
         self._probe = probe
         self._pending_probe.clear()
 

@@ -37,6 +37,10 @@ class ProbeKind(str, Enum):
     MULTIPLE = "multiple"
     UNSTABLE = "unstable"
 
+    @property
+    def is_good(self) -> bool:
+        return self is ProbeKind.GOOD
+
 
 BAD_KINDS: tuple[ProbeKind, ...] = (ProbeKind.BLUNT, ProbeKind.DOUBLE, ProbeKind.MULTIPLE, ProbeKind.UNSTABLE)
 
@@ -53,7 +57,7 @@ class Apex:
 class ProbeState:
     """Everything the renderer needs to know about the tip, and the ground truth."""
 
-    kind: ProbeKind
+    kind: ProbeKind  # or an `hsi_probe.HsiTipState` on the H:Si(100) surface (anything with `is_good`)
     apices: tuple[Apex, ...]
     severity: float = 0.0  # 0..1, how bad within its kind (conditioning is harder for severe defects)
     noise_m: float = 2.5e-12  # white z noise, rms
@@ -61,10 +65,11 @@ class ProbeState:
     streak_rate: float = 0.0  # expected streaks per scan line
     flicker_apices: tuple[Apex, ...] = field(default_factory=tuple)  # alternate kernel of an unstable tip
     flicker_rate: float = 0.0  # probability per line of switching between the two kernels
+    buckling: float = 0.0  # H:Si(100): how strongly the tip makes dimers appear buckled (0..1, see `hsi`)
 
     @property
     def is_good(self) -> bool:
-        return self.kind is ProbeKind.GOOD
+        return self.kind.is_good
 
 
 def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:

@@ -168,10 +168,12 @@ def _steps(area: SampleArea, apices: tuple[Apex, ...], geom: FrameGeometry, u: n
 def render_topography(
     area: SampleArea, apices: tuple[Apex, ...], geom: FrameGeometry,
     du_rows: np.ndarray | None = None, dv_rows: np.ndarray | None = None, debris_before: int | None = None,
+    buckling: float = 0.0,
 ) -> np.ndarray:
     """Apparent height (lines, pixels) in metres of the frame seen through a probe kernel.
 
     `du_rows`/`dv_rows` displace each row along the fast/slow axis (metres; xy creep, hysteresis).
+    `buckling`: tip-induced dimer buckling on the H:Si(100) surface (0 = none; other samples take only 0).
     """
     u = geom.u()
     v = geom.v() if dv_rows is None else geom.v() + dv_rows
@@ -182,7 +184,8 @@ def render_topography(
         u = np.concatenate([u[0] - px * np.arange(margin, 0, -1), u, u[-1] + px * np.arange(1, margin + 1)])
     reach = max(math.hypot(a.dx_m, a.dy_m) + 4 * a.width_m for a in apices) + margin * px
     xmin, xmax, ymin, ymax = geom.corners(margin_m=reach + (0.0 if dv_rows is None else float(np.max(np.abs(dv_rows)))))
-    comps = area.components_in(xmin, xmax, ymin, ymax, margin_m=0.0, debris_before=debris_before)
+    extra = {"buckling": buckling} if buckling else {}
+    comps = area.components_in(xmin, xmax, ymin, ymax, margin_m=0.0, debris_before=debris_before, **extra)
     layers = _gaussian_layers(comps, apices, geom, u, v)  # Angstrom, float32
     if area.steps:
         for i, terrace in enumerate(_steps(area, apices, geom, u, v)):
@@ -248,6 +251,7 @@ class ScanPlan:
     creep_tau_s: float
     debris_count: int  # debris clusters present on the area when the scan started
     hysteresis_m: float = 0.25 * NM  # backward lines are displaced by this along +u
+    kernel_buckling: tuple[float, ...] = ()  # per kernel (H:Si tip-induced buckling); empty = none
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -292,12 +296,15 @@ class ScanPlan:
         if key not in self._cache:
             du, dv = self._creep_rows(forward)
             used = np.unique(self.kernel_map) if len(self.kernels) > 1 else (0,)
+            buckle = self.kernel_buckling or (0.0,) * len(self.kernels)
             if len(used) == 1:
-                topo = render_topography(self.area, self.kernels[int(used[0])], self.geometry, du, dv, self.debris_count)
+                k = int(used[0])
+                topo = render_topography(self.area, self.kernels[k], self.geometry, du, dv, self.debris_count, buckle[k])
             else:
                 topo = np.empty((self.geometry.lines, self.geometry.pixels))
                 for i in used:
-                    img = render_topography(self.area, self.kernels[int(i)], self.geometry, du, dv, self.debris_count)
+                    img = render_topography(self.area, self.kernels[int(i)], self.geometry, du, dv, self.debris_count,
+                                            buckle[int(i)])
                     mask = self.kernel_map == i
                     topo[mask] = img[mask]
             self._cache[key] = topo
