@@ -163,7 +163,7 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
 
 def _train_agent(args: argparse.Namespace) -> int:
     from deepspm.controller.session import checkpoint_path
-    from deepspm.controller.training import train_agent_sim
+    from deepspm.controller.agent_sim import train_agent_sim
 
     classifier = args.classifier or checkpoint_path("shipped", "classifier")
     train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
@@ -172,7 +172,7 @@ def _train_agent(args: argparse.Namespace) -> int:
 
 def _evaluate_agent(args: argparse.Namespace) -> int:
     from deepspm.controller.session import checkpoint_path
-    from deepspm.controller.training import evaluate_agent_sim
+    from deepspm.controller.agent_sim import evaluate_agent_sim
 
     agent = args.checkpoint or checkpoint_path("shipped", "agent")
     classifier = args.classifier or checkpoint_path("shipped", "classifier")
@@ -308,7 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip unreadable .sxm files inside folders (with the reason) instead of stopping")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     imp.set_defaults(func=_dataset_import)
-
 
     train = sub.add_parser("train", help="train the probe classifier or the conditioning agent",
                            description="Train the probe classifier on labelled images, or the agent in simulation.")

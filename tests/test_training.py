@@ -9,25 +9,19 @@ import numpy as np
 import pytest
 
 from deepspm.controller import training
-from deepspm.controller.episode import EpisodeConfig, EpisodeTracker
 from deepspm.controller.preprocess import normalise, preprocess
 from deepspm.controller.training import (
-    SimConditioningTask,
     derived_seed,
-    drive_episodes,
-    evaluate_agent_sim,
     evaluate_classifier_command,
     load_labelled,
     load_labelled_sets,
     normalise_frames,
     synth_dataset_command,
-    train_agent_sim,
     train_classifier_command,
 )
 from deepspm.io.actions import N_ACTIONS
 from deepspm.nets.checkpoints import flatten_named, load_net
 from deepspm.nets.data import HSI100_CATEGORIES, DataError
-from deepspm.simulator.environment import ConditioningEnv
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 HSI100 = SHARED_DATA / "hsi100_tipstates_64.npz"
@@ -160,74 +154,6 @@ def test_evaluate_classifier_command_reproduces_the_validation_metrics(tiny_clas
     for key in ("accuracy", "precision", "recall", "roc_auc"):
         assert again[key] == pytest.approx(summary["metrics"][key]), key
     assert again["by_kind"] == summary["metrics"]["by_kind"]
-
-
-# --- the agent in simulation ------------------------------------------------------------------------------------
-
-
-class _TruthClassifier:
-    """A stand-in classifier that reads the simulator's ground truth: p = 0.99 good, 0.01 bad."""
-
-    def __init__(self, env: ConditioningEnv) -> None:
-        self.env = env
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return np.array([0.99 if self.env.ground_truth().is_good else 0.01])
-
-
-def test_episodes_follow_the_paper_with_a_perfect_classifier() -> None:
-    env = ConditioningEnv(seed=21)
-    task = SimConditioningTask(env, _TruthClassifier(env), seed=0)
-    tracker = EpisodeTracker(EpisodeConfig(training=True, max_episode_actions=30))
-    transitions, episodes, masks_used = [], [], []
-    choose_rng = np.random.default_rng(0)
-
-    def choose(obs):  # noqa: ANN001, ANN202
-        masks_used.append(obs.mask)
-        return int(choose_rng.choice(np.flatnonzero(obs.mask)))
-
-    drive_episodes(task, tracker, choose, np.random.default_rng(1),
-                   on_transition=lambda t, frames: transitions.append((t, frames[t.state_ref], frames[t.next_state_ref])),
-                   on_episode_end=episodes.append, done=lambda: len(episodes) >= 6)
-    assert sum(e.actions for e in episodes) == len(transitions)
-    for t, before, after in transitions:
-        assert t.reward == (9.0 if t.terminal else -1.0)  # -1 per action, +10 on the successful step
-        assert t.terminal == after.truly_good  # the (perfect) classifier ends the episode
-        assert not before.truly_good
-        assert before.image.shape == (64, 64) and before.mask.shape == (N_ACTIONS,)
-    assert all(e.truly_good_at_end for e in episodes if not e.truncated)
-    assert all(m[0] and m.dtype == bool for m in masks_used)  # the stall always fits
-
-
-def test_train_agent_sim_runs_and_writes_a_loadable_agent(tiny_classifier: Path, tmp_path: Path) -> None:
-    out = tmp_path / "agent"
-    summary = train_agent_sim(tiny_classifier, out, steps=20, seed=1, random_steps=16, epsilon_decay_steps=2,
-                              max_episode_actions=4, checkpoint_every=10, progress=False)
-    agent = load_net(out, expect_kind="agent")
-    assert agent.net.n_outputs == N_ACTIONS and agent.net.spec.name == "tiny"
-    assert summary["env_steps"] == 20 and summary["updates"] == 4  # learning starts after the random steps
-    assert agent.metadata["updates"] == 4 and agent.metadata["final"] is True
-    assert json.loads((out / "metrics.json").read_text())["episode_lengths"] is not None
-    result = evaluate_agent_sim(out, tiny_classifier, episodes=2, seed=4, max_episode_actions=3, progress=False,
-                                out_json=tmp_path / "agent_eval.json")
-    for policy in ("agent", "random"):
-        assert result[policy]["episodes"] == 2 and all(1 <= n <= 3 for n in result[policy]["lengths"])
-    assert result["ratio_mean"] == pytest.approx(result["agent"]["mean"] / result["random"]["mean"])
-    assert json.loads((tmp_path / "agent_eval.json").read_text())["options"]["episodes"] == 2
-
-
-def test_the_agent_starts_from_the_classifier_unless_a_preset_is_named(tiny_classifier: Path, tmp_path: Path) -> None:
-    classifier = flatten_named(load_net(tiny_classifier).variables)
-    for preset in (None, "tiny"):
-        out = tmp_path / str(preset)
-        summary = train_agent_sim(tiny_classifier, out, steps=2, seed=0, preset=preset, random_steps=2,
-                                  max_episode_actions=3, progress=False)
-        assert summary["updates"] == 0
-        agent = flatten_named(load_net(out).variables)
-        trunk = [name for name in agent if not name.startswith("params.head")]
-        assert trunk and set(trunk) <= set(classifier)
-        same = [np.array_equal(agent[name], classifier[name]) for name in trunk]
-        assert all(same) if preset is None else not all(same)
 
 
 # --- the real H:Si(100) set (not in a fresh clone) ---------------------------------------------------------------

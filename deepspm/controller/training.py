@@ -1,7 +1,6 @@
 """Training and evaluation workflows: the functions behind `deepspm dataset|train|evaluate`.
 
-They compose the simulator (synthetic data, the in-process conditioning environment), the controller's
-pre-processing, locator and episode bookkeeping, and the nets. Every argument is a plain keyword with a
+They compose the simulator (synthetic data), the controller's pre-processing and the nets. Every argument is a plain keyword with a
 default where one makes sense, so the CLI maps options onto them one to one; every function prints a short
 summary, shows a tqdm progress bar (`progress=False` silences it) and returns a JSON-able dict.
 
@@ -10,55 +9,35 @@ metres; levelled by RANSAC exactly as the run loop does, one derived seed per fi
 already levelled and are only normalised), our synthetic sets (the same layout, plus `labels.csv` naming
 each frame's probe kind), or the real H:Si(100) `.npz` (already in the nets' range).
 
-Simulation (`train_agent_sim`, `evaluate_agent_sim`): the simulator's `ConditioningEnv` in-process, seen
-through the controller's eyes: every frame is pre-processed, frames failing the bad-sample rule are
-rescanned, the locator's largest empty square masks the actions, and the classifier's p(good) drives the
-`EpisodeTracker` in training mode (episodes end at p > 0.9; the reset phase applies random reset actions
-until p < 0.1, at most 5; reward -1 per action and +10 on the successful step). The simulator's ground
-truth is only read for reporting, never for a decision.
+The agent is trained and evaluated in simulation by `agent_sim`, on the run's own plans.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from deepspm.controller.episode import EpisodeConfig, EpisodeTracker, Phase, Transition, random_reset_action
-from deepspm.controller.locator import action_mask, locate_action
-from deepspm.controller.preprocess import BAD_SAMPLE_THRESHOLD_M, is_bad_sample, normalise, preprocess
-from deepspm.io.actions import N_ACTIONS
+from deepspm.controller.preprocess import normalise, preprocess
+from deepspm.controller.seeds import derived_seed
 from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.classifier import ClassifierConfig, evaluate, train_classifier
 from deepspm.nets.data import DataError, load_deepspm_folders, load_hsi100_npz
-from deepspm.nets.dqn import Actor, DQNConfig, Learner, agent_from_classifier, epsilon_at, select_action
 from deepspm.nets.inference import Predictor
 from deepspm.nets.metrics import DEFAULT_THRESHOLD, format_metrics
-from deepspm.nets.model import NetDef
 from deepspm.simulator.dataset import gallery, synth_dataset
-from deepspm.simulator.environment import ConditioningEnv
 
 METRICS_FILE = "metrics.json"
 _POOL_MIN_FRAMES = 256  # below this, levelling in-process beats starting worker processes (~4 s each)
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 32-bit seed from any printable parts (a root seed, a file name, a frame index): no global RNG, and
-    the same file gets the same seed whatever order the files are read in."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 # --- labelled data -----------------------------------------------------------------------------------------
@@ -328,348 +307,7 @@ def evaluate_classifier_command(
     return summary
 
 
-# --- the conditioning task in simulation ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class SimObservation:
-    """One classified frame of the simulated task, as the controller sees it (plus the ground truth)."""
-
-    ref: str  # a frame id for the episode tracker
-    image: np.ndarray  # (64, 64) float32, the nets' input
-    mask: np.ndarray  # (12,) bool, actions whose required clean square fits
-    p_good: float
-    truly_good: bool  # the simulator's ground truth: for reports only
-
-
-class SimConditioningTask:
-    """`ConditioningEnv` through the controller's eyes: level (RANSAC, a derived seed per frame), drop
-    bad-sample frames and scan elsewhere (as the loop; accepted after `accept_bad_sample_after`), locate the
-    largest empty square to mask the actions, and classify.
-
-    `classifier` maps one (64, 64) image to an array whose first element is p(good): a compiled
-    `Predictor`, or any stand-in (tests use the ground truth)."""
-
-    def __init__(
-        self, env: ConditioningEnv, classifier: Callable[[np.ndarray], np.ndarray], seed: int, *,
-        accept_bad_sample_after: int = 250,
-        frame_size_m: float = 10e-9,
-    ) -> None:
-        if not env.render:
-            raise ValueError("the task needs an environment that renders frames (render=True)")
-        self.env = env
-        self.classifier = classifier
-        self.seed = seed
-        self.accept_bad_sample_after = accept_bad_sample_after
-        self.frame_size_m = frame_size_m
-        self.frames = 0  # frames scanned, discarded ones included
-        self.bad_samples = 0
-
-    def _observe(self) -> SimObservation:
-        rejected = 0
-        while True:
-            raw = self.env.observe()
-            self.frames += 1
-            pre = preprocess(raw, derived_seed(self.seed, "frame", self.frames))
-            if rejected >= self.accept_bad_sample_after or not is_bad_sample(raw, BAD_SAMPLE_THRESHOLD_M, plane_m=pre.plane_m):
-                break
-            rejected += 1
-            self.bad_samples += 1
-            self.env.step(0)  # the stall does nothing: just move on and scan the next region
-        site = locate_action(pre.normalised, (0.0, 0.0), self.frame_size_m, valid=pre.valid)
-        p_good = float(self.classifier(pre.normalised)[0])
-        return SimObservation(f"f{self.frames}", pre.normalised, action_mask(site.free_side_m), p_good,
-                              self.env.ground_truth().is_good)
-
-    def first(self) -> SimObservation:
-        """The frame the environment scanned when it was created."""
-        return self._observe()
-
-    def act(self, action: int | None) -> SimObservation:
-        """Apply a conditioning action (None: none), scan a fresh region, classify it."""
-        self.env.step(0 if action is None else int(action))
-        return self._observe()
-
-
-def _compiled_classifier(net: NetDef, variables: Any) -> Predictor:
-    predictor = Predictor(net, variables, "probability")
-    predictor.compile([1])
-    return predictor
-
-
-ChooseFn = Callable[[SimObservation], int]
-
-
-@dataclass
-class EpisodeRecord:
-    """One finished episode: its index, length in conditioning actions, and how it ended."""
-
-    index: int
-    actions: int
-    truncated: bool
-    truly_good_at_end: bool
-
-
-def drive_episodes(
-    task: SimConditioningTask, tracker: EpisodeTracker, choose: ChooseFn, reset_rng: np.random.Generator,
-    *, on_transition: Callable[[Transition, dict[str, SimObservation]], None] | None = None,
-    on_episode_end: Callable[[EpisodeRecord], None] | None = None, done: Callable[[], bool],
-) -> None:
-    """The run loop's conditioning logic on the simulated task, until `done()`.
-
-    Per classified frame: the tracker decides (condition, reset, or just scan on); `choose` picks the
-    conditioning action, reset actions are uniform among the allowed reset-flagged rows; a completed step
-    is handed to `on_transition` with the frames it refers to. An episode that reaches the tracker's action
-    cap is truncated and the task simply scans on (the loop would move to a new approach area).
-    """
-    obs = task.first()
-    frames = {obs.ref: obs}
-    while not done():
-        outcome = tracker.observe(obs.p_good, obs.ref)
-        if outcome.transition is not None and on_transition is not None:
-            on_transition(outcome.transition, frames)
-        if outcome.episode_ended and on_episode_end is not None:
-            on_episode_end(EpisodeRecord(outcome.episode_index, tracker.episode_actions, outcome.episode_truncated,
-                                         obs.truly_good))
-        if done():
-            break
-        if tracker.phase is Phase.CONDITION:
-            action: int | None = choose(obs)
-        elif tracker.phase is Phase.RESET:
-            action = random_reset_action(reset_rng, obs.mask)
-        else:
-            action = None
-        if action is not None:
-            tracker.record_action(action, obs.ref)
-        obs = task.act(action)
-        acted_on = tracker.pending_state_ref  # the frame the next transition starts from, if any
-        frames = {ref: frame for ref, frame in frames.items() if ref == acted_on}
-        frames[obs.ref] = obs
-
-
-def _rolling_mean(values: Sequence[int], n: int = 50) -> float | None:
-    """Mean of the last `n` values; None (JSON null) before there are any."""
-    return float(np.mean(values[-n:])) if values else None
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-# --- training the agent --------------------------------------------------------------------------------------
-
-
-def train_agent_sim(
-    classifier_checkpoint: Path | str, out: Path | str, *, steps: int = 3000, seed: int = 0,
-    preset: str | None = None, updates_per_step: float = 1.0, random_steps: int = 500,
-    epsilon_decay_steps: int = 500, max_episode_actions: int = 100, checkpoint_every: int = 500,
-    overwrite: bool = False, progress: bool = True,
-) -> dict[str, Any]:
-    """Train the double-DQN conditioning agent on the simulated microscope; save it to `out` (kind "agent").
-
-    steps: conditioning actions (= stored experiences, each stored with its 4 flips) to train for.
-    preset: None initialises the agent from the classifier (trunk, hidden layers and BN copied, fresh
-    12-way head); a preset name starts that preset from scratch instead.
-    The DQN schedule: `random_steps` actions at epsilon 1 with no learning, then epsilon 1 -> 0.05 over
-    `epsilon_decay_steps`, and `updates_per_step` gradient updates per action (batch 64, Adam 5e-4,
-    gamma 0.95, target copy every 100 updates). Episodes follow the paper's training mode (see the module
-    docstring); an episode is cut after `max_episode_actions`. The checkpoint is rewritten every
-    `checkpoint_every` actions and at the end, with `out/metrics.json` (episode lengths, learning curve).
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    options = {
-        "classifier_checkpoint": str(classifier_checkpoint), "steps": steps, "seed": seed, "preset": preset,
-        "updates_per_step": updates_per_step, "random_steps": random_steps,
-        "epsilon_decay_steps": epsilon_decay_steps, "max_episode_actions": max_episode_actions,
-    }
-    classifier = load_net(classifier_checkpoint, expect_kind="classifier")
-    root = jax.random.key(seed)
-    if preset is None:
-        net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS, jax.random.fold_in(root, 1))
-    else:
-        net = NetDef.of(preset, N_ACTIONS)
-        variables = net.init(jax.random.fold_in(root, 1))
-    config = DQNConfig(random_steps=random_steps, epsilon_decay_steps=epsilon_decay_steps,
-                       updates_per_step=updates_per_step)
-    learner = Learner(net, variables, config, seed=seed)
-    actor = Actor(learner)
-    task = SimConditioningTask(ConditioningEnv(seed), _compiled_classifier(classifier.net, classifier.variables), seed)
-    tracker = EpisodeTracker(EpisodeConfig(training=True, max_episode_actions=max_episode_actions))
-    act_rng = np.random.default_rng([seed, 2])
-    episodes: list[EpisodeRecord] = []
-    curve: list[dict[str, Any]] = []
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc="training agent (sim)", unit="action", disable=not progress)
-
-    def choose(obs: SimObservation) -> int:
-        return actor.act(obs.image, obs.mask, epsilon_at(learner.env_steps, config), act_rng).action
-
-    def save(final: bool) -> None:
-        lengths = [e.actions for e in episodes if e.actions > 0]
-        summary = {
-            "kind": "agent", "options": options, "env_steps": learner.env_steps, "updates": learner.updates,
-            "episodes": len(lengths), "zero_step_episodes": sum(e.actions == 0 for e in episodes),
-            "truncated_episodes": sum(e.truncated for e in episodes),
-            "mean_actions_last_100": _rolling_mean(lengths, 100), "frames": task.frames,
-            "bad_sample_frames": task.bad_samples, "train_seconds": round(time.perf_counter() - start, 1),
-            "final": final,
-        }
-        save_net(out, net, learner.snapshot().variables, kind="agent", overwrite=True, metadata=summary)
-        _write_json(out / METRICS_FILE, {**summary, "curve": curve, "episode_lengths": lengths})
-
-    def on_transition(t: Transition, frames: dict[str, SimObservation]) -> None:
-        after = frames[t.next_state_ref]
-        learner.record(frames[t.state_ref].image, t.action, t.reward, after.image, t.terminal, after.mask)
-        learner.catch_up()
-        if learner.last_metrics:
-            losses.append(learner.last_metrics["loss"])
-        lengths = [e.actions for e in episodes if e.actions > 0]
-        bar.update(1)
-        bar.set_postfix(episodes=len(lengths), actions_per_ep=_fmt(_rolling_mean(lengths)),
-                        eps=f"{epsilon_at(learner.env_steps, config):.2f}",
-                        loss=f"{losses[-1]:.3f}" if losses else "-")
-        if learner.env_steps % 100 == 0:
-            curve.append({"env_steps": learner.env_steps, "updates": learner.updates, "episodes": len(lengths),
-                          "mean_actions_last_50": _rolling_mean(lengths), "epsilon": epsilon_at(learner.env_steps, config),
-                          "mean_loss_last_100": float(np.mean(losses[-100:])) if losses else None})
-        if checkpoint_every and learner.env_steps % checkpoint_every == 0 and learner.env_steps < steps:
-            save(final=False)
-
-    drive_episodes(task, tracker, choose, np.random.default_rng([seed, 1]), on_transition=on_transition,
-                   on_episode_end=episodes.append, done=lambda: learner.env_steps >= steps)
-    bar.close()
-    save(final=True)
-    summary = json.loads((out / METRICS_FILE).read_text())
-    summary.pop("episode_lengths")
-    print(f"agent trained for {learner.env_steps} actions ({learner.updates} updates, {summary['episodes']} "
-          f"episodes) in {summary['train_seconds']:.0f} s; mean actions per episode over the last 100 episodes: "
-          f"{_fmt(summary['mean_actions_last_100'])}; saved {out}")
-    return summary
-
-
-# --- evaluating the agent ------------------------------------------------------------------------------------
-
-
-def _fraction(flags: Sequence[bool]) -> float | None:
-    return float(np.mean(flags)) if flags else None
-
-
-def _length_stats(records: Sequence[EpisodeRecord], cap: int) -> dict[str, Any]:
-    lengths = np.array([r.actions for r in records], dtype=float)
-    return {
-        "episodes": int(lengths.size),
-        "mean": float(lengths.mean()),
-        "median": float(np.median(lengths)),
-        "std": float(lengths.std(ddof=1)) if lengths.size > 1 else 0.0,
-        "p25": float(np.percentile(lengths, 25)),
-        "p75": float(np.percentile(lengths, 75)),
-        "p90": float(np.percentile(lengths, 90)),
-        "max": int(lengths.max()),
-        "truncated": int(sum(r.truncated for r in records)),
-        "truly_good_at_end": _fraction([r.truly_good_at_end for r in records if not r.truncated]),
-        "histogram": {str(k): int((lengths == k).sum()) for k in range(1, cap + 1) if (lengths == k).any()},
-        "lengths": [int(x) for x in lengths],
-    }
-
-
-def _bootstrap_ratio(a: np.ndarray, b: np.ndarray, seed: int, n: int = 2000) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of mean(a) / mean(b), resampling episodes of each policy."""
-    rng = np.random.default_rng([seed, 0xB007])
-    ratios = rng.choice(a, (n, a.size)).mean(axis=1) / rng.choice(b, (n, b.size)).mean(axis=1)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def format_agent_table(result: dict[str, Any]) -> str:
-    """The agent-versus-random table printed by `evaluate_agent_sim`."""
-    head = f"{'policy':<8} {'episodes':>8} {'mean':>6} {'median':>6} {'p75':>5} {'p90':>5} {'max':>4} {'cut':>4} {'good@end':>8}"
-    lines = [head]
-    for name in ("agent", "random"):
-        s = result[name]
-        good = "-" if s["truly_good_at_end"] is None else f"{s['truly_good_at_end']:.2f}"
-        lines.append(f"{name:<8} {s['episodes']:>8} {s['mean']:>6.2f} {s['median']:>6.1f} {s['p75']:>5.1f} "
-                     f"{s['p90']:>5.1f} {s['max']:>4} {s['truncated']:>4} {good:>8}")
-    low, high = result["ratio_ci95"]
-    lines.append(f"actions per episode, agent / random: mean {result['ratio_mean']:.3f} (95 % CI {low:.3f}-{high:.3f}), "
-                 f"median {result['ratio_median']:.3f}")
-    return "\n".join(lines)
-
-
-def evaluate_agent_sim(
-    agent_checkpoint: Path | str, classifier_checkpoint: Path | str, *, episodes: int = 200, seed: int = 0,
-    epsilon: float = 0.05, max_episode_actions: int = 100, out_json: Path | str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The agent against uniform random choice among the allowed actions, interleaved episode by episode on
-    one simulated microscope (both see the same drift of probe and sample), both judged by the classifier.
-
-    Each policy gets `episodes` episodes with at least one action; an episode whose reset phase leaves the
-    probe good (p > 0.9 after 5 reset actions) ends with zero actions and is not counted for either. The
-    agent acts epsilon-greedily (`epsilon`, default the paper's 0.05) and does not learn during the
-    evaluation (the shipped weights are what is measured). Episodes are cut at `max_episode_actions` (counted
-    with that length). Prints a table; returns per-policy mean, median, percentiles, histogram and lengths,
-    the ratio of means (with a bootstrap 95 % interval) and of medians, and the fraction of episode ends where
-    the simulator's ground truth agrees the probe is good.
-    """
-    if episodes < 1:
-        raise ValueError("episodes must be >= 1")
-    agent = load_net(agent_checkpoint, expect_kind="agent")
-    classifier = load_net(classifier_checkpoint, expect_kind="classifier")
-    q_net = Predictor(agent.net, agent.variables, "values")
-    q_net.compile([1])
-    task = SimConditioningTask(ConditioningEnv(seed), _compiled_classifier(classifier.net, classifier.variables), seed)
-    tracker = EpisodeTracker(EpisodeConfig(training=True, max_episode_actions=max_episode_actions))
-    agent_rng, random_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
-    results: dict[str, list[EpisodeRecord]] = {"agent": [], "random": []}
-    turn = ["agent"]  # whose episode the next one is; flips after each counted episode
-    bar = tqdm(total=2 * episodes, desc="agent vs random (sim)", unit="episode", disable=not progress)
-
-    def choose(obs: SimObservation) -> int:
-        if turn[0] == "agent":
-            return select_action(q_net(obs.image)[0], obs.mask, epsilon, agent_rng).action
-        return int(random_rng.choice(np.flatnonzero(obs.mask)))
-
-    def on_episode_end(record: EpisodeRecord) -> None:
-        if record.actions == 0:
-            return
-        results[turn[0]].append(record)
-        turn[0] = "random" if turn[0] == "agent" else "agent"
-        bar.update(1)
-        bar.set_postfix({name: _fmt(_rolling_mean([r.actions for r in rs], 10**9)) for name, rs in results.items()})
-
-    start = time.perf_counter()
-    drive_episodes(task, tracker, choose, np.random.default_rng([seed, 1]), on_episode_end=on_episode_end,
-                   done=lambda: len(results["random"]) >= episodes)
-    bar.close()
-    stats = {name: _length_stats(records, max_episode_actions) for name, records in results.items()}
-    a = np.array(stats["agent"]["lengths"], float)
-    r = np.array(stats["random"]["lengths"], float)
-    result = {
-        "kind": "agent_evaluation", "agent_checkpoint": str(agent_checkpoint),
-        "classifier_checkpoint": str(classifier_checkpoint),
-        "options": {"episodes": episodes, "seed": seed, "epsilon": epsilon, "max_episode_actions": max_episode_actions},
-        **stats,
-        "ratio_mean": float(a.mean() / r.mean()),
-        "ratio_ci95": list(_bootstrap_ratio(a, r, seed)),
-        "ratio_median": float(np.median(a) / np.median(r)),
-        "zero_step_episodes": tracker.episode_index - 2 * episodes,
-        "frames": task.frames, "bad_sample_frames": task.bad_samples,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    print(format_agent_table(result))
-    if out_json is not None:
-        _write_json(Path(out_json), result)
-    return result
-
-
 __all__ = [
     "derived_seed", "load_labelled", "load_labelled_sets", "normalise_frames", "accuracy_by_kind",
     "synth_dataset_command", "gallery_command", "train_classifier_command", "evaluate_classifier_command",
-    "SimObservation", "SimConditioningTask", "EpisodeRecord", "drive_episodes", "train_agent_sim",
-    "evaluate_agent_sim", "format_agent_table",
 ]

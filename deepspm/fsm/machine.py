@@ -206,3 +206,20 @@ def is_legal(
     except ValueError:
         return False
     return dest in legal_destinations(trigger, source, ctx, table=table)
+
+
+def next_state(
+    trigger: str, source: State, ctx: DecisionContext | None = None, *, table: tuple[Transition, ...] = TABLE
+) -> State:
+    """The state `trigger` leads to from `source`, by the rules the async machine follows, without a machine:
+    `IllegalTransition` when no row exists, `MissingContext` for a guarded row without `ctx`, `GuardRejected`
+    when no guard passes. The synchronous engine (training in simulation) fires triggers with it."""
+    rows = rows_for(trigger, source, table)
+    if not rows:
+        raise IllegalTransition(trigger, source)
+    if ctx is None and any(row.guard is not None for row in rows):
+        raise MissingContext(f"trigger {trigger!r} from {source.value!r} is guarded: pass ctx=DecisionContext(...)")
+    for row in rows:
+        if row.guard is None or GUARDS[row.guard](ctx):
+            return row.dest
+    raise GuardRejected(trigger, source, ctx)
