@@ -44,7 +44,7 @@ MANIFEST_COLUMNS = ("file", "label", "source", "channel", "direction", "width_m"
                     "source_pixels_y", "crop", "bias_V", "setpoint_A", "setpoint_unit", "recorded", "scan_dir")
 
 
-class ImportError_(DataError):
+class LabImportError(DataError):
     """The import cannot be done as asked; nothing was written."""
 
 
@@ -85,13 +85,13 @@ def resample_square(image: np.ndarray, side_px: int = SIDE_PX) -> tuple[np.ndarr
     return np.asarray(out, np.float32), (r0, c0, side)
 
 
-def _collect(inputs: Sequence[Path | str], skip_bad: bool) -> tuple[list[Candidate], list[str]]:
+def _collect(inputs: Sequence[Path | str]) -> tuple[list[Candidate], list[str]]:
     candidates: list[Candidate] = []
     skipped: list[str] = []
     for given in map(Path, inputs):
         if given.is_file():
             if given.suffix.lower() != ".sxm":
-                raise ImportError_(f"{given}: not an .sxm file")
+                raise LabImportError(f"{given}: not an .sxm file")
             candidates.append(Candidate(given, given.name, given.parent.name if given.parent.name in LABELS else None))
         elif given.is_dir():
             found = sorted(p for p in given.rglob("*") if p.is_file())
@@ -102,9 +102,9 @@ def _collect(inputs: Sequence[Path | str], skip_bad: bool) -> tuple[list[Candida
                 label = path.parent.name if path.parent.name in LABELS else None
                 candidates.append(Candidate(path, path.relative_to(given).as_posix(), label))
         else:
-            raise ImportError_(f"{given}: no such file or folder")
+            raise LabImportError(f"{given}: no such file or folder")
     if not candidates:
-        raise ImportError_(f"no .sxm files in {', '.join(map(str, inputs))}")
+        raise LabImportError(f"no .sxm files in {', '.join(map(str, inputs))}")
     return candidates, skipped
 
 
@@ -116,7 +116,7 @@ def read_labels(path: Path | str) -> dict[str, str]:
             reader = csv.DictReader(f)
             fields = [c.strip().lower() for c in reader.fieldnames or []]
             if "file" not in fields or not ({"class", "label"} & set(fields)):
-                raise ImportError_(f"{path}: the first row must name the columns 'file' and 'class'")
+                raise LabImportError(f"{path}: the first row must name the columns 'file' and 'class'")
             key_of = {c.strip().lower(): c for c in reader.fieldnames or []}
             cls = key_of.get("class", key_of.get("label"))
             out: dict[str, str] = {}
@@ -124,23 +124,23 @@ def read_labels(path: Path | str) -> dict[str, str]:
                 name = (row.get(key_of["file"]) or "").strip()
                 value = (row.get(cls) or "").strip().lower() or UNLABELLED
                 if not name:
-                    raise ImportError_(f"{path}: line {number} has no file name")
+                    raise LabImportError(f"{path}: line {number} has no file name")
                 if value not in (*LABELS, UNLABELLED):
-                    raise ImportError_(f"{path}: line {number}: class {value!r} is not good, bad or unlabelled")
+                    raise LabImportError(f"{path}: line {number}: class {value!r} is not good, bad or unlabelled")
                 if name in out and out[name] != value:
-                    raise ImportError_(f"{path}: {name} is labelled twice ({out[name]}, {value})")
+                    raise LabImportError(f"{path}: {name} is labelled twice ({out[name]}, {value})")
                 out[name] = value
             return out
     except FileNotFoundError:
-        raise ImportError_(f"{path}: no such labels file") from None
+        raise LabImportError(f"{path}: no such labels file") from None
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise ImportError_(f"{path}: not a CSV file ({exc})") from None
+        raise LabImportError(f"{path}: not a CSV file ({exc})") from None
 
 
 def _label_of(c: Candidate, labels: dict[str, str]) -> str:
     from_csv = labels.get(c.relative, labels.get(c.path.name))
     if from_csv is not None and c.folder_label is not None and from_csv != c.folder_label and from_csv != UNLABELLED:
-        raise ImportError_(f"{c.path}: labels CSV says {from_csv} but its folder says {c.folder_label}")
+        raise LabImportError(f"{c.path}: labels CSV says {from_csv} but its folder says {c.folder_label}")
     return from_csv or c.folder_label or UNLABELLED
 
 
@@ -176,15 +176,15 @@ def import_sxm_command(
     with its reason and a summary; returns {"out", "n", "counts", "skipped"}. Raises `DataError` subclasses."""
     out = Path(out)
     if direction not in ("forward", "backward"):
-        raise ImportError_(f"--direction must be forward or backward, got {direction!r}")
+        raise LabImportError(f"--direction must be forward or backward, got {direction!r}")
     if out.exists() and not overwrite:
-        raise ImportError_(f"{out} exists (pass --overwrite to replace it)")
-    candidates, skipped = _collect(inputs, skip_bad)
+        raise LabImportError(f"{out} exists (pass --overwrite to replace it)")
+    candidates, skipped = _collect(inputs)
     label_table = read_labels(labels) if labels is not None else {}
     known = {c.relative for c in candidates} | {c.path.name for c in candidates}
     unknown = sorted(set(label_table) - known)
     if unknown:
-        raise ImportError_(f"{labels}: {len(unknown)} labelled file(s) not among the inputs, e.g. {unknown[0]}")
+        raise LabImportError(f"{labels}: {len(unknown)} labelled file(s) not among the inputs, e.g. {unknown[0]}")
     imported: list[Imported] = []
     for c in candidates:
         label = _label_of(c, label_table)
@@ -203,7 +203,7 @@ def import_sxm_command(
     for line in skipped:
         print(line)
     if not imported:
-        raise ImportError_(f"nothing to import: all {len(candidates)} .sxm file(s) were skipped")
+        raise LabImportError(f"nothing to import: all {len(candidates)} .sxm file(s) were skipped")
     names: dict[str, int] = {}
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def manifest_gallery(dataset: Path | str, out_png: Path | str, *, columns: int =
     with open(root / MANIFEST, newline="") as f:
         rows = list(csv.DictReader(f))[:max_frames]
     if not rows:
-        raise ImportError_(f"{root / MANIFEST} lists no frames")
+        raise LabImportError(f"{root / MANIFEST} lists no frames")
     n_rows = max(1, math.ceil(len(rows) / columns))
     fig, axes = plt.subplots(n_rows, columns, figsize=(2.6 * columns, 2.9 * n_rows + 0.4), squeeze=False)
     for ax in axes.ravel():
