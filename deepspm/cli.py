@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from deepspm.controller import validate as check
+
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     from deepspm.controller.config import parse_override
@@ -44,9 +46,11 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    check.check_run_config(cfg, args)  # before anything is created
     from deepspm.controller.runner import run_from_cli
 
-    return run_from_cli(_load(args), args)
+    return run_from_cli(cfg, args)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -201,7 +205,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = check.OneLineParser(
         prog="deepspm",
         description="Autonomous STM controller (DeepSPM re-implemented) speaking the Nanonis TCP protocol.",
     )
@@ -214,25 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(run)
     run.add_argument("--host", help="Nanonis host (IP or name); omit to run against the embedded simulator")
-    run.add_argument("--port", type=int, help="Nanonis TCP programming-interface port (default 6501)")
-    run.add_argument("--frames", type=int, help="stop after this many recorded frames (default: 300 in simulation)")
-    run.add_argument("--hours", type=float, help="stop after this many hours of run time")
+    run.add_argument("--port", type=check.config_value("instrument.port", int), help="Nanonis TCP programming-interface port (default 6501)")
+    run.add_argument("--frames", type=check.config_value("run.frames", int), help="stop after this many recorded frames (default: 300 in simulation)")
+    run.add_argument("--hours", type=check.config_value("run.hours", float), help="stop after this many hours of run time")
     run.add_argument("--train", action="store_true", help="training mode: re-damage the probe after every success")
-    run.add_argument("--seed", type=int, help="root seed of every random stream (default 0)")
-    run.add_argument("--time-scale", dest="time_scale", type=float,
+    run.add_argument("--seed", type=check.config_value("run.seed", int), help="root seed of every random stream (default 0)")
+    run.add_argument("--time-scale", dest="time_scale", type=check.config_value("run.time_scale", float),
                      help="simulator only: wall seconds per simulated second (0 = as fast as possible, 1 = real time)")
-    run.add_argument("--sim-seed", dest="sim_seed", type=int, default=None,
+    run.add_argument("--sim-seed", dest="sim_seed", type=check.seed, default=None,
                      help="simulator only: seed of the simulated sample and probe (default: the run's seed)")
-    run.add_argument("--out", type=Path, metavar="RUN_DIR", help="run directory (default: runs/<UTC time>)")
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed or stopped run in RUN_DIR")
+    run.add_argument("--out", type=check.output_dir, metavar="RUN_DIR",
+                     help="run directory, new or empty (default: runs/<UTC time>)")
+    run.add_argument("--resume", type=check.run_directory, metavar="RUN_DIR",
+                     help="continue a killed run in RUN_DIR (its settings come from its journal: no other run option)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")
     run.set_defaults(func=_run)
 
     sim = sub.add_parser("simulate", help="serve the simulated microscope over the Nanonis protocol",
                          description="Serve the simulated STM on 127.0.0.1 for any Nanonis client until Ctrl-C.")
-    sim.add_argument("--port", type=int, default=6501, help="TCP port on 127.0.0.1 (default 6501)")
-    sim.add_argument("--seed", type=int, default=0, help="seed of the simulated sample and probe (default 0)")
-    sim.add_argument("--time-scale", dest="time_scale", type=float, default=1.0,
+    sim.add_argument("--port", type=check.free_local_port, default=6501,
+                     help="TCP port on 127.0.0.1, 1-65535, free (default 6501)")
+    sim.add_argument("--seed", type=check.seed, default=0, help="seed of the simulated sample and probe (default 0)")
+    sim.add_argument("--time-scale", dest="time_scale", type=check.float_range(0, 100), default=1.0,
                      help="wall seconds per simulated second: 1 = real time (default), 0 = as fast as possible")
     sim.add_argument("--sample", choices=("ag_mgpc", "hsi"), default="ag_mgpc",
                      help="the simulated surface: MgPc on Ag(100) (default) or H:Si(100)-(2x1) with its tip states")
@@ -244,26 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "recorded) and check that it emits the same commands and transitions; prints 'identical' or "
                     "the first diverging sequence number. With --classifier/--agent: what would other nets have done?",
     )
-    replay.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
+    replay.add_argument("run_dir", type=check.journaled_run, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
     replay.add_argument("--mode", choices=("recorded", "recompute"), default="recorded",
                         help="recorded: inject the journal's net outputs (checks the controller logic); recompute: "
                              "run the journal's checkpoints and require the same decisions (checks the nets too)")
-    replay.add_argument("--classifier", type=Path, metavar="CKPT", help="what-if: replay with this classifier")
-    replay.add_argument("--agent", type=Path, metavar="CKPT", help="what-if: replay with this agent")
+    replay.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT", help="what-if: replay with this classifier")
+    replay.add_argument("--agent", type=check.checkpoint_of_kind("agent"), metavar="CKPT", help="what-if: replay with this agent")
     replay.set_defaults(func=_replay)
 
     report = sub.add_parser("report", help="plots and a summary of a run (PNG + HTML)",
                             description="Write plots (approach-area maps, p(good) over time, actions per episode, "
                                         "frame montages) and an HTML page with the run's summary.")
-    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
-    report.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the PNGs and index.html")
+    report.add_argument("run_dir", type=check.journaled_run, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
+    report.add_argument("--out", type=check.output_dir, required=True, metavar="DIR", help="where to write the PNGs and index.html")
     report.set_defaults(func=_report)
 
     status = sub.add_parser("status", help="the state of a (running) run, read from its journal",
                             description="Show a run's state, counters and last frame from its journal; usable over SSH.")
-    status.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
+    status.add_argument("run_dir", type=check.run_directory, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
     status.add_argument("--follow", action="store_true", help="refresh until the run stops (Ctrl-C to leave)")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --follow (default 2)")
+    status.add_argument("--interval", type=check.float_range(0, 3600, lo_open=True, unit="s"), default=2.0, help="seconds between refreshes with --follow (default 2)")
     status.set_defaults(func=_status)
 
     dataset = sub.add_parser("dataset", help="training data: synthetic, imported from .sxm, galleries",
@@ -274,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "OUT/good/*.npy and OUT/bad/*.npy, plus labels.csv with the probe kind.")
     synth.add_argument("--n", type=_positive_int, required=True, help="number of frames")
     synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    synth.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    synth.add_argument("--seed", type=check.seed, default=0, help="simulator seed (default 0)")
     synth.add_argument("--good-fraction", dest="good_fraction", type=_fraction, default=None,
                        help="fraction of frames taken with a good probe, 0-1 (default 0.25 as the paper's data; "
                             "hsi: 0.46, about the real set's share)")
@@ -286,10 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     gal = dataset_sub.add_parser("gallery", help="a labelled montage PNG of a data set",
                                  description="Draw a labelled montage of good and bad frames of a data set.")
     gal.add_argument("dataset", type=Path, metavar="DIR", help="a folder with good/ and bad/ sub-folders")
-    gal.add_argument("--out", type=Path, required=True, metavar="PNG", help="the PNG to write")
-    gal.add_argument("--per-class", dest="per_class", type=int, default=12, help="frames per class (default 12)")
-    gal.add_argument("--seed", type=int, default=0, help="which frames are picked (default 0)")
-    gal.add_argument("--real", type=Path, metavar="NPZ",
+    gal.add_argument("--out", type=check.output_file(".png"), required=True, metavar="PNG", help="the PNG to write")
+    gal.add_argument("--per-class", dest="per_class", type=check.int_range(1, 1000), default=12, help="frames per class (default 12)")
+    gal.add_argument("--seed", type=check.seed, default=0, help="which frames are picked (default 0)")
+    gal.add_argument("--real", type=check.labelled_data, metavar="NPZ",
                      help="H:Si sets (.npz): real frames of the matching classes to show beside the simulated ones")
     gal.set_defaults(func=_dataset_gallery)
     imp = dataset_sub.add_parser(
@@ -316,15 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
         "classifier", help="train a probe classifier",
         description="Train a probe classifier. DATA: folders in the original DeepSPM layout (good/*.npy, bad/*.npy, "
                     "raw heights in metres; *Ransac.npy already levelled), our synthetic sets, or the H:Si(100) .npz.")
-    tc.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
-    tc.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint directory to write")
+    tc.add_argument("--data", type=check.labelled_data, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
+    tc.add_argument("--out", type=check.output_dir, required=True, metavar="CKPT", help="checkpoint directory to write")
     tc.add_argument("--preset", default="compact", choices=("tiny", "compact", "original", "paper"),
                     help="network size (default compact; paper needs a GPU workstation)")
-    tc.add_argument("--epochs", type=int, default=20, help="passes over the training split (default 20)")
-    tc.add_argument("--seed", type=int, default=0, help="seed of the split, init, batches and flips (default 0)")
-    tc.add_argument("--val-fraction", dest="val_fraction", type=float, default=0.24,
+    tc.add_argument("--epochs", type=check.int_range(1, 100_000), default=20, help="passes over the training split (default 20)")
+    tc.add_argument("--seed", type=check.seed, default=0, help="seed of the split, init, batches and flips (default 0)")
+    tc.add_argument("--val-fraction", dest="val_fraction", type=check.float_range(0, 1, hi_open=True), default=0.24,
                     help="fraction kept for validation, stratified by label (default 0.24, as the paper)")
-    tc.add_argument("--good-weight", dest="good_weight", type=float, default=8.0,
+    tc.add_argument("--good-weight", dest="good_weight", type=check.float_range(0, 1e6, lo_open=True), default=8.0,
                     help="loss weight of good-probe images (default 8, the paper; 1 suits a balanced set)")
     tc.add_argument("--keep", choices=("last", "best"), default="last",
                     help="weights to save: the last epoch's (default), or the epoch with the best validation ROC AUC "
@@ -335,11 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     ta = train_sub.add_parser("agent", help="train the double-DQN agent in simulation",
                               description="Train the conditioning agent on the simulated microscope (in-process).")
     ta.add_argument("--sim", action="store_true", required=True, help="train in simulation (the only option)")
-    ta.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint directory to write")
-    ta.add_argument("--classifier", type=Path, metavar="CKPT",
+    ta.add_argument("--out", type=check.output_dir, required=True, metavar="CKPT", help="checkpoint directory to write")
+    ta.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT",
                     help="classifier that judges the episodes and initialises the agent (default: the shipped one)")
-    ta.add_argument("--steps", type=int, default=3000, help="conditioning actions to train for (default 3000)")
-    ta.add_argument("--seed", type=int, default=0, help="seed of the simulator and the agent (default 0)")
+    ta.add_argument("--steps", type=check.int_range(1, 10**8), default=3000, help="conditioning actions to train for (default 3000)")
+    ta.add_argument("--seed", type=check.seed, default=0, help="seed of the simulator and the agent (default 0)")
     ta.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     ta.set_defaults(func=_train_agent)
 
@@ -348,25 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = evaluate.add_subparsers(dest="evaluate_command", required=True, metavar="NET")
     ec = eval_sub.add_parser("classifier", help="metrics of a classifier checkpoint on a labelled set",
                              description="Accuracy, precision, recall, ROC AUC and confusion matrix of a checkpoint.")
-    ec.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="classifier checkpoint directory")
-    ec.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
-    ec.add_argument("--threshold", type=float, default=0.9, help="p(good) above this is good (default 0.9)")
-    ec.add_argument("--json", type=Path, metavar="FILE", help="also write the metrics as JSON")
-    ec.add_argument("--split", type=Path, metavar="SPLIT_JSON",
+    ec.add_argument("--checkpoint", type=check.checkpoint_of_kind("classifier"), required=True, metavar="CKPT", help="classifier checkpoint directory")
+    ec.add_argument("--data", type=check.labelled_data, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
+    ec.add_argument("--threshold", type=check.float_range(0, 1, lo_open=True, hi_open=True), default=0.9, help="p(good) above this is good (default 0.9)")
+    ec.add_argument("--json", type=check.output_file(), metavar="FILE", help="also write the metrics as JSON")
+    ec.add_argument("--split", type=check.split_file, metavar="SPLIT_JSON",
                     help="evaluate only the validation rows of a training run (its split.json)")
-    ec.add_argument("--seed", type=int, default=0, help="RANSAC seed for levelling raw frames (default 0)")
-    ec.add_argument("--min-responses", dest="min_responses", type=int, default=1,
+    ec.add_argument("--seed", type=check.seed, default=0, help="RANSAC seed for levelling raw frames (default 0)")
+    ec.add_argument("--min-responses", dest="min_responses", type=check.int_range(1, 1000), default=1,
                     help="H:Si set: keep images with at least this many crowd votes (default 1)")
     ec.set_defaults(func=_evaluate_classifier)
     ea = eval_sub.add_parser("agent", help="the agent versus random actions in simulation, interleaved",
                              description="Episodes alternate between the agent and uniform random actions on one "
                                          "simulated microscope; prints actions per episode for each and the ratio.")
     ea.add_argument("--sim", action="store_true", required=True, help="evaluate in simulation (the only option)")
-    ea.add_argument("--checkpoint", type=Path, metavar="CKPT", help="agent checkpoint (default: the shipped one)")
-    ea.add_argument("--classifier", type=Path, metavar="CKPT", help="classifier judging the frames (default: shipped)")
-    ea.add_argument("--episodes", type=int, default=200, help="episodes per policy (default 200)")
-    ea.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
-    ea.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    ea.add_argument("--checkpoint", type=check.checkpoint_of_kind("agent"), metavar="CKPT", help="agent checkpoint (default: the shipped one)")
+    ea.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT", help="classifier judging the frames (default: shipped)")
+    ea.add_argument("--episodes", type=check.int_range(1, 10**6), default=200, help="episodes per policy (default 200)")
+    ea.add_argument("--seed", type=check.seed, default=0, help="simulator seed (default 0)")
+    ea.add_argument("--json", type=check.output_file(), metavar="FILE", help="also write the results as JSON")
     ea.set_defaults(func=_evaluate_agent)
 
     export = sub.add_parser(
@@ -396,24 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except Exception as exc:  # a clear one-line error for configuration and setup problems
-        from deepspm.controller.config import ConfigError
-        from deepspm.controller.journal import JournalError
-        from deepspm.controller.runlock import RunDirInUse
-        from deepspm.controller.export import ExportError
-        from deepspm.controller.session import CheckpointMismatch, ResumeError
-        from deepspm.io.sxm import SxmError
-        from deepspm.nets.data import DataError
-
-        if isinstance(exc, (ConfigError, FileNotFoundError, ResumeError, JournalError, RunDirInUse, CheckpointMismatch,
-                            SxmError, ExportError, DataError, FileExistsError)):
-            print(f"deepspm: error: {exc}", file=sys.stderr)
-            return 2
-        raise
-
+    """Bad input is one line and exit 2; an internal error one line, exit 1 and a crash log (controller.validate)."""
+    return check.run_cli(build_parser, argv)
 
 if __name__ == "__main__":
     sys.exit(main())
