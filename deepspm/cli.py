@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="serve the simulated microscope over the Nanonis protocol",
                          description="Serve the simulated STM on 127.0.0.1 for any Nanonis client until Ctrl-C.")
     sim.add_argument("--port", type=check.free_local_port, default=6501,
-                     help="TCP port on 127.0.0.1, 1-65535, free (default 6501)")
+                     help="TCP port on 127.0.0.1: 1-65535 and free, or 0 for any free port (default 6501)")
     sim.add_argument("--seed", type=check.seed, default=0, help="seed of the simulated sample and probe (default 0)")
     sim.add_argument("--time-scale", dest="time_scale", type=check.float_range(0, 100), default=1.0,
                      help="wall seconds per simulated second: 1 = real time (default), 0 = as fast as possible")

@@ -153,8 +153,11 @@ port_number = int_range(1, 65535, "port")
 
 
 def free_local_port(text: str) -> int:
-    """A port number on which this process may listen on 127.0.0.1 now: not in use, not privileged."""
-    port = port_number(text)
+    """A port number on which this process may listen on 127.0.0.1 now (not in use, not privileged), or 0: any
+    free port, chosen by the system."""
+    port = int_range(0, 65535, "port")(text)
+    if port == 0:
+        return 0
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         if os.name != "nt":  # as asyncio's servers do, so a port in TIME_WAIT is not refused
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -209,11 +212,11 @@ def run_directory(text: str) -> Path:
     """A run directory: a folder holding journal.jsonl."""
     path = Path(text)
     if not path.exists():
-        _refuse(f"{path} does not exist")
+        _refuse(f"no journal in {path}: the folder does not exist")
     if not path.is_dir():
         _refuse(f"{path} is a file, not a run directory")
     if not (path / "journal.jsonl").is_file():
-        _refuse(f"{path} is not a run directory (it has no journal.jsonl)")
+        _refuse(f"no journal in {path} (not a run directory)")
     return path
 
 
