@@ -214,9 +214,17 @@ def train_classifier_command(
     val_fraction: float = 0.24, batch_size: int = 64, learning_rate: float = 1e-3, l2: float = 5e-5,
     good_weight: float = 8.0, threshold: float = DEFAULT_THRESHOLD, multiclass: bool = False,
     min_responses: int = 1, workers: int | None = None, overwrite: bool = False, progress: bool = True,
-    keep: str = "last",
+    keep: str = "last", init: Path | str | None = None, freeze_epochs: int | None = None, patience: int | None = None,
+    finetune_learning_rate: float | None = None, max_train: int | None = None,
 ) -> dict[str, Any]:
-    """Train a probe classifier from scratch and save it as a checkpoint directory `out` (kind "classifier").
+    """Train a probe classifier (from scratch, or fine-tuned from `init`) and save it as a checkpoint directory
+    `out` (kind "classifier").
+
+    Fine-tuning (`init`: a classifier checkpoint directory, or "shipped" for the package's): the net and its
+    preset are the checkpoint's; the small-data recipe defaults to the conv features frozen for
+    `freeze_epochs` = 3 epochs, then every layer at `finetune_learning_rate` (learning_rate / 10), early
+    stopping after `patience` = 5 epochs without a better validation ROC AUC, and the best epoch kept.
+    `max_train` keeps at most that many training images (a stratified subset; the validation split is unchanged).
 
     data: one or more labelled sets (see `load_labelled`), concatenated. A seeded split stratified by label
     keeps `val_fraction` for validation (the paper's 24 %). Adam at `learning_rate`, L2 `l2` on kernels,
@@ -229,19 +237,33 @@ def train_classifier_command(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
+    start_from = None
+    if init is not None:
+        from deepspm.controller.session import checkpoint_path
+
+        ckpt = load_net(checkpoint_path(str(init), "classifier"), expect_kind="classifier")
+        start_from = (ckpt.net, ckpt.variables)
+        preset = ckpt.net.spec.name
+        freeze_epochs = 3 if freeze_epochs is None else freeze_epochs
+        patience = 5 if patience is None else patience
+        keep = "best"
     options = {
         "preset": preset, "epochs": epochs, "seed": seed, "val_fraction": val_fraction, "batch_size": batch_size,
         "learning_rate": learning_rate, "l2": l2, "good_weight": good_weight, "threshold": threshold,
         "multiclass": multiclass, "min_responses": min_responses, "keep": keep,
+        "init": None if init is None else str(init), "freeze_epochs": freeze_epochs or 0, "patience": patience or 0,
+        "finetune_learning_rate": finetune_learning_rate, "max_train": max_train,
     }
     images, labels, info = load_labelled_sets(
         list(data), multiclass=multiclass, min_responses=min_responses, seed=seed, workers=workers, progress=progress
     )
     config = ClassifierConfig(batch_size=batch_size, learning_rate=learning_rate, l2=l2, good_weight=good_weight,
-                              val_fraction=val_fraction, threshold=threshold, keep=keep)
+                              val_fraction=val_fraction, threshold=threshold, keep=keep,
+                              freeze_epochs=freeze_epochs or 0, patience=patience or 0,
+                              finetune_learning_rate=finetune_learning_rate, max_train=max_train)
     start = time.perf_counter()
     result = train_classifier(images, labels, preset, epochs, seed, config=config,
-                              class_names=info["class_names"], progress=progress)
+                              class_names=info["class_names"], progress=progress, init=start_from)
     seconds = time.perf_counter() - start
     metrics = result.metrics
     if info.get("kinds") is not None and labels.ndim == 1 and result.val_indices.size:
@@ -257,8 +279,9 @@ def train_classifier_command(
              metadata={k: v for k, v in summary.items() if k != "history"})
     _write_json(out / METRICS_FILE, summary)
     _write_json(out / "split.json", {"val_indices": result.val_indices.tolist(), "data": [str(p) for p in data]})
-    print(f"classifier ({preset}, seed {seed}) trained on {summary['n_train']} images in {seconds:.0f} s; "
-          f"kept epoch {result.epoch} of {epochs} ({keep}); validation on {summary['n_val']}:")
+    origin = "from scratch" if init is None else f"fine-tuned from {init}"
+    print(f"classifier ({preset}, seed {seed}, {origin}) trained on {summary['n_train']} images in {seconds:.0f} s; "
+          f"kept epoch {result.epoch} of {len(result.history)} run ({keep}); validation on {summary['n_val']}:")
     if metrics:
         print(format_metrics(metrics))
     print(f"saved {out}")

@@ -53,10 +53,56 @@ class ClassifierConfig:
     flips: bool = True
     eval_batch_size: int = 256
     keep: str = "last"  # the weights returned: the last epoch's, or "best": the best validation ROC AUC's
+    # fine-tuning (small data): the conv features frozen for the first `freeze_epochs` (only the dense layers
+    # and the head learn), then everything at `finetune_learning_rate` (default: learning_rate / 10);
+    # `patience` > 0 stops after that many epochs without a better validation score (early stopping)
+    freeze_epochs: int = 0
+    finetune_learning_rate: float | None = None
+    patience: int = 0
+    max_train: int | None = None  # use at most this many training images (a stratified, seeded subset)
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP_CHOICES:
             raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {self.keep!r}")
+        if self.freeze_epochs < 0 or self.patience < 0:
+            raise ValueError("freeze_epochs and patience must be >= 0")
+        if self.max_train is not None and self.max_train < 1:
+            raise ValueError(f"max_train must be >= 1, got {self.max_train}")
+
+
+FEATURE_LAYERS = ("convs",)
+"""Top-level parameter groups that `freeze_epochs` keeps fixed: the convolutional feature extractor."""
+
+
+def _is_feature(path: tuple[Any, ...]) -> bool:
+    first = path[0] if path else None
+    return getattr(first, "key", getattr(first, "name", first)) in FEATURE_LAYERS
+
+
+def frozen_features_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    """Adam on every parameter except the conv features, whose updates are zero."""
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if _is_feature(path) else "train", params)
+
+    return optax.multi_transform({"train": optax.adam(learning_rate), "frozen": optax.set_to_zero()}, labels)
+
+
+def stratified_subset(indices: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Exactly `n` of `indices` (all if fewer), each label pattern keeping its share (largest remainders)."""
+    indices = np.asarray(indices)
+    if n >= indices.size:
+        return indices
+    flat = np.asarray(labels)[indices].reshape(indices.size, -1)
+    _, strata = np.unique(flat, axis=0, return_inverse=True)
+    strata = strata.ravel()
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    quotas = np.array([n * g.size / indices.size for g in groups])
+    counts = np.floor(quotas).astype(int)
+    for k in np.argsort(-(quotas - counts), kind="stable")[: n - counts.sum()]:
+        counts[k] += 1
+    rng = np.random.default_rng([seed, 0x5B5E])
+    chosen = [indices[rng.permutation(g)[:c]] for g, c in zip(groups, counts)]
+    return np.sort(np.concatenate(chosen))
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +240,7 @@ def train_classifier(
     class_names: Sequence[str] | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    init: tuple[NetDef, NetVars] | None = None,
 ) -> TrainResult:
     """Train a classifier from scratch on pre-processed images (N, 64, 64[, 1]) and labels (N,) or (N, K).
 
@@ -201,10 +248,15 @@ def train_classifier(
     shuffling and the split use numpy generators seeded from the same seed. The last epoch's weights are
     returned, or with `config.keep == "best"` those of the epoch with the best `selection_score` (the
     earliest on a tie); `on_epoch` receives each epoch's record (e.g. to checkpoint).
+
+    `init`: start from these weights (fine-tuning; `preset` is then the init's) instead of a fresh net; see
+    `ClassifierConfig.freeze_epochs`, `finetune_learning_rate` and `patience` for the small-data recipe.
     """
     labels = np.asarray(labels, dtype=np.float32)
     n_outputs = 1 if labels.ndim == 1 else labels.shape[1]
-    net = NetDef.of(preset, n_outputs)
+    net = NetDef.of(preset, n_outputs) if init is None else init[0]
+    if net.n_outputs != n_outputs:
+        raise ValueError(f"the initial net has {net.n_outputs} output(s) but the labels need {n_outputs}")
     batch = as_image_batch(images, net.spec.image_side_px)
     if batch.shape[0] != labels.shape[0]:
         raise ValueError(f"{batch.shape[0]} images but {labels.shape[0]} labels")
@@ -212,18 +264,32 @@ def train_classifier(
         raise ValueError("images contain NaN or inf")
 
     train_idx, val_idx = stratified_split(labels, config.val_fraction, seed)
-    if config.keep == "best" and val_idx.size == 0:
-        raise ValueError('keep="best" needs a validation split (val_fraction > 0)')
+    if config.max_train is not None:
+        train_idx = stratified_subset(train_idx, labels, config.max_train, seed)
+    if (config.keep == "best" or config.patience) and val_idx.size == 0:
+        raise ValueError('keep="best" and early stopping need a validation split (val_fraction > 0)')
     batch_size = min(config.batch_size, train_idx.size)
     if batch_size == 0:
         raise ValueError("no training images")
     root = jax.random.key(seed)
     step_root = jax.random.fold_in(root, _STEP)
-    variables = net.init(jax.random.fold_in(root, _INIT))
-    optimizer = optax.adam(config.learning_rate)
-    opt_state = optimizer.init(variables.params)
+    if init is None:
+        variables = net.init(jax.random.fold_in(root, _INIT))
+    else:
+        variables = jax.tree.map(jnp.copy, init[1])  # train_step donates its input: never consume the caller's
     traces = TraceCounter()
-    train_step = make_train_step(net, optimizer, config, traces)
+
+    def phase(epoch: int) -> tuple[optax.GradientTransformation, StepFn]:
+        if epoch < config.freeze_epochs:
+            optimizer = frozen_features_optimizer(config.learning_rate)
+        elif config.freeze_epochs or init is not None:
+            optimizer = optax.adam(config.finetune_learning_rate or config.learning_rate / 10)
+        else:
+            optimizer = optax.adam(config.learning_rate)
+        return optimizer, make_train_step(net, optimizer, config, traces)
+
+    optimizer, train_step = phase(0)
+    opt_state = optimizer.init(variables.params)
     predictor = Predictor(net, variables, "probability")
     shuffle_rng = np.random.default_rng([seed, 0x5A1F])
 
@@ -237,8 +303,13 @@ def train_classifier(
     history: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     best: tuple[int, NetVars, dict[str, Any]] | None = None
+    keep_best = config.keep == "best" or config.patience > 0
+    stale = 0
     step = 0
     for epoch in range(epochs):
+        if epoch > 0 and epoch == config.freeze_epochs:  # unfreeze: a new optimiser for every parameter
+            optimizer, train_step = phase(epoch)
+            opt_state = optimizer.init(variables.params)
         order = shuffle_rng.permutation(train_idx)
         n_batches = order.size // batch_size  # drop the ragged tail: one shape, one trace
         losses = []
@@ -254,14 +325,20 @@ def train_classifier(
         bar.close()
         metrics = validation_metrics(variables)
         record = {"epoch": epoch + 1, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
-                  "val": metrics}
+                  "val": metrics, "frozen_features": epoch < config.freeze_epochs}
         history.append(record)
-        if config.keep == "best" and (best is None or selection_score(metrics) > selection_score(best[2])):
+        if keep_best and (best is None or selection_score(metrics) > selection_score(best[2])):
             best = (epoch + 1, jax.tree.map(jnp.copy, variables), metrics)  # train_step consumes `variables`
+            stale = 0
+        else:
+            stale += 1
         if on_epoch is not None:
             on_epoch(record)
+        if config.patience and stale >= config.patience:
+            record["early_stop"] = True
+            break
 
-    kept_epoch = epochs
+    kept_epoch = len(history)
     if best is not None:
         kept_epoch, variables, metrics = best
     traces.update(predictor.traces)
