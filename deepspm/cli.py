@@ -153,7 +153,9 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
     train_classifier_command(args.data, args.out, preset=args.preset, epochs=args.epochs, seed=args.seed,
                              val_fraction=args.val_fraction, good_weight=args.good_weight,
-                             multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep)
+                             multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep, init=args.init,
+                             freeze_epochs=args.freeze_epochs, patience=args.patience,
+                             finetune_learning_rate=args.finetune_lr, max_train=args.max_train)
     return 0
 
 
@@ -336,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--keep", choices=("last", "best"), default="last",
                     help="weights to save: the last epoch's (default), or the epoch with the best validation ROC AUC "
                          "(macro over classes with --multiclass); metrics.json names the kept epoch")
+    tc.add_argument("--init", metavar="CKPT",
+                    help="fine-tune from a classifier checkpoint directory, or 'shipped' (the package's); its preset "
+                         "is used, with the small-data recipe: --freeze-epochs 3, --patience 5, --keep best")
+    tc.add_argument("--freeze-epochs", dest="freeze_epochs", type=int,
+                    help="epochs with the conv features frozen (only dense layers and head learn); default 3 with "
+                         "--init, else 0")
+    tc.add_argument("--patience", type=int,
+                    help="stop after this many epochs without a better validation ROC AUC (default 5 with --init, "
+                         "else 0 = never)")
+    tc.add_argument("--finetune-lr", dest="finetune_lr", type=float,
+                    help="learning rate after the frozen epochs, and for all of --init training (default lr/10)")
+    tc.add_argument("--max-train", dest="max_train", type=int, metavar="N",
+                    help="train on at most N images (a stratified subset of the training split; validation unchanged)")
     tc.add_argument("--multiclass", action="store_true", help="H:Si set: one output per crowd-voted class")
     tc.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     tc.set_defaults(func=_train_classifier)
