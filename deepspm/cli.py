@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the files")
     export.add_argument("--frames", choices=("all", "judged"), default="all",
                         help="run frames: all recorded (default) or only those the classifier judged")
-    export.add_argument("--frame-size-nm", dest="frame_size_nm", type=float, default=10.0,
+    export.add_argument("--frame-size-nm", dest="frame_size_nm", type=check.float_range(0, 1e5, lo_open=True, unit="nm"),
+                        default=10.0,
                         help="data sets without a manifest: frame width in nm (default 10, the simulator's)")
     export.add_argument("--overwrite", action="store_true", help="replace existing files in DIR")
     export.set_defaults(func=_export)

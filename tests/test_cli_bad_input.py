@@ -191,6 +191,14 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
      ("--classifier",)),
     ("evaluate-agent-episodes-zero", ["evaluate", "agent", "--sim", "--episodes", "0"], ("--episodes",)),
     ("evaluate-agent-json-no-folder", ["evaluate", "agent", "--sim", "--json", "out/r.json"], ("--json",)),
+    # export, dataset import
+    ("export-a-file", ["export", "file.txt", "--out", "ex"], ("file.txt", "not a run directory")),
+    ("export-not-a-run", ["export", "empty", "--out", "ex"], ("empty", "neither a run directory")),
+    ("export-format-unknown", ["export", "run", "--out", "ex", "--format", "tiff"], ("--format",)),
+    ("export-frame-size-negative", ["export", "set", "--out", "ex", "--frame-size-nm", "-3"], ("--frame-size-nm",)),
+    ("import-missing", ["dataset", "import", "typo", "--out", "lab"], ("typo", "no such file")),
+    ("import-no-sxm", ["dataset", "import", "empty", "--out", "lab"], ("empty", "no .sxm files")),
+    ("import-out-exists", ["dataset", "import", "empty", "--out", "file.txt"], ("file.txt", "exists")),
     # config show, fsm, the command itself
     ("config-set-junk", ["config", "show", "--set", "scan.pixels=abc"], ("scan.pixels",)),
     ("config-set-no-equals", ["config", "show", "--set", "scan.pixels"], ("scan.pixels",)),
