@@ -44,10 +44,10 @@ class Randomisation:
     frame_large_m: tuple[float, float] = (5e-9, 25e-9)  # 512 px scans
     large_fraction: float = 0.15
     lattice_amp_m: tuple[float, float] = (0.5 * ANGSTROM, 1.4 * ANGSTROM)  # the height scale of the corrugation
-    atom_sigma_m: tuple[float, float] = (0.07 * NM, 0.1 * NM)
-    dangling_bond_density_per_nm2: tuple[float, float] = (0.0, 0.05)
+    atom_sigma_m: tuple[float, float] = (0.06 * NM, 0.085 * NM)
+    dangling_bond_density_per_nm2: tuple[float, float] = (0.0, 0.08)
     missing_dimer_density_per_nm2: tuple[float, float] = (0.0, 0.05)
-    adsorbate_density_per_nm2: tuple[float, float] = (0.0, 0.012)
+    adsorbate_density_per_nm2: tuple[float, float] = (0.0, 0.02)
     cluster_density_per_nm2: tuple[float, float] = (0.0, 0.004)
     mean_terrace_width_m: tuple[float, float] = (15e-9, 120e-9)
     # the instrument

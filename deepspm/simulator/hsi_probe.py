@@ -7,13 +7,13 @@ flip under it shows them buckled (`ProbeState.buckling`).
 
 | state       | apex (Gaussian sigma)            | what the image shows                              | real-set class   |
 |-------------|----------------------------------|---------------------------------------------------|------------------|
-| atoms       | one, 0.03-0.07 nm                | both atoms of every dimer                         | Individual Atoms |
-| dimers      | one, 0.08-0.14 nm                | bean-shaped dimers along the rows                 | Dimers           |
-| asymmetric  | one, 0.05-0.12 nm, buckling 0.4-1 | dimers buckled in zigzag / p(2x2) patterns        | Asymmetries      |
-| rows        | one, 0.17-0.28 nm                | the 0.77 nm rows only                             | Rows             |
+| atoms       | one, 0.01-0.04 nm                | both atoms of every dimer                         | Individual Atoms |
+| dimers      | one, 0.04-0.10 nm                | bean-shaped dimers along the rows                 | Dimers           |
+| asymmetric  | one, 0.02-0.10 nm, buckling 0.4-1 | dimers buckled in zigzag / p(2x2) patterns        | Asymmetries      |
+| rows        | one, 0.14-0.24 nm                | the 0.77 nm rows only                             | Rows             |
 | double      | two, 0.4-2 nm apart              | every feature twice                               | Bad/Blurry       |
 | multiple    | three or four                    | features smeared into several copies              | Bad/Blurry       |
-| blurry      | one, 0.3-0.9 nm, unstable        | no lattice, blobs; flicker and streaks            | Bad/Blurry       |
+| blurry      | one, 0.2-0.8 nm, unstable        | no lattice, blobs; flicker and streaks            | Bad/Blurry       |
 
 A tip change within a frame (the kernel switches at some line, `microscope` / `hsi_dataset`) is the real
 set's Tip Change class. Atoms, dimers and asymmetric are good (the real set's good classes); rows is not
@@ -175,14 +175,14 @@ def make_hsi_probe(state: HsiTipState, rng: np.random.Generator) -> ProbeState:
     state = HsiTipState(state)
     sev = _u(rng, 0.0, 1.0)
     if state is HsiTipState.ATOMS:
-        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.03, 0.07) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12)
+        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.01, 0.04) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12)
     if state is HsiTipState.DIMERS:
-        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.08, 0.14) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12)
+        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.04, 0.1) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12)
     if state is HsiTipState.ASYMMETRIC:
-        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.05, 0.12) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12,
+        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.02, 0.1) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12,
                           buckling=_u(rng, 0.4, 1.0))
     if state is HsiTipState.ROWS:
-        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.17, 0.28) * NM, 1.0),), sev, _u(rng, 1.5, 3.0) * 1e-12, 2e-12)
+        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.14, 0.24) * NM, 1.0),), sev, _u(rng, 1.5, 3.0) * 1e-12, 2e-12)
     if state is HsiTipState.DOUBLE:
         dx, dy = _offset(rng, 0.4 + 0.4 * sev, 1.0 + 1.0 * sev)
         main = Apex(0.0, 0.0, _u(rng, 0.1, 0.35) * NM, 1.0)
@@ -195,7 +195,7 @@ def make_hsi_probe(state: HsiTipState, rng: np.random.Generator) -> ProbeState:
             apices.append(Apex(dx, dy, _u(rng, 0.12, 0.45) * NM, _u(rng, 0.2, 1.0)))
         return ProbeState(state, tuple(apices), sev, _u(rng, 2.0, 5.0) * 1e-12, 3e-12)
     if state is HsiTipState.BLURRY:
-        main = Apex(0.0, 0.0, (0.3 + 0.6 * sev) * NM, 1.0)
+        main = Apex(0.0, 0.0, (0.2 + 0.6 * sev) * NM, 1.0)
         dx, dy = _offset(rng, 0.2, 0.8)
         alt = Apex(dx, dy, _u(rng, 0.3, 0.9) * NM, 1.0)
         return ProbeState(state, (main,), sev, _u(rng, 3.0, 9.0) * 1e-12, 5e-12, streak_rate=0.02 + 0.2 * sev,
