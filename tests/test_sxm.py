@@ -186,3 +186,39 @@ def test_gwyddion_opens_our_files_the_right_way_up(tmp_path: Path, scan_up: bool
     grey = np.asarray(Image.open(png).convert("L"), float)
     assert grey[:4].mean() > grey[-4:].mean() + 50  # the top band is at the top
     assert grey[:, :4].mean() > grey[:, -4:].mean() + 20  # the left band is on the left
+
+
+GWYDDION = shutil.which("gwyddion")
+
+
+def _gwyddion_reads(path: Path, tmp_path: Path) -> dict[str, np.ndarray]:
+    """Gwyddion's own .sxm import (--convert-to-gwy), read back with gwyfile: {title: data field}."""
+    import gwyfile
+
+    out = tmp_path / f"{path.stem}.gwy"
+    subprocess.run([GWYDDION, f"--convert-to-gwy={out}", str(path)], check=True, timeout=120, capture_output=True)
+    container = gwyfile.load(str(out))
+    return {str(container[f"/{i}/data/title"]): container[f"/{i}/data"].data
+            for i in range(64) if f"/{i}/data" in container}
+
+
+@pytest.mark.skipif(GWYDDION is None, reason="Gwyddion is not installed (apt-get install gwyddion)")
+@pytest.mark.parametrize("scan_up", [True, False])
+def test_gwyddion_imports_our_files_identically(tmp_path: Path, scan_up: bool) -> None:
+    z_f, z_b = _frame(11, (16, 24)), _frame(12, (16, 24))
+    path = write_sxm(tmp_path / "g.sxm", [ScanImage("Z", "m", forward=z_f, backward=z_b)],
+                     _params(range_m=(6e-9, 4e-9), scan_up=scan_up))
+    fields = _gwyddion_reads(path, tmp_path)
+    assert np.array_equal(fields["Z (Forward)"], z_f.astype(np.float64))
+    assert np.array_equal(fields["Z (Backward)"], z_b.astype(np.float64))
+
+
+@needs_real
+@pytest.mark.skipif(GWYDDION is None, reason="Gwyddion is not installed (apt-get install gwyddion)")
+def test_gwyddion_agrees_on_a_real_up_and_down_file(tmp_path: Path) -> None:
+    for name in ("g80sxm_example_TOPO.sxm", "nanoscopy_STM_Au-111_Flat.sxm"):  # an up scan and a down scan
+        scan = read_sxm(SXM_DIR / name)
+        fields = _gwyddion_reads(SXM_DIR / name, tmp_path)
+        for direction in ("forward", "backward"):
+            ours = scan.image("Z", direction).astype(np.float64)
+            assert np.array_equal(fields[f"Z ({direction.capitalize()})"], ours), (name, direction)
