@@ -70,7 +70,7 @@ def test_sections_are_the_consumers_own_dataclasses_with_their_defaults() -> Non
     assert (cfg.run.seed, cfg.run.frames, cfg.run.hours, cfg.run.train, cfg.run.settle_s) == (0, None, None, False, 120.0)
     assert (cfg.instrument.host, cfg.instrument.port, cfg.instrument.release) == (None, 6501, None)
     assert (cfg.detection.lost_contact_extension, cfg.detection.crash_extension) == (0.95, 0.05)
-    assert (cfg.detection.max_consecutive_crashes, cfg.detection.bad_sample_accept_after) == (2, 250)
+    assert (cfg.detection.max_consecutive_crashes, cfg.detection.bad_sample_accept_after) == (1, 250)
     assert (cfg.classifier.checkpoint, cfg.classifier.threshold) == ("shipped", 0.9)
     assert (cfg.agent.epsilon, cfg.agent.learn_online, cfg.agent.updates_per_action) == (0.05, True, 4)
     assert (cfg.episode.bad_probe_threshold, cfg.episode.max_episode_actions, cfg.episode.reset_max_actions) == (10, 100, 5)

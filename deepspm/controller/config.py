@@ -110,7 +110,8 @@ class DetectionSettings:
 
     lost_contact_extension: float = 0.95
     crash_extension: float = 0.05
-    max_consecutive_crashes: int = 2  # the original stopped on the second crash in a row
+    # Recovered in a row at most this often; one more ends the run (both limits count the same way).
+    max_consecutive_crashes: int = 1  # the original stopped on the second crash in a row
     max_consecutive_lost_contacts: int = 5  # ours: the original re-approached without limit (weakness 12)
     max_consecutive_faults: int = 3  # ours: instrument errors in a row (timeouts, lost connections) that end the run
     crash_forbidden_radius_m: float = 150e-9
@@ -300,8 +301,8 @@ RANGES: dict[str, Bounds | Choices] = {
     "episode.reset_stop_below": _closed(0, 1),
     "detection.lost_contact_extension": _fraction_open(),
     "detection.crash_extension": _fraction_open(),
-    "detection.max_consecutive_crashes": _closed(1, 100),
-    "detection.max_consecutive_lost_contacts": _closed(1, 1000),
+    "detection.max_consecutive_crashes": _closed(0, 100),
+    "detection.max_consecutive_lost_contacts": _closed(0, 1000),
     "detection.max_consecutive_faults": _closed(1, 1000),
     "detection.crash_forbidden_radius_m": _closed(0, 1e-6),
     "detection.bad_sample_peak_to_peak_m": _positive(1e-6),
@@ -386,8 +387,8 @@ NOTES: dict[str, str] = {
     "episode.reset_stop_below": "training: the reset phase ends once p(good) is below this [paper]",
     "detection.lost_contact_extension": "z extension (fraction, 1 = towards the sample) beyond which contact is lost",
     "detection.crash_extension": "z extension (fraction, 0 = retracted) below which the tip has crashed",
-    "detection.max_consecutive_crashes": "crashes in a row that end the run (fault) [code]",
-    "detection.max_consecutive_lost_contacts": "lost contacts in a row that end the run (fault) [ours]",
+    "detection.max_consecutive_crashes": "crashes in a row that are recovered; one more ends the run (fault) [code: 1]",
+    "detection.max_consecutive_lost_contacts": "lost contacts in a row that are recovered; one more ends the run (fault) [ours]",
     "detection.max_consecutive_faults": "instrument errors in a row (timeouts, lost connections, error replies) "
                                         "that end the run [ours]",
     "detection.crash_forbidden_radius_m": "radius of the circle blocked around a crash, 150 nm [code]",

@@ -221,7 +221,12 @@ def z_trouble(rs: RunState, scanned: Scanned) -> Plan:
     for trouble, trigger, hit in (("contact", "contact_lost", ext >= s.lost_contact_extension),
                                   ("crash", "crashed", ext <= s.crash_extension)):
         if hit:
-            rs.position.recovery = trouble
+            pos = rs.position
+            pos.recovery = trouble
+            if trouble == "crash":  # counted when seen, so a failed retract is reported as itself, not as a crash
+                pos.consecutive_crashes += 1
+            else:
+                pos.consecutive_lost_contacts += 1
             yield ZCheck(extension=ext, verdict=trigger)
             yield Fire(trigger)
             return True
@@ -229,10 +234,11 @@ def z_trouble(rs: RunState, scanned: Scanned) -> Plan:
 
 
 def recovering(rs: RunState) -> Plan:
+    """Re-approach after lost contact, or retract and re-approach after a crash (elsewhere), then settle: the
+    paper waits after every approach. More than `max_consecutive_*` of the same trouble in a row ends the run."""
     pos, limits, s = rs.position, rs.config.detection, rs.config.approach
     if pos.recovery == "crash":
-        pos.consecutive_crashes += 1
-        if pos.consecutive_crashes >= limits.max_consecutive_crashes:
+        if pos.consecutive_crashes > limits.max_consecutive_crashes:
             raise RunFailed(f"{pos.consecutive_crashes} crashes in a row at {pos.target_xy_m} m")
         yield from retract_after_crash(s)
         rs.counters.crash_recoveries += 1
@@ -243,12 +249,12 @@ def recovering(rs: RunState) -> Plan:
         if elsewhere is not None:
             pos.target_xy_m = (float(elsewhere[0]), float(elsewhere[1]))
     else:
-        pos.consecutive_lost_contacts += 1
         if pos.consecutive_lost_contacts > limits.max_consecutive_lost_contacts:
             raise RunFailed(f"contact lost {pos.consecutive_lost_contacts} times in a row at {pos.target_xy_m} m")
         yield from approach(s)
         yield from set_z_extension(s)
         rs.counters.contact_recoveries += 1
+    yield Settle(rs.config.run.settle_s)
     pos.recovery = None
     pos.new_region = True  # the re-approach causes creep again: discard one frame
     yield Fire("recovered")
@@ -381,7 +387,8 @@ def act(rs: RunState, index: int, last: JudgedFrame) -> Plan:
 def moving(rs: RunState) -> Plan:
     yield from move_area(rs.config.approach, rs.config.approach.area_move_direction)
     rs.planner.new_area()
-    rs.position = dataclasses.replace(rs.position, previous_xy_m=(0.0, 0.0), new_region=True)
+    # a new approach area is a new sample region: the bad-sample count t starts again
+    rs.position = dataclasses.replace(rs.position, previous_xy_m=(0.0, 0.0), new_region=True, consecutive_bad_sample=0)
     rs.counters.moves += 1
     yield Fire("moved")
 

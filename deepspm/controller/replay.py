@@ -292,10 +292,8 @@ class ReplayBrain:
             if self.live is None:
                 raise Divergence(None, "the end of the recorded decisions", "an action")
             return await self.live.choose(image, mask, rng)
-        learned_online = not str(rec["agent"]).endswith("+0")
-        if self.mode == "recorded" or (self.mode == "recompute" and learned_online):
-            # The same draw on the same generator: the loop's random stream advances as it did. Weights
-            # changed by online learning are not in any checkpoint, so those decisions cannot be recomputed.
+        if self.mode == "recorded":
+            # The same draw on the same generator: the loop's random stream advances as it did.
             choice = select_action(rec["q_values"], mask, rec["epsilon"], rng)
             if choice.action != rec["action"]:
                 raise Divergence(rec["seq"], {"action": rec["action"]}, {"action": choice.action})
@@ -307,14 +305,19 @@ class ReplayBrain:
             raise Divergence(rec["seq"], {"action": rec["action"]}, {"action": decision.action})
         return decision
 
+    def _learners(self) -> list[Brain]:
+        """Who learns from the re-lived experiences: the recomputing nets (their weights must follow the run's,
+        update for update) and, on resume, the live nets (rebuilt exactly: memory and weights)."""
+        return [b for b in (self.nets if self.mode == "recompute" else None, self.live) if b is not None]
+
     def store(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, terminal: bool,
               next_mask: np.ndarray) -> None:
-        if self.live is not None:  # resume: rebuild the replay buffer exactly
-            self.live.store(state, action, reward, next_state, terminal, next_mask)
+        for brain in self._learners():
+            brain.store(state, action, reward, next_state, terminal, next_mask)
 
     async def learn(self) -> None:
-        if self.live is not None:
-            await self.live.learn()
+        for brain in self._learners():
+            await brain.learn()
 
 
 # -- operator requests ----------------------------------------------------------------------------------------------

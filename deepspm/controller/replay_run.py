@@ -82,9 +82,11 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     what_if = classifier is not None or agent is not None
     nets = None
     if what_if or mode == "recompute":
+        # Recomputing learns as the run learned (at the journal's points, update for update); a what-if does not.
+        learn_online = False if what_if else None
         nets = await asyncio.to_thread(
             load_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
-            Path(agent) if agent else recorded_checkpoint(start, "agent"), False)
+            Path(agent) if agent else recorded_checkpoint(start, "agent"), learn_online)
         check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent))
                                                if given is None))
     decisions = [r for r in records if r.get("kind") == "decision" and r.get("decision") in ("classify", "action")]
