@@ -43,7 +43,7 @@ from benchmarks.common import print_table, write_json
 from deepspm.controller.config import RunConfig, load_config
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.session import SimulatorOptions, load_brain, run_session
-from deepspm.io.instrument import NanonisInstrument
+from deepspm.io.instrument import OPERATIONS, NanonisInstrument
 from deepspm.nets.checkpoints import save_net
 from deepspm.nets.dqn import agent_from_classifier
 from deepspm.nets.model import NetDef, count_leaves
@@ -52,8 +52,7 @@ from deepspm.nets.presets import NetSpec
 N_ACTIONS = 12
 GOAL_FRACTION = 0.01  # of the frame time
 # The Instrument operations the loop awaits (connect and close happen outside the loop).
-TIMED_OPS = ("piezo_range", "z_state", "approach", "withdraw", "set_z_extension", "retract_after_crash", "scan",
-             "pulse", "dip", "move_area")
+TIMED_OPS = OPERATIONS
 # `NetDef.init` draws with threefry at XLA optimisation level 0: ~100 s for `paper`'s 561 M parameters. Above
 # this size the agent gets its own fast numpy-drawn variables instead of `agent_from_classifier`'s fresh head.
 FAST_AGENT_ABOVE_PARAMS = 50_000_000

@@ -9,6 +9,7 @@ for the connection itself only: `connect()` may be called again after a failure.
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -74,6 +75,9 @@ class NanonisConnection:
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
                     self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=_READ_CHUNK)
+                sock = self._writer.get_extra_info("socket")
+                if sock is not None:  # small requests go out at once, not after Nagle's delay
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.connects += 1
                 log.debug("nanonis.connected", host=self.host, port=self.port, attempt=attempt)
                 return
