@@ -216,10 +216,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(argv, names, workspace,
     monkeypatch.delenv(validate.TRACEBACK_ENV, raising=False)
     argv = [a.replace("{busy_port}", str(busy_port)) for a in argv]
     before = listing(workspace)
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse refuses while parsing, as in the installed script
-        code = e.code
+    code = main(argv)
     out, err = capsys.readouterr()
     assert code == 2, err
     assert err.count("\n") == 1 and err.endswith("\n"), err

@@ -547,7 +547,10 @@ def run_cli(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[
     """Parse, check and run one command; every failure ends in one line on stderr (see the module docstring)."""
     args: argparse.Namespace | None = None
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # argparse: --help (0) or a usage error, already printed on one line (2)
+            return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
         check_args(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
