@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from deepspm.controller import plans
+from deepspm.controller.commands import Wait
 from deepspm.io.client import NanonisClient
 from deepspm.io.commands import TABLE, Release, lookup
 from deepspm.io.connection import Backoff, NanonisConnection
@@ -710,17 +712,32 @@ async def test_nanonis_instrument_scans_an_oldest_release_server_with_slot_chann
             await instrument.close()
 
 
+async def drive(plan, instrument, sleep):  # noqa: ANN001, ANN201
+    """Run a plan stub (approach, z extension, area move) on the instrument: each command one operation."""
+    result = None
+    while True:
+        try:
+            command = plan.send(result)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(command, Wait):
+            result = await sleep(command.seconds)
+        else:
+            result = await getattr(instrument, command.op)(**command.instrument_kwargs())
+
+
 async def test_nanonis_instrument_runs_against_the_simulator():
     async with SimulatorServer(seed=41) as sim:
         m = sim.microscope
-        instrument = NanonisInstrument(our_client(sim.port), approach_settings=ApproachSettings(poll_s=0.0))
+        settings = ApproachSettings(poll_s=0.5)
+        instrument = NanonisInstrument(our_client(sim.port), approach_settings=settings)
         try:
             await instrument.connect()
             await instrument.withdraw()
             await instrument.client.motor_start_move(4, 6)  # sample out of reach: a real approach
-            state = await instrument.approach()
+            state = await drive(plans.approach(settings), instrument, sim.clock.sleep)
             assert state.controller_on and 0.9 < state.extension <= 1.0
-            state = await instrument.set_z_extension()
+            state = await drive(plans.set_z_extension(settings), instrument, sim.clock.sleep)
             assert state.extension == pytest.approx(0.8, abs=0.08)
             assert m.z_extension() == pytest.approx(state.extension, abs=1e-3)
 
@@ -741,9 +758,9 @@ async def test_nanonis_instrument_runs_against_the_simulator():
             assert len(m.area.debris_sites) == debris + 2
             assert m.bias_V() == pytest.approx(-1.0) and m.z_controller_on()
 
-            await instrument.move_area(0)
+            await drive(plans.move_area(settings, 0), instrument, sim.clock.sleep)
             assert m.approach_area() == (1, 0)
-            state = await instrument.approach()
+            state = await drive(plans.approach(settings), instrument, sim.clock.sleep)
             assert state.controller_on and 0.0 < state.extension < 1.0
             frame = await instrument.scan(20e-9, 20e-9, 10e-9)
             assert frame.complete and frame.centre_x_m == 20e-9

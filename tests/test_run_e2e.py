@@ -98,7 +98,7 @@ def test_a_tampered_reply_is_reported_at_its_sequence_number(recorded_run: Sessi
     path = copy / "journal.jsonl"
     lines = path.read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    target = [r for r in records if r["kind"] == "reply" and r["op"] == "set_z_extension"][-1]
+    target = [r for r in records if r["kind"] == "reply" and r["op"] == "z_state"][-1]
     target["result"]["z_m"] += 1e-9
     lines[target["seq"]] = json.dumps(target)
     path.write_text("\n".join(lines) + "\n")
