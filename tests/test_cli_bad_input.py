@@ -80,7 +80,7 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("run-resume-with-frames", ["run", "--resume", "run", "--frames", "3"], ("--resume", "--frames")),
     ("run-resume-with-out", ["run", "--resume", "run", "--out", "new"], ("--resume", "--out")),
     ("run-sim-seed-with-host", ["run", "--host", "127.0.0.1", "--sim-seed", "3"], ("--sim-seed", "--host")),
-    ("run-host-unresolvable", ["run", "--host", "no-such-host.invalid", "--out", "new"], ("--host", "resolve")),
+    ("run-host-invalid", ["run", "--host", "lab..pc", "--out", "new"], ("--host", "not a valid host name")),
     ("run-out-a-file", ["run", "--out", "file.txt"], ("--out", "is a file")),
     ("run-out-below-a-file", ["run", "--out", "file.txt/run"], ("--out", "cannot be created")),
     ("run-out-holds-a-run", ["run", "--out", "run"], ("--out", "--resume")),
@@ -327,6 +327,18 @@ def test_a_long_expected_error_is_still_one_line(monkeypatch, capsys) -> None:
     assert capsys.readouterr().err == "deepspm: error: 2 file(s) are not square: (2 more lines with -v)\n"
     assert main(["-v", "fsm"]) == 2
     assert "b.npy: shape (5,)" in capsys.readouterr().err
+
+
+def test_an_unknown_host_is_refused_before_the_run_directory_is_made(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A name lookup that fails (faked: the test machine may have no resolver) is one line naming --host."""
+    def no_such_host(host, port, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(validate.socket, "getaddrinfo", no_such_host)
+    assert main(["run", "--host", "nanonis-pc.lab", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("deepspm: error: argument --host: cannot resolve the host name 'nanonis-pc.lab' "
+                                       "(Name or service not known)\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_good_input_still_passes_the_checks(tmp_path: Path, workspace: Path) -> None:

@@ -453,9 +453,10 @@ def check_run_config(cfg: Any, args: argparse.Namespace) -> None:
         argument = "--host" if args.host is not None else "instrument.host"
         try:
             socket.getaddrinfo(host, cfg.instrument.port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as e:
-            raise ArgumentProblem(argument, f"cannot resolve the host name {host!r} "
-                                            f"({getattr(e, 'strerror', None) or e})") from None
+        except UnicodeError:  # an empty or over-long label ("lab..pc"), refused before any name lookup
+            raise ArgumentProblem(argument, f"{host!r} is not a valid host name") from None
+        except socket.gaierror as e:
+            raise ArgumentProblem(argument, f"cannot resolve the host name {host!r} ({e.strerror or e})") from None
     if args.out is None and cfg.run.out:
         _check_new_folder("run.out", Path(cfg.run.out), "run directory")
 
