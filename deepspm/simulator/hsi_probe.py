@@ -8,7 +8,7 @@ flip under it shows them buckled (`ProbeState.buckling`).
 | state       | apex (Gaussian sigma)            | what the image shows                              | real-set class   |
 |-------------|----------------------------------|---------------------------------------------------|------------------|
 | atoms       | one, 0.01-0.04 nm                | both atoms of every dimer                         | Individual Atoms |
-| dimers      | one, 0.04-0.10 nm                | bean-shaped dimers along the rows                 | Dimers           |
+| dimers      | one, 0.04-0.13 nm                | bean-shaped dimers along the rows                 | Dimers           |
 | asymmetric  | one, 0.02-0.10 nm, buckling 0.4-1 | dimers buckled in zigzag / p(2x2) patterns        | Asymmetries      |
 | rows        | one, 0.14-0.24 nm                | the 0.77 nm rows only                             | Rows             |
 | double      | two, 0.4-2 nm apart              | every feature twice                               | Bad/Blurry       |
@@ -177,7 +177,7 @@ def make_hsi_probe(state: HsiTipState, rng: np.random.Generator) -> ProbeState:
     if state is HsiTipState.ATOMS:
         return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.01, 0.04) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12)
     if state is HsiTipState.DIMERS:
-        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.04, 0.1) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12)
+        return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.04, 0.13) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12)
     if state is HsiTipState.ASYMMETRIC:
         return ProbeState(state, (Apex(0.0, 0.0, _u(rng, 0.02, 0.1) * NM, 1.0),), 0.0, _u(rng, 1.0, 2.5) * 1e-12, 1.5e-12,
                           buckling=_u(rng, 0.4, 1.0))
