@@ -300,8 +300,8 @@ def gallery(sim_npz: str | Path, out_png: str | Path, real_npz: str | Path | Non
             for j, k in enumerate(rng.permutation(ridx)[:per_class]):
                 axes[i, per_class + j].imshow(images[k], cmap="gray", vmin=0, vmax=254)
             axes[i, per_class].set_title(f"real: {real_class[c]}", fontsize=8, loc="left")
-    fig.suptitle("H:Si(100): simulated frames per tip state (left) and real frames of the class (right), "
-                 "64x64, line-flattened, min-max stretched", fontsize=9)
+    fig.suptitle("H:Si(100) tip states: simulated (left)" + (", real frames of the class (right)" if real is not None else ""),
+                 fontsize=9)
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
