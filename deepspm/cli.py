@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop after this many epochs without a better validation ROC AUC (default 5 with --init, "
                          "else 0 = never)")
     tc.add_argument("--finetune-lr", dest="finetune_lr", type=float,
-                    help="learning rate after the frozen epochs, and for all of --init training (default lr/10)")
+                    help="learning rate after the frozen epochs (default: the learning rate, 1e-3)")
     tc.add_argument("--max-train", dest="max_train", type=int, metavar="N",
                     help="train on at most N images (a stratified subset of the training split; validation unchanged)")
     tc.add_argument("--multiclass", action="store_true", help="H:Si set: one output per crowd-voted class")

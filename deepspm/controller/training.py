@@ -222,7 +222,7 @@ def train_classifier_command(
 
     Fine-tuning (`init`: a classifier checkpoint directory, or "shipped" for the package's): the net and its
     preset are the checkpoint's; the small-data recipe defaults to the conv features frozen for
-    `freeze_epochs` = 3 epochs, then every layer at `finetune_learning_rate` (learning_rate / 10), early
+    `freeze_epochs` = 3 epochs, then every layer at `finetune_learning_rate` (default learning_rate), early
     stopping after `patience` = 5 epochs without a better validation ROC AUC, and the best epoch kept.
     `max_train` keeps at most that many training images (a stratified subset; the validation split is unchanged).
 

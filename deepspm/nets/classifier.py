@@ -54,7 +54,8 @@ class ClassifierConfig:
     eval_batch_size: int = 256
     keep: str = "last"  # the weights returned: the last epoch's, or "best": the best validation ROC AUC's
     # fine-tuning (small data): the conv features frozen for the first `freeze_epochs` (only the dense layers
-    # and the head learn), then everything at `finetune_learning_rate` (default: learning_rate / 10);
+    # and the head learn), then everything at `finetune_learning_rate` (default: learning_rate; lr / 10 was
+    # too slow to adapt the simulator-trained features to real H:Si frames, docs/training.md);
     # `patience` > 0 stops after that many epochs without a better validation score (early stopping)
     freeze_epochs: int = 0
     finetune_learning_rate: float | None = None
@@ -283,7 +284,7 @@ def train_classifier(
         if epoch < config.freeze_epochs:
             optimizer = frozen_features_optimizer(config.learning_rate)
         elif config.freeze_epochs or init is not None:
-            optimizer = optax.adam(config.finetune_learning_rate or config.learning_rate / 10)
+            optimizer = optax.adam(config.finetune_learning_rate or config.learning_rate)
         else:
             optimizer = optax.adam(config.learning_rate)
         return optimizer, make_train_step(net, optimizer, config, traces)
