@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulator only: seed of the simulated sample and probe (default: the run's seed)")
     run.add_argument("--out", type=check.output_dir, metavar="RUN_DIR",
                      help="run directory, new or empty (default: runs/<UTC time>)")
-    run.add_argument("--resume", type=check.run_directory, metavar="RUN_DIR",
+    run.add_argument("--resume", type=check.resumable_run, metavar="RUN_DIR",
                      help="continue a killed run in RUN_DIR (its settings come from its journal: no other run option)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")
     run.set_defaults(func=_run)
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "recorded) and check that it emits the same commands and transitions; prints 'identical' or "
                     "the first diverging sequence number. With --classifier/--agent: what would other nets have done?",
     )
-    replay.add_argument("run_dir", type=check.journaled_run, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
+    replay.add_argument("run_dir", type=check.replayable_run, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
     replay.add_argument("--mode", choices=("recorded", "recompute"), default="recorded",
                         help="recorded: inject the journal's net outputs (checks the controller logic); recompute: "
                              "run the journal's checkpoints and require the same decisions (checks the nets too)")

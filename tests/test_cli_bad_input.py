@@ -44,6 +44,11 @@ def workspace(tmp_path_factory) -> Path:
     run = w / "run"
     run.mkdir()
     (run / "journal.jsonl").write_text(json.dumps({"kind": "start", "run_id": "run", "config": {}}) + "\n")
+    failed = w / "failed"  # what a run that could not connect leaves: a start record and a stop record
+    failed.mkdir()
+    (failed / "journal.jsonl").write_text(
+        json.dumps({"kind": "start", "run_id": "failed", "config": {}, "failed_before_start": True}) + "\n"
+        + json.dumps({"kind": "stop", "status": "fault", "reason": "ConnectionLost: cannot connect"}) + "\n")
     (w / "emptyjournal").mkdir()
     (w / "emptyjournal" / "journal.jsonl").write_text("")
     (w / "garbage").mkdir()
@@ -77,6 +82,8 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("run-resume-a-file", ["run", "--resume", "file.txt"], ("--resume", "is a file")),
     ("run-resume-empty-dir", ["run", "--resume", "empty"], ("--resume", "no journal")),
     ("run-resume-missing", ["run", "--resume", "typo"], ("--resume", "does not exist")),
+    ("run-resume-a-stopped-run", ["run", "--resume", "failed"], ("--resume", "nothing to resume")),
+    ("run-resume-empty-journal", ["run", "--resume", "emptyjournal"], ("--resume", "is empty")),
     ("run-resume-with-frames", ["run", "--resume", "run", "--frames", "3"], ("--resume", "--frames")),
     ("run-resume-with-out", ["run", "--resume", "run", "--out", "new"], ("--resume", "--out")),
     ("run-sim-seed-with-host", ["run", "--host", "127.0.0.1", "--sim-seed", "3"], ("--sim-seed", "--host")),
@@ -104,6 +111,7 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("replay-no-journal", ["replay", "empty"], ("RUN_DIR", "no journal")),
     ("replay-empty-journal", ["replay", "emptyjournal"], ("RUN_DIR", "is empty")),
     ("replay-garbage-journal", ["replay", "garbage"], ("RUN_DIR", "not JSON")),
+    ("replay-failed-before-start", ["replay", "failed"], ("RUN_DIR", "failed before it started")),
     ("replay-classifier-is-an-agent", ["replay", "run", "--classifier", AGENT], ("--classifier", "agent checkpoint")),
     ("replay-agent-is-a-classifier", ["replay", "run", "--agent", CLASSIFIER], ("--agent", "classifier checkpoint")),
     ("replay-agent-missing", ["replay", "run", "--agent", "nets/agent"], ("--agent", "does not exist")),

@@ -242,6 +242,41 @@ def journaled_run(text: str) -> Path:
     return path
 
 
+def _start_record(path: Path) -> dict[str, Any]:
+    with open(path / "journal.jsonl", "rb") as f:
+        return json.loads(f.readline())
+
+
+def _last_record(path: Path, tail_bytes: int = 1 << 20) -> dict[str, Any] | None:
+    """The journal's last complete record (None when the last complete line is not JSON)."""
+    with open(path / "journal.jsonl", "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail_bytes))
+        lines = f.read().split(b"\n")[:-1]  # what follows the last newline is a torn line, or nothing
+    try:
+        record = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def replayable_run(text: str) -> Path:
+    """A run directory whose run started (a run that failed while connecting has nothing to replay)."""
+    path = journaled_run(text)
+    if _start_record(path).get("failed_before_start"):
+        _refuse(f"{path}: the run failed before it started, so there is nothing to replay (see deepspm status {path})")
+    return path
+
+
+def resumable_run(text: str) -> Path:
+    """A run directory whose journal has no stop record: the run was killed or crashed."""
+    path = journaled_run(text)
+    last = _last_record(path)
+    if last is not None and last.get("kind") == "stop":
+        _refuse(f"{path}: the run has stopped ({last.get('status')}: {last.get('reason')}); nothing to resume")
+    return path
+
+
 def _first_existing_ancestor(path: Path) -> Path:
     for parent in path.absolute().parents:
         if parent.exists():
