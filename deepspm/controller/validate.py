@@ -2,9 +2,10 @@
 
 Three parts, used by `deepspm.cli` (which only parses and delegates):
 
-- argparse `type=` callables (`port_number`, `free_local_port`, `checkpoint_of_kind("agent")`,
-  `labelled_data`, `run_directory`, `output_file(".png")`, `int_range(1, 10**7)`...): a bad value is refused while
-  the arguments are parsed, as `deepspm CMD: error: argument --port: port 99999 is out of range: allowed 1..65535`.
+- argparse `type=` callables (`free_local_port`, `checkpoint_of_kind("agent")`, `labelled_data`,
+  `resumable_run`, `output_file(".png")`, `int_range(1, 1000)`, `config_value("run.frames", int)`...): a bad
+  value is refused while the arguments are parsed, as
+  `deepspm simulate: error: argument --port: port 99999 is out of range: allowed 0..65535`.
   They are cheap: no JAX, no orbax, no images read (checkpoints are recognised by their JSON metadata, data
   sets by their folders or the .npz's table of contents).
 - `check_args` (after parsing: combinations that make no sense, outputs that exist) and `check_run_config`
@@ -35,7 +36,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 TRACEBACK_ENV = "DEEPSPM_TRACEBACK"
 LOG_DIR_ENV = "DEEPSPM_LOG_DIR"
@@ -97,7 +98,7 @@ class OneLineParser(argparse.ArgumentParser):
 # --- argparse types -----------------------------------------------------------------------------------------
 
 
-def _refuse(message: str) -> None:
+def _refuse(message: str) -> NoReturn:
     raise argparse.ArgumentTypeError(message)
 
 
@@ -146,9 +147,7 @@ def float_range(lo: float | None, hi: float | None, *, lo_open: bool = False, hi
     return _named("float_range", parse)
 
 
-positive_int = int_range(1, 10**9)
 seed = int_range(0, SEED_MAX, "seed")
-fraction = float_range(0.0, 1.0)
 port_number = int_range(1, 65535, "port")
 
 
@@ -197,15 +196,6 @@ def labelled_data(text: str) -> Path:
     except DataError as e:
         _refuse(str(e))
     return Path(text)
-
-
-def existing_dir(text: str) -> Path:
-    path = Path(text)
-    if not path.exists():
-        _refuse(f"{path} does not exist")
-    if not path.is_dir():
-        _refuse(f"{path} is a file, not a folder")
-    return path
 
 
 def run_directory(text: str) -> Path:
