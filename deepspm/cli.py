@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = check.OneLineParser(
         prog="deepspm",
         description="Autonomous STM controller (DeepSPM re-implemented) speaking the Nanonis TCP protocol.",
+        epilog=check.EXIT_CODES,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -46,6 +46,10 @@ VERBOSE_HELP = (f"on an internal error, also print the full traceback here (as {
                 f"written to a crash log: in the run directory for 'run', else in ${LOG_DIR_ENV} (default "
                 f"~/.cache/deepspm/)")
 
+EXIT_CODES = ("exit codes: 0 done; 1 a run that ended in a fault, a replay that diverged, or an internal error "
+              "(one line, details in a crash log); 2 bad input or a refused request (one line naming the argument); "
+              "130 interrupted")
+
 # Errors that describe the user's input or environment, not a bug: one line, exit 2. Named, not imported, so
 # that recognising one costs no import (some live in modules that load JAX).
 EXPECTED_ERRORS = frozenset({
