@@ -75,7 +75,7 @@ def test_kill_9_at_twenty_points_and_resume(tmp_path: Path) -> None:
     classified = [r for r in records if r.get("decision") == "classify"]
     assert len(classified) == FRAMES  # every recorded frame judged exactly once, as in an uninterrupted run
     assert len({r["frame"] for r in classified}) == FRAMES
-    referenced = {r["result"]["frame"] for r in records if r["kind"] == "reply" and r.get("op") == "scan"}
+    referenced = {r["result"]["frame"] for r in records if r["kind"] == "reply" and r.get("op") == "grab_frame"}
     on_disk = {p.stem for p in (run_dir / "frames").glob("*.npy")}
     assert referenced <= on_disk
     assert not [p for p in (run_dir / "frames").iterdir() if p.suffix != ".npy"]  # no torn temp files left

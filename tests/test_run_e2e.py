@@ -81,7 +81,7 @@ def test_a_long_simulated_run_meets_every_situation(recorded_run: SessionResult)
     assert ended_good, "no conditioning episode ended with a good probe"
     failures = Counter(r["error"] for r in records if r["kind"] == "failure")
     assert failures["NanonisError"] >= 1 and failures["ConnectionLost"] >= 1 and failures["CommandTimeout"] >= 1
-    refs = {r["result"]["frame"] for r in records if r["kind"] == "reply" and r["op"] == "scan"}
+    refs = {r["result"]["frame"] for r in records if r["kind"] == "reply" and r["op"] == "grab_frame"}
     assert all((run_dir / "frames" / f"{ref}.npy").exists() for ref in refs)
 
 

@@ -79,15 +79,44 @@ class Settle(Command):
 
 
 @dataclass(frozen=True)
-class Scan(Command):
-    """Scan one frame; `purpose` is "creep" (discarded first frame of a region) or "frame"."""
+class SetBias(Command):
+    op = "set_bias"
+    bias_V: float
 
-    op = "scan"
+
+@dataclass(frozen=True)
+class SetSetpoint(Command):
+    op = "set_setpoint"
+    current_A: float
+
+
+@dataclass(frozen=True)
+class StartScan(Command):
+    """Start scanning a frame; `purpose` is "creep" (a partial frame, discarded) or "frame" (journal only)."""
+
+    op = "start_scan"
     meta_fields = ("purpose",)
     centre_x_m: float
     centre_y_m: float
     size_m: float
     purpose: str = "frame"
+
+
+@dataclass(frozen=True)
+class WaitScanEnd(Command):
+    op = "wait_scan_end"
+
+
+@dataclass(frozen=True)
+class StopScan(Command):
+    op = "stop_scan"
+
+
+@dataclass(frozen=True)
+class GrabFrame(Command):
+    """The frame's data so far (NaN where not scanned) and the z state now."""
+
+    op = "grab_frame"
 
 
 @dataclass(frozen=True)
@@ -123,8 +152,8 @@ class Stall(Command):
 
 
 COMMANDS: dict[str, type[Command]] = {
-    c.op: c for c in (ReadZ, Withdraw, StartApproach, ApproachRunning, StopApproach, MotorMove, Wait, Settle, Scan,
-                      Pulse, Dip, Stall)
+    c.op: c for c in (ReadZ, Withdraw, StartApproach, ApproachRunning, StopApproach, MotorMove, Wait, Settle, SetBias,
+                      SetSetpoint, StartScan, WaitScanEnd, StopScan, GrabFrame, Pulse, Dip, Stall)
 }
 
 

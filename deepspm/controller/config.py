@@ -94,9 +94,18 @@ class InstrumentSettings:
 
 @dataclass(frozen=True)
 class ScanConfig(ScanSettings):
-    """The io layer's ScanSettings plus the frame size (the planner's frames are this size too)."""
+    """The io layer's ScanSettings plus what the run decides about scanning: the frame size (the planner's frames
+    are this size too), the imaging conditions it sets, the partial creep frame and the z checks during a frame."""
 
     frame_size_m: float = 10e-9
+    bias_V: float = -1.0  # the original's server configuration (the paper prints "1 V")
+    setpoint_A: float = 25e-12
+    # Lines of the discarded creep frame. The simulator's xy creep (4 % of a move, tau 5 s) after the planner's
+    # usual 10-14 nm step leaves about one pixel (0.16 nm) of drift over the judged frame after 30 lines
+    # (5.6 s, 47 % of a frame), 0.3 px after a whole creep frame: 30 lines halves the time thrown away.
+    creep_lines: int = 30
+    creep_skip_below_m: float = 0.0  # moves shorter than this scan no creep frame (0 = always one; ours)
+    z_check_lines: int = 16  # the z extension is read every this many lines during a frame
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,11 @@ RANGES: dict[str, Bounds | Choices] = {
     "scan.bwd_speed_mps": _positive(1e-6),
     "scan.timeout_margin_s": _closed(0, 3600),
     "scan.frame_size_m": _closed(1e-9, 200e-9),
+    "scan.bias_V": Bounds(-10.0, 10.0),
+    "scan.setpoint_A": Bounds(0.0, 1e-6, lo_open=True),
+    "scan.creep_lines": _closed(1, 1024),
+    "scan.creep_skip_below_m": _closed(0.0, 1e-6),
+    "scan.z_check_lines": _closed(1, 1024),
     "approach.timeout_s": _positive(86400),
     "approach.poll_s": _positive(60),
     "approach.target_extension": _fraction_open(),
@@ -339,6 +353,12 @@ NOTES: dict[str, str] = {
     "scan.scan_up": "scan direction (bottom to top)",
     "scan.timeout_margin_s": "extra time on top of the nominal frame time before a scan is stopped",
     "scan.frame_size_m": "side of a square frame, 10 nm [paper]; the planner's frames too",
+    "scan.bias_V": "imaging bias, set before the first scan and after every pulse or dip (the original's server: -1 V)",
+    "scan.setpoint_A": "imaging tunnelling-current setpoint (constant current), 25 pA [paper]",
+    "scan.creep_lines": "lines of the partial creep frame recorded and discarded after each move, then stopped "
+                        "(>= pixels: a whole frame) [ours: 30 of 64 from the simulator's creep]",
+    "scan.creep_skip_below_m": "moves shorter than this skip the creep frame; 0 = never skip [ours]",
+    "scan.z_check_lines": "the z extension is checked every this many lines while a frame is scanned [ours]",
     "approach.timeout_s": "deadline of one auto-approach (ours: the original's 180 s is too short)",
     "approach.poll_s": "poll period while the auto-approach runs",
     "approach.target_extension": "z piezo extension to reach after an approach, ~80 % [paper]",
@@ -652,6 +672,10 @@ def _check_consistency(cfg: RunConfig) -> None:
     _require(s.frame_size_min_m <= sc.frame_size_m <= s.frame_size_max_m,
              ("scan.frame_size_m", "safety.frame_size_min_m", "safety.frame_size_max_m"),
              f"{sc.frame_size_m:g} m outside the safety limits {s.frame_size_min_m:g}..{s.frame_size_max_m:g} m")
+    _require(s.bias_min_V <= abs(sc.bias_V) <= s.bias_max_V, ("scan.bias_V", "safety.bias_min_V", "safety.bias_max_V"),
+             f"imaging bias {sc.bias_V:g} V outside the safety limits {s.bias_min_V:g}..{s.bias_max_V:g} V (magnitude)")
+    _require(sc.setpoint_A <= s.setpoint_max_A, ("scan.setpoint_A", "safety.setpoint_max_A"),
+             f"setpoint {sc.setpoint_A:g} A above the safety limit {s.setpoint_max_A:g} A")
     for key, speed in (("scan.fwd_speed_mps", sc.fwd_speed_mps), ("scan.bwd_speed_mps", sc.bwd_speed_mps)):
         _require(speed <= s.scan_speed_max_mps, (key, "safety.scan_speed_max_mps"),
                  f"{speed:g} m/s above the safety limit {s.scan_speed_max_mps:g} m/s")

@@ -69,7 +69,7 @@ def run_frames(run_dir: Path, *, frames: str = "all") -> Iterator[ExportFrame]:
                  if r.get("kind") == "decision" and r.get("decision") == "classify" and isinstance(r.get("frame"), str)}
     for r in records:
         result = r.get("result")
-        if r.get("kind") != "reply" or r.get("op") != "scan" or not isinstance(result, dict):
+        if r.get("kind") != "reply" or r.get("op") not in ("grab_frame", "scan") or not isinstance(result, dict):
             continue
         if result.get("type") != "Frame" or not isinstance(result.get("frame"), str):
             continue
@@ -89,8 +89,8 @@ def run_frames(run_dir: Path, *, frames: str = "all") -> Iterator[ExportFrame]:
             centre_m=(float(result.get("centre_x_m", 0.0)), float(result.get("centre_y_m", 0.0))),
             size_m=size, scan_up=bool(result.get("scan_up", True)),
             recorded_utc=datetime.fromtimestamp(float(r.get("t_wall", 0.0)), tz=timezone.utc),
-            bias_v=_float_or_none(result.get("bias_V", imaging.get("bias_V"))),
-            setpoint_a=_float_or_none(result.get("setpoint_A", imaging.get("setpoint_A"))),
+            bias_v=_float_or_none(result.get("bias_V", imaging.get("bias_V", scan_cfg.get("bias_V")))),
+            setpoint_a=_float_or_none(result.get("setpoint_A", imaging.get("setpoint_A", scan_cfg.get("setpoint_A")))),
             judgement=judgement, p_good=None if decision is None else _float_or_none(decision.get("p_good")),
             line_time_s=line_time, channel="Z",
         )

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 import structlog
 
 from deepspm.controller.brain import Brain
-from deepspm.controller.commands import Command, Scan, Withdraw
+from deepspm.controller.commands import Command, Withdraw
 from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import Classification, Document, Note
 from deepspm.controller.executor import Executor, JournalSink
@@ -26,7 +26,7 @@ from deepspm.controller.runcontrol import OperatorRequest, RunControl
 from deepspm.fsm.machine import RunModel, build_machine
 from deepspm.fsm.states import State
 from deepspm.io.errors import InstrumentError, Interrupted, SafetyError
-from deepspm.io.instrument import Instrument
+from deepspm.io.instrument import Frame, Instrument
 
 log = structlog.get_logger(__name__)
 
@@ -182,10 +182,10 @@ class RunLoop:
         """Carry out one message of a plan."""
         if isinstance(message, Command):
             result = await self.executor.execute(message)
-            if isinstance(message, Scan):
+            if isinstance(result, Frame):  # saved by the executor; the plan gets it with its journal reference
                 ref = self.executor.last_frame_ref
                 if ref is None:
-                    raise RuntimeError("a scan's frame was not saved")
+                    raise RuntimeError("a grabbed frame was not saved")
                 return Scanned(result, ref)
             return result
         if isinstance(message, Document):

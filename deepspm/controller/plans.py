@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from deepspm.controller.commands import (
-    ApproachRunning, Command, Dip, MotorMove, Pulse, ReadZ, Scan, Settle, Stall, StartApproach, StopApproach, Wait,
-    Withdraw,
+    ApproachRunning, Command, Dip, GrabFrame, MotorMove, Pulse, ReadZ, SetBias, SetSetpoint, Settle, Stall,
+    StartApproach, StartScan, StopApproach, StopScan, Wait, WaitScanEnd, Withdraw,
 )
 from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import (
@@ -40,7 +40,7 @@ from deepspm.controller.seeds import derived_seed
 from deepspm.fsm.states import State
 from deepspm.io.actions import ACTIONS, ActionKind
 from deepspm.io.errors import InstrumentError, SafetyError
-from deepspm.io.instrument import ApproachFailed, ApproachSettings, ZState
+from deepspm.io.instrument import ApproachFailed, ApproachSettings, ZState, line_time_s
 
 
 class RunFailed(Exception):
@@ -77,6 +77,8 @@ class Position:
     consecutive_lost_contacts: int = 0
     recovery: str | None = None  # "contact" or "crash" while recovering
     force_move: bool = False  # an episode hit its cap: move to a new approach area
+    after_approach: bool = True  # an approach since the last creep frame: z creeps too, never skip the creep frame
+    consecutive_incomplete: int = 0  # judged frames that came back with lines missing, in a row
 
 
 @dataclass
@@ -170,10 +172,18 @@ def idle(rs: RunState) -> Plan:
     yield Fire("start")
 
 
+def imaging_conditions(rs: RunState) -> Plan:
+    """Set the imaging bias and current setpoint (constant current): before the first scan, after every
+    approach, and after every pulse or dip (which change them)."""
+    yield SetBias(rs.config.scan.bias_V)
+    yield SetSetpoint(rs.config.scan.setpoint_A)
+
+
 def approaching(rs: RunState) -> Plan:
+    yield from imaging_conditions(rs)
     yield from approach(rs.config.approach)
     yield from set_z_extension(rs.config.approach)
-    rs.position.new_region = True
+    rs.position.new_region = rs.position.after_approach = True
     yield Fire("approached")
 
 
@@ -189,24 +199,79 @@ def selecting(rs: RunState) -> Plan:
         pos.force_move = False
         yield Fire("area_exhausted")
         return
+    step_m = math.dist(pos.previous_xy_m, (float(target[0]), float(target[1])))
     pos.target_xy_m = (float(target[0]), float(target[1]))
     pos.new_region = True
+    skip_below = rs.config.scan.creep_skip_below_m
+    if not pos.after_approach and step_m < skip_below:
+        pos.new_region = False
+        yield Note(f"creep frame skipped: a move of {step_m * 1e9:.1f} nm is below {skip_below * 1e9:.1f} nm")
     yield Fire("region_selected")
 
 
+def scan_frame(rs: RunState, x: float, y: float, size: float, lines: int, purpose: str) -> Plan:
+    """Scan the first `lines` lines of the frame at (x, y) and grab it (NaN where not scanned): started, the z
+    extension read every `scan.z_check_lines` lines (lost contact or a crash mid-frame stops the scan at once),
+    then waited to its end (a whole frame) or stopped (a partial one). Returns (`Scanned`, the z extension of a
+    mid-frame reading in trouble, or None)."""
+    sc = rs.config.scan
+    lines = min(lines, sc.pixels)
+    seconds_per_line = line_time_s(sc, size)
+    yield StartScan(x, y, size, purpose)
+    scanned_lines, trouble = 0, None
+    while True:
+        remaining = lines - scanned_lines
+        if remaining <= sc.z_check_lines:
+            if lines >= sc.pixels:
+                yield WaitScanEnd()
+            else:
+                yield Wait(remaining * seconds_per_line)
+                yield StopScan()
+            break
+        yield Wait(sc.z_check_lines * seconds_per_line)
+        scanned_lines += sc.z_check_lines
+        z: ZState = yield ReadZ()
+        if z_verdict(rs, z.extension) is not None:
+            trouble = z.extension
+            yield StopScan()
+            break
+    scanned: Scanned = yield GrabFrame()
+    return scanned, trouble
+
+
+def z_verdict(rs: RunState, extension: float) -> str | None:
+    """The trigger a z extension calls for: "contact_lost", "crashed", or None."""
+    s = rs.config.detection
+    if extension >= s.lost_contact_extension:
+        return "contact_lost"
+    if extension <= s.crash_extension:
+        return "crashed"
+    return None
+
+
 def scanning(rs: RunState) -> Plan:
-    pos, size = rs.position, rs.config.scan.frame_size_m
+    pos, sc = rs.position, rs.config.scan
+    size = sc.frame_size_m
     x, y = pos.target_xy_m
     if pos.new_region:
-        creep: Scanned = yield Scan(x, y, size, "creep")
+        creep, trouble = yield from scan_frame(rs, x, y, size, sc.creep_lines, "creep")
         rs.counters.creep_frames += 1
-        if (yield from z_trouble(rs, creep)):
+        if (yield from z_trouble(rs, creep, trouble)):
             return
-        pos.new_region = False
-    scanned: Scanned = yield Scan(x, y, size, "frame")
-    if (yield from z_trouble(rs, scanned)):
+        pos.new_region = pos.after_approach = False
+    scanned, trouble = yield from scan_frame(rs, x, y, size, sc.pixels, "frame")
+    if (yield from z_trouble(rs, scanned, trouble)):
         return
     pos.consecutive_crashes = pos.consecutive_lost_contacts = 0
+    if not scanned.frame.complete:  # never judged as if it were data: the same region is scanned again
+        pos.consecutive_incomplete += 1
+        missing = int(np.isnan(scanned.frame.data_m).all(axis=1).sum())
+        yield Note(f"frame {scanned.ref} came back incomplete ({missing} of {sc.pixels} lines missing); rescanned",
+                   {"frame": scanned.ref, "missing_lines": missing})
+        if pos.consecutive_incomplete > rs.config.detection.max_consecutive_faults:
+            raise RunFailed(f"{pos.consecutive_incomplete} incomplete frames in a row at {pos.target_xy_m} m")
+        return
+    pos.consecutive_incomplete = 0
     rs.planner.mark_scanned(pos.target_xy_m)
     pos.previous_xy_m = pos.target_xy_m
     rs.counters.scanned_frames += 1
@@ -214,23 +279,22 @@ def scanning(rs: RunState) -> Plan:
     yield Fire("frame_recorded")
 
 
-def z_trouble(rs: RunState, scanned: Scanned) -> Plan:
-    """Lost contact or crash, judged from the z extension right after the scan; True if so (trigger fired)."""
-    ext = scanned.frame.z_after.extension
-    s = rs.config.detection
-    for trouble, trigger, hit in (("contact", "contact_lost", ext >= s.lost_contact_extension),
-                                  ("crash", "crashed", ext <= s.crash_extension)):
-        if hit:
-            pos = rs.position
-            pos.recovery = trouble
-            if trouble == "crash":  # counted when seen, so a failed retract is reported as itself, not as a crash
-                pos.consecutive_crashes += 1
-            else:
-                pos.consecutive_lost_contacts += 1
-            yield ZCheck(extension=ext, verdict=trigger)
-            yield Fire(trigger)
-            return True
-    return False
+def z_trouble(rs: RunState, scanned: Scanned, mid_frame: float | None = None) -> Plan:
+    """Lost contact or crash, judged from a reading during the scan (`mid_frame`) or the z extension right after
+    it; True if so (the trigger fired)."""
+    ext = mid_frame if mid_frame is not None else scanned.frame.z_after.extension
+    trigger = z_verdict(rs, ext)
+    if trigger is None:
+        return False
+    pos = rs.position
+    pos.recovery = "crash" if trigger == "crashed" else "contact"
+    if trigger == "crashed":  # counted when seen, so a failed retract is reported as itself, not as a crash
+        pos.consecutive_crashes += 1
+    else:
+        pos.consecutive_lost_contacts += 1
+    yield ZCheck(extension=ext, verdict=trigger)
+    yield Fire(trigger)
+    return True
 
 
 def recovering(rs: RunState) -> Plan:
@@ -256,6 +320,7 @@ def recovering(rs: RunState) -> Plan:
         rs.counters.contact_recoveries += 1
     yield Settle(rs.config.run.settle_s)
     pos.recovery = None
+    pos.after_approach = True
     pos.new_region = True  # the re-approach causes creep again: discard one frame
     yield Fire("recovered")
 
@@ -380,6 +445,8 @@ def act(rs: RunState, index: int, last: JudgedFrame) -> Plan:
         raise
     except InstrumentError as exc:
         yield Note(f"action {index} outcome unknown ({type(exc).__name__}); not repeated")
+    if ACTIONS[index].kind is not ActionKind.STALL:  # a pulse or dip leaves other conditions behind
+        yield from imaging_conditions(rs)
     rs.planner.block_circle((x, y), ACTIONS[index].forbidden_radius_m)
     rs.position.previous_xy_m = (x, y)  # the original's reference point during conditioning
 

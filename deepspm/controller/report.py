@@ -193,7 +193,7 @@ class RunHistory(RecordTally):
 
     def _command(self, r: dict[str, Any]) -> None:
         op = r.get("op")
-        if op == "scan":
+        if op in ("start_scan", "scan"):  # schema 2 starts a frame with start_scan; schema 1 had one scan
             self._last_scan = r
         elif op in ("pulse", "dip") and self._awaiting_site is not None:
             site = self.actions[self._awaiting_site]

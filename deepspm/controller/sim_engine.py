@@ -14,13 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from deepspm.controller.brain import ActionDecision
-from deepspm.controller.commands import Command, Scan, Settle, Wait
+from deepspm.controller.commands import Command, Settle, Wait
 from deepspm.controller.documents import Document
 from deepspm.controller.journal import frame_ref
 from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned
 from deepspm.controller.plans import RunState, plan_for
 from deepspm.fsm.machine import next_state
 from deepspm.fsm.states import State
+from deepspm.io.instrument import Frame
 from deepspm.simulator.inprocess import InProcessInstrument
 
 
@@ -101,6 +102,6 @@ class SyncEngine:
         if not command.touches_instrument:
             return None
         result = getattr(self.instrument, command.op)(**command.instrument_kwargs())
-        if isinstance(command, Scan):
+        if isinstance(result, Frame):
             return Scanned(result, frame_ref(result.data_m))
         return result

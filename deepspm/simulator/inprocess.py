@@ -8,9 +8,9 @@ operation takes. Ground truth stays available through `ground_truth()` for repor
 
 from __future__ import annotations
 
-import numpy as np
-
-from deepspm.io.instrument import DipSettings, Frame, FrameOrientation, PiezoRange, ScanSettings, ZState
+from deepspm.io.instrument import (
+    DipSettings, Frame, FrameOrientation, PiezoRange, ScanSettings, ZState, frame_from_buffer,
+)
 from deepspm.simulator.clock import SimClock
 from deepspm.simulator.microscope import Z_INDEX, GroundTruth, SimConfig, SimulatedMicroscope, TipShaperSettings
 
@@ -26,6 +26,7 @@ class InProcessInstrument:
         self.dip_settings = dip or DipSettings()
         self.orientation = orientation or FrameOrientation()
         self._configured: tuple[float, ...] | None = None
+        self._frame: tuple[float, float, float] | None = None
 
     def ground_truth(self) -> GroundTruth:
         return self.microscope.ground_truth()
@@ -57,7 +58,13 @@ class InProcessInstrument:
     def motor_move(self, direction: int, steps: int) -> None:
         self.clock.advance(self.microscope.motor_move(direction, steps))
 
-    def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame:
+    def set_bias(self, bias_V: float) -> None:
+        self.microscope.set_bias(bias_V)
+
+    def set_setpoint(self, current_A: float) -> None:
+        self.microscope.set_setpoint(current_A)
+
+    def start_scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> None:
         m, s = self.microscope, self.scan_settings
         key = (size_m, s.pixels, s.fwd_speed_mps, s.bwd_speed_mps)
         if self._configured != key:
@@ -66,12 +73,19 @@ class InProcessInstrument:
             self._configured = key
         m.set_scan_frame(centre_x_m, centre_y_m, size_m, size_m, 0.0)
         m.scan_action(0, s.scan_up)
-        self.clock.advance(m.frame_time_s())
-        name, data, up = m.frame_data(Z_INDEX, True)
-        if self.orientation.acquisition_order and up:
-            data = data[::-1]  # an up-scan acquires the bottom line first
-        data = np.ascontiguousarray(data, dtype=np.float32)
-        return Frame(data, centre_x_m, centre_y_m, size_m, name, up, not np.isnan(data).any(), self.z_state())
+        self._frame = (centre_x_m, centre_y_m, size_m)
+
+    def wait_scan_end(self) -> None:
+        self.clock.advance(self.microscope.scan_time_remaining())
+
+    def stop_scan(self) -> None:
+        self.microscope.scan_action(1)
+
+    def grab_frame(self) -> Frame:
+        if self._frame is None:
+            raise RuntimeError("grab_frame before start_scan")
+        name, data, up = self.microscope.frame_data(Z_INDEX, True)
+        return frame_from_buffer(data, up, name, self._frame, self.orientation, self.z_state())
 
     def pulse(self, x_m: float, y_m: float, bias_V: float, width_s: float) -> None:
         m = self.microscope
