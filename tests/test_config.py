@@ -62,10 +62,12 @@ def test_sections_are_the_consumers_own_dataclasses_with_their_defaults() -> Non
     assert type(cfg.orientation) is FrameOrientation and cfg.orientation == FrameOrientation()
     assert type(cfg.planner) is PlannerConfig and cfg.planner == PlannerConfig()
     assert type(cfg.episode) is EpisodeConfig and cfg.episode == EpisodeConfig()
-    # [scan] is the io layer's ScanSettings (usable as is by NanonisInstrument) plus the frame size
+    # [scan] is the io layer's ScanSettings (usable as is by NanonisInstrument) plus the run's scanning policy
     assert isinstance(cfg.scan, ScanSettings)
-    assert {f.name for f in dataclasses.fields(cfg.scan)} == {f.name for f in dataclasses.fields(ScanSettings)} | {"frame_size_m"}
+    policy = {"frame_size_m", "bias_V", "setpoint_A", "creep_lines", "creep_skip_below_m", "z_check_lines"}
+    assert {f.name for f in dataclasses.fields(cfg.scan)} == {f.name for f in dataclasses.fields(ScanSettings)} | policy
     assert cfg.scan.frame_size_m == 10e-9 and cfg.scan.pixels == 64
+    assert (cfg.scan.bias_V, cfg.scan.setpoint_A, cfg.scan.creep_lines) == (-1.0, 25e-12, 30)
     # the values the brief and the reference fix
     assert (cfg.run.seed, cfg.run.frames, cfg.run.hours, cfg.run.train, cfg.run.settle_s) == (0, None, None, False, 120.0)
     assert (cfg.instrument.host, cfg.instrument.port, cfg.instrument.release) == (None, 6501, None)
