@@ -281,7 +281,9 @@ def train_classifier_command(
     _write_json(out / "split.json", {"val_indices": result.val_indices.tolist(), "data": [str(p) for p in data]})
     origin = "from scratch" if init is None else f"fine-tuned from {init}"
     print(f"classifier ({preset}, seed {seed}, {origin}) trained on {summary['n_train']} images in {seconds:.0f} s; "
-          f"kept epoch {result.epoch} of {len(result.history)} run ({keep}); validation on {summary['n_val']}:")
+          f"kept epoch {result.epoch} of {epochs} ({keep})"
+          f"{'' if len(result.history) == epochs else f', stopped early after {len(result.history)}'}; "
+          f"validation on {summary['n_val']}:")
     if metrics:
         print(format_metrics(metrics))
     print(f"saved {out}")
