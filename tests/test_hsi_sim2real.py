@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).parents[1]
 REAL = REPO / ".." / "shared" / "data" / "hsi100_tipstates_64.npz"
 CHECKPOINT = REPO / "deepspm" / "weights" / "hsi_sim_classifier"
-AUC_FLOOR = 0.81  # measured on this subsample when the checkpoint was made, minus 0.02 (see docs/training.md)
+AUC_FLOOR = 0.835  # measured on this subsample when the checkpoint was made, minus 0.02 (see docs/training.md)
 
 
 @pytest.mark.skipif(not REAL.is_file(), reason="no real H:Si(100) data in ../shared/data")
