@@ -137,7 +137,7 @@ class ClassifierSettings:
 
 @dataclass(frozen=True)
 class AgentSettings:
-    checkpoint: str = "shipped"  # a checkpoint directory, or "shipped" for the package's weights
+    checkpoint: str = "auto"  # a checkpoint directory, "shipped", "new" (from the classifier), "auto" (new when training)
     epsilon: float = 0.05  # exploration during operation
     learn_online: bool = True  # keep learning from conditioning episodes during operation
     updates_per_action: int = 4  # learner updates per executed action (a fixed update-to-data ratio)
@@ -417,7 +417,8 @@ NOTES: dict[str, str] = {
     "detection.bad_sample_accept_after": "consecutive bad-sample rejections after which a frame is accepted [code]",
     "classifier.checkpoint": "classifier checkpoint directory, or \"shipped\"",
     "classifier.threshold": "p(good probe) above this is a good probe, 0.9 [paper]",
-    "agent.checkpoint": "agent checkpoint directory, or \"shipped\"",
+    "agent.checkpoint": "agent checkpoint directory, \"shipped\", \"new\" (a new agent from the classifier) or "
+                        "\"auto\" (new when training, shipped otherwise)",
     "agent.epsilon": "exploration rate during operation, 0.05 [paper]",
     "agent.learn_online": "keep learning during operation [paper]",
     "agent.updates_per_action": "learner updates per executed action (fixed update-to-data ratio) [ours]",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
 import structlog
 
 from deepspm.controller.brain import NetBrain
@@ -35,7 +36,9 @@ from deepspm.io.connection import NanonisConnection
 from deepspm.io.instrument import NanonisInstrument
 from deepspm.io.safety import SafetyEnvelope
 from deepspm.nets.checkpoints import load_net
-from deepspm.nets.dqn import DQNConfig, Learner
+from deepspm.io.actions import N_ACTIONS
+from deepspm.nets.checkpoint_info import CheckpointError
+from deepspm.nets.dqn import DQNConfig, Learner, agent_from_classifier
 from deepspm.nets.inference import Predictor
 
 log = structlog.get_logger(__name__)
@@ -94,7 +97,7 @@ def recorded_checkpoint(start: Mapping[str, Any], name: str) -> Path | None:
         return None
     path = Path(recorded)
     if not path.exists():
-        if ((start.get("config") or {}).get(name) or {}).get("checkpoint") != "shipped":
+        if ((start.get("config") or {}).get(name) or {}).get("checkpoint") not in ("shipped", "auto"):
             raise FileNotFoundError(f"the run's {name} checkpoint {recorded} is not on this machine")
         path = WEIGHTS_DIR / name
     return path
@@ -113,26 +116,60 @@ def check_recorded_nets(start: Mapping[str, Any], brain: NetBrain, names: tuple[
                                      f"other weights with --{name})")
 
 
+NEW_AGENT = "new"  # agent.checkpoint: a new agent initialised from the classifier (training from scratch)
+
+
+def agent_setting(cfg: RunConfig) -> str:
+    """What `agent.checkpoint` means here: "auto" is a new agent when training, the shipped one otherwise."""
+    setting = cfg.agent.checkpoint
+    if setting == "auto":
+        return NEW_AGENT if cfg.run.train else "shipped"
+    return setting
+
+
 def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: Path | None = None,
                learn_online: bool | None = None) -> NetBrain:
-    """The classifier and the agent (named by the config unless given), compiled for batch 1."""
+    """The classifier and the agent (named by the config unless given), compiled for batch 1.
+
+    A new agent (`agent.checkpoint = "new"`, or "auto" in training) is built from the classifier as `train agent
+    --sim` builds it (trunk copied, a fresh head drawn from the run's seed) and follows the paper's schedule: 500
+    random actions, then epsilon 1 -> 0.05. Training from a checkpoint continues from it at `agent.epsilon`."""
     cls_path = classifier_path or checkpoint_path(cfg.classifier.checkpoint, "classifier")
-    agent_path = agent_path or checkpoint_path(cfg.agent.checkpoint, "agent")
     classifier = load_net(cls_path, expect_kind="classifier")
-    agent = load_net(agent_path, expect_kind="agent")
-    if cfg.run.train:
+    if classifier.net.n_outputs != 1:
+        raise CheckpointError(f"{cls_path}: this classifier has {classifier.net.n_outputs} outputs (a multi-class "
+                              f"net); the run judges the probe by one output, p(good)")
+    classifier_version = checkpoint_id(Path(cls_path))
+    paths = {"classifier": str(cls_path)}
+    new_agent = agent_path is None and agent_setting(cfg) == NEW_AGENT
+    if new_agent:
+        net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS,
+                                               jax.random.fold_in(jax.random.key(cfg.run.seed), 1))
+        agent_version = f"new-from-{classifier_version}"
+        log.info("agent.new", classifier=str(cls_path), detail="a new agent from the classifier (paper schedule)")
+    else:
+        agent_path = agent_path or checkpoint_path(agent_setting(cfg), "agent")
+        agent = load_net(agent_path, expect_kind="agent")
+        net, variables = agent.net, agent.variables
+        agent_version = checkpoint_id(Path(agent_path))
+        paths["agent"] = str(agent_path)
+        if cfg.run.train:
+            log.info("agent.continues", checkpoint=str(agent_path), detail="training continues from this agent")
+    if new_agent:
         dqn = DQNConfig(updates_per_step=cfg.agent.updates_per_action)
+    elif cfg.run.train:  # a trained agent learns on from where it was, exploring at agent.epsilon
+        dqn = DQNConfig(random_steps=0, epsilon_start=cfg.agent.epsilon, updates_per_step=cfg.agent.updates_per_action)
     else:  # a trained agent: no random phase, fixed exploration
         dqn = DQNConfig(random_steps=0, updates_per_step=cfg.agent.updates_per_action)
-    learner = Learner(agent.net, agent.variables, dqn, seed=cfg.run.seed)
+    learner = Learner(net, variables, dqn, seed=cfg.run.seed)
     brain = NetBrain(
         Predictor(classifier.net, classifier.variables, "probability"),
         learner,
-        classifier_version=checkpoint_id(Path(cls_path)),
-        agent_version=checkpoint_id(Path(agent_path)),
+        classifier_version=classifier_version,
+        agent_version=agent_version,
         epsilon=None if cfg.run.train else cfg.agent.epsilon,
         learn_online=(cfg.agent.learn_online or cfg.run.train) if learn_online is None else learn_online,
-        checkpoint_paths={"classifier": str(cls_path), "agent": str(agent_path)},
+        checkpoint_paths=paths,
     )
     brain.compile()
     return brain

@@ -471,8 +471,10 @@ def check_run_config(cfg: Any, args: argparse.Namespace) -> None:
     from deepspm.controller.config import ConfigError
     from deepspm.nets.checkpoint_info import CheckpointError, require_kind
 
-    for kind, setting in (("classifier", cfg.classifier.checkpoint), ("agent", cfg.agent.checkpoint)):
-        if setting != "shipped":
+    from deepspm.controller.session import agent_setting
+
+    for kind, setting in (("classifier", cfg.classifier.checkpoint), ("agent", agent_setting(cfg))):
+        if setting not in ("shipped", "new"):
             try:
                 require_kind(setting, kind)
             except CheckpointError as e:
