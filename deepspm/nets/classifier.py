@@ -268,7 +268,7 @@ def train_classifier(
     if config.max_train is not None:
         train_idx = stratified_subset(train_idx, labels, config.max_train, seed)
     if (config.keep == "best" or config.patience) and val_idx.size == 0:
-        raise ValueError('keep="best" and early stopping need a validation split (val_fraction > 0)')
+        raise ValueError('keep="best" (and early stopping) needs a validation split (val_fraction > 0)')
     batch_size = min(config.batch_size, train_idx.size)
     if batch_size == 0:
         raise ValueError("no training images")
