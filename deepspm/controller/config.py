@@ -148,6 +148,28 @@ class LoggingSettings:
     level: str = "info"  # diagnostics on stderr (the journal is separate)
 
 
+def _simulator_settings() -> type:
+    """[simulator]: the embedded simulator's scalar knobs (`SimConfig`'s own fields and defaults, so the two never
+    disagree), and `sample`, the surface it images ("ag_mgpc" or "hsi"). Used only when no instrument host is set."""
+    from deepspm.simulator.microscope import SimConfig
+
+    hints = typing.get_type_hints(SimConfig)
+    scalar = (int, float, bool, float | None)
+    specs: list[Any] = [("sample", str, field(default=SimConfig().surface))]
+    specs += [(f.name, hints[f.name], field(default=f.default)) for f in fields(SimConfig)
+              if hints[f.name] in scalar and f.name != "surface"]
+
+    def sim_config(self: Any) -> SimConfig:
+        """The `SimConfig` these settings describe."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sample"}
+        return SimConfig(surface=self.sample, **values)
+
+    return dataclasses.make_dataclass("SimulatorSettings", specs, frozen=True, namespace={"sim_config": sim_config})
+
+
+SimulatorSettings = _simulator_settings()
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole run configuration; one attribute per TOML section."""
@@ -165,6 +187,7 @@ class RunConfig:
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    simulator: Any = field(default_factory=SimulatorSettings)
 
 
 SECTIONS: dict[str, type] = {
@@ -181,6 +204,7 @@ SECTIONS: dict[str, type] = {
     "classifier": ClassifierSettings,
     "agent": AgentSettings,
     "logging": LoggingSettings,
+    "simulator": SimulatorSettings,
 }
 
 # dependent key -> the key that owns the value
@@ -265,6 +289,7 @@ RANGES: dict[str, Bounds | Choices] = {
     "scan.bwd_speed_mps": _positive(1e-6),
     "scan.timeout_margin_s": _closed(0, 3600),
     "scan.frame_size_m": _closed(1e-9, 200e-9),
+    "simulator.sample": Choices(("ag_mgpc", "hsi")),
     "scan.bias_V": Bounds(-10.0, 10.0),
     "scan.setpoint_A": Bounds(0.0, 1e-6, lo_open=True),
     "scan.creep_lines": _closed(1, 1024),
@@ -353,6 +378,7 @@ NOTES: dict[str, str] = {
     "scan.scan_up": "scan direction (bottom to top)",
     "scan.timeout_margin_s": "extra time on top of the nominal frame time before a scan is stopped",
     "scan.frame_size_m": "side of a square frame, 10 nm [paper]; the planner's frames too",
+    "simulator.sample": "the simulated surface: MgPc on Ag(100) (ag_mgpc) or H:Si(100)-(2x1) (hsi); simulator only",
     "scan.bias_V": "imaging bias, set before the first scan and after every pulse or dip (the original's server: -1 V)",
     "scan.setpoint_A": "imaging tunnelling-current setpoint (constant current), 25 pA [paper]",
     "scan.creep_lines": "lines of the partial creep frame recorded and discarded after each move, then stopped "

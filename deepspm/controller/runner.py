@@ -58,7 +58,7 @@ def run_from_cli(cfg: RunConfig, args: argparse.Namespace) -> int:
     simulator = None
     if simulated:
         seed = args.sim_seed if args.sim_seed is not None else cfg.run.seed
-        simulator = SimulatorOptions(seed=seed, time_scale=cfg.run.time_scale)
+        simulator = SimulatorOptions(seed=seed, time_scale=cfg.run.time_scale, sim_config=cfg.simulator.sim_config())
     where = "the embedded simulator" if simulated else f"{cfg.instrument.host}:{cfg.instrument.port}"
     return _launch(cfg, run_dir, simulator, args, where, resume=False)
 
@@ -75,7 +75,8 @@ def _resume_from_cli(args: argparse.Namespace) -> int:
     cfg = config_from_dict(start["config"])
     configure_logging(cfg.logging.level)
     sim = (start.get("instrument") or {}).get("simulator")
-    simulator = SimulatorOptions(seed=sim["seed"], time_scale=sim["time_scale"]) if sim else None
+    simulator = (SimulatorOptions(seed=sim["seed"], time_scale=sim["time_scale"], sim_config=cfg.simulator.sim_config())
+                 if sim else None)
     where = "the embedded simulator" if sim else f"{cfg.instrument.host}:{cfg.instrument.port}"
     return _launch(cfg, Path(args.resume), simulator, args, where, resume=True)
 
