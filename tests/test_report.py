@@ -21,12 +21,22 @@ import numpy as np
 import pytest
 
 from deepspm.controller.brain import ActionDecision
+from deepspm.controller.commands import (
+    ApproachRunning, Command, GrabFrame, MotorMove, ReadZ, Settle, StartApproach, StartScan, WaitScanEnd, Withdraw,
+)
 from deepspm.controller.config import load_config
+from deepspm.controller.documents import (
+    ActionChosen, Classification, Failure, Note, Reply, ResetActionChosen, SampleVerdict, Start, TransitionRecord,
+    ZCheck,
+)
+from deepspm.controller.executor import digest, result_to_record
 from deepspm.controller.journal import Journal, ManualClock, TornJournalWarning, read_journal
 from deepspm.controller.report import (
     BAD, BAD_SAMPLE, CONTACT_LOST, CRASHED, GOOD, PLOT_FILES, UNJUDGED, read_history, write_report)
+from deepspm.controller.plans import action_command
 from deepspm.controller.session import SimulatorOptions, run_session
-from deepspm.io.actions import ACTIONS, N_ACTIONS
+from deepspm.io.actions import N_ACTIONS
+from deepspm.io.instrument import Frame, ZState
 from deepspm.simulator.microscope import SimConfig
 from deepspm.simulator.sample import SampleConfig
 from tests.test_journal import die
@@ -41,8 +51,8 @@ FRAME_M = 10e-9
 
 @dataclass
 class ScriptedRun:
-    """Writes a journal the way the run loop does (see controller/loop.py), one situation per method, and
-    keeps the numbers a report must find. Time advances 30 s per scan."""
+    """Writes a journal the way the run does (controller/plans.py and the engine), one situation per method,
+    through the typed documents, and keeps the numbers a report must find. Time advances 30 s per scan."""
 
     run_dir: Path
     seed: int = 0
@@ -59,27 +69,37 @@ class ScriptedRun:
     def open(self, piezo_range_m: float = 200e-9) -> ScriptedRun:
         self.journal = Journal(self.run_dir, self.clock)
         self.rng = np.random.default_rng(self.seed)
-        self.journal.start({
-            "run_id": self.run_dir.name, "seed": self.seed,
-            "config": {"classifier": {"threshold": 0.9}, "episode": {"bad_probe_threshold": 3},
-                       "safety": {"piezo_fraction": 0.95}},
-            "instrument": {"piezo_range_m": [piezo_range_m, piezo_range_m, 1e-6]},
-        })
+        self.journal.start(Start(
+            run_id=self.run_dir.name, seed=self.seed,
+            config={"classifier": {"threshold": 0.9}, "episode": {"bad_probe_threshold": 3},
+                    "safety": {"piezo_fraction": 0.95}},
+            instrument={"piezo_range_m": [piezo_range_m, piezo_range_m, 1e-6]},
+        ))
         for trigger, source, dest in (("start", "idle", "approaching"), ("approached", "approaching", "settling"),
                                       ("settled", "settling", "selecting")):
             self.transition(trigger, source, dest)
         return self
 
     def transition(self, trigger: str, source: str, dest: str) -> None:
-        self.journal.event("transition", trigger=trigger, source=source, dest=dest)
+        self.journal.write(TransitionRecord(trigger, source, dest))
         self.state = dest
 
-    async def scan(self, x_m: float, y_m: float, purpose: str) -> str:
-        seq = self.journal.event("command", op="scan", centre_x_m=x_m, centre_y_m=y_m, size_m=FRAME_M, purpose=purpose)
+    def command(self, command: Command, result: Any = None, ref: str | None = None) -> int:
+        """A command and its reply, as the executor journals them."""
+        seq = self.journal.write(command)
+        record = result_to_record(result, ref)
+        self.journal.write(Reply(of=seq, op=command.op, result=record, digest=digest(record)))
+        return seq
+
+    async def scan(self, x_m: float, y_m: float, purpose: str, extension: float = 0.8) -> str:
+        """A frame scanned as the scanning plan does it: start, wait for the end, grab (z after it: `extension`)."""
+        self.command(StartScan(x_m, y_m, FRAME_M, purpose))
         self.clock.advance(30.0)
+        self.command(WaitScanEnd())
         image = self.rng.normal(0.0, 2e-11, (16, 16)) + np.linspace(0, 1e-10, 16)[None, :]
         ref = await self.journal.save_frame(image)
-        self.journal.event("reply", of=seq, op="scan", result={"type": "Frame", "frame": ref})
+        z_after = ZState(z_m=-extension * 1e-6 + 0.5e-6, z_low_m=-0.5e-6, z_high_m=0.5e-6, controller_on=True)
+        self.command(GrabFrame(), Frame(image, x_m, y_m, FRAME_M, "Z (m)", True, True, z_after), ref)
         return ref
 
     async def record_frame(self, x_m: float, y_m: float, *, select: bool = True) -> str:
@@ -108,72 +128,76 @@ class ScriptedRun:
             self.in_episode = False
             self.expected["succeeded" if good else "truncated"] += 1
         trigger = "probe_good" if good else "probe_bad"
-        self.journal.event("decision", decision="classify", frame=ref, p_good=p_good, good=good, trigger=trigger,
-                           bad_probe_count=0 if good else 1, in_episode=self.in_episode, episode=self.episode,
-                           episode_started=start_episode, episode_ended=end_episode, reward=None, free_side_m=5e-9)
+        context = {"training": False, "bad_probe_count": 0 if good else 1, "in_episode": self.in_episode,
+                   "bad_probe_threshold": 3}
+        self.journal.write(Classification(
+            frame=ref, ransac_seed=self.classified, p_good=p_good, good=good, classifier="scripted", trigger=trigger,
+            context=context, bad_probe_count=0 if good else 1, in_episode=self.in_episode, episode=self.episode,
+            episode_started=start_episode, episode_ended=end_episode, reward=None, free_side_m=5e-9))
         self.transition(trigger, "classifying", "conditioning" if self.in_episode else "selecting")
         return ref
 
     def action(self, ref: str, index: int, x_m: float, y_m: float, *, explored: bool = False) -> None:
         assert self.in_episode
-        self.journal.event("decision", decision="action", frame=ref, action=index, q_values=[0.0] * N_ACTIONS,
-                           mask=[True] * N_ACTIONS, epsilon=0.05, explored=explored, agent="scripted",
-                           site_xy_m=[x_m, y_m], free_side_m=5e-9)
-        self._execute(index, x_m, y_m)
+        self.journal.write(ActionChosen(frame=ref, action=index, q_values=[0.0] * N_ACTIONS, mask=[True] * N_ACTIONS,
+                                        epsilon=0.05, explored=explored, agent="scripted", site_xy_m=[x_m, y_m],
+                                        free_side_m=5e-9))
+        self.command(action_command(index, x_m, y_m))
         self.actions_in_episode[-1] += 1
         self.expected["random_actions" if explored else "agent_actions"] += 1
         self.transition("conditioned", "conditioning", "selecting")
 
-    def _execute(self, index: int, x_m: float, y_m: float) -> None:
-        kind = ACTIONS[index].kind.value
-        if kind == "stall":
-            seq = self.journal.event("command", op="stall", action=index)
-        elif kind == "pulse":
-            seq = self.journal.event("command", op="pulse", x_m=x_m, y_m=y_m, bias_V=ACTIONS[index].bias_V,
-                                     width_s=0.2, action=index)
-        else:
-            seq = self.journal.event("command", op="dip", x_m=x_m, y_m=y_m, depth_m=ACTIONS[index].dip_depth_m,
-                                     bias_V=0.02, duration_s=0.2, action=index)
-        self.journal.event("reply", of=seq, op=kind, result=None)
-
     def reset_action(self, ref: str, index: int, x_m: float, y_m: float) -> None:
-        self.journal.event("decision", decision="reset_action", frame=ref, action=index)
-        self._execute(index, x_m, y_m)
+        self.journal.write(ResetActionChosen(frame=ref, action=index))
+        self.command(action_command(index, x_m, y_m))
         self.expected["reset_actions"] += 1
         self.transition("reset_done", "resetting", "selecting")
 
     async def bad_sample(self, x_m: float, y_m: float, radius_m: float) -> None:
         ref = await self.record_frame(x_m, y_m)
-        self.journal.event("decision", decision="sample", frame=ref, verdict="bad_sample", radius_m=radius_m)
+        self.journal.write(SampleVerdict(frame=ref, verdict="bad_sample", radius_m=radius_m))
         self.transition("sample_bad", "classifying", "selecting")
         self.expected["bad_samples"] += 1
+
+    def approach(self) -> None:
+        """The approach plan stub: started, polled once, the z state read."""
+        self.command(StartApproach())
+        self.command(ApproachRunning(), False)
+        self.command(ReadZ(), ZState(z_m=-0.3e-6, z_low_m=-0.5e-6, z_high_m=0.5e-6, controller_on=True))
 
     async def z_trouble(self, x_m: float, y_m: float, crashed: bool) -> None:
         """A creep scan ends with the z piezo out of range; the run recovers (and scans the region again)."""
         self.transition("region_selected", "selecting", "scanning")
-        await self.scan(x_m, y_m, "creep")
+        extension = 0.01 if crashed else 0.99
+        await self.scan(x_m, y_m, "creep", extension)
         verdict, trigger = ("crashed", "crashed") if crashed else ("contact_lost", "contact_lost")
-        self.journal.event("decision", decision="z_check", extension=0.01 if crashed else 0.99, verdict=verdict)
+        self.journal.write(ZCheck(extension=extension, verdict=verdict))
         self.transition(trigger, "scanning", "recovering")
-        op = "retract_after_crash" if crashed else "approach"
-        seq = self.journal.event("command", op=op)
-        self.journal.event("reply", of=seq, op=op, result=None)
+        if crashed:
+            self.command(Withdraw())
+            self.command(MotorMove(4, 20, "retract after a crash"))
+        self.approach()
+        self.command(Settle(120.0))
         self.transition("recovered", "recovering", "scanning")
         self.expected["crash" if crashed else "contact"] += 1
 
     def move(self) -> None:
         self.transition("area_exhausted", "selecting", "moving")
-        seq = self.journal.event("command", op="move_area", direction=0)
-        self.journal.event("reply", of=seq, op="move_area", result=None)
+        self.command(Withdraw())
+        self.command(MotorMove(0, 100, "new approach area"))
         self.transition("moved", "moving", "approaching")
+        self.approach()
         self.transition("approached", "approaching", "settling")
+        self.command(Settle(120.0))
         self.transition("settled", "settling", "selecting")
         self.expected["moves"] += 1
 
     def failure(self) -> None:
-        seq = self.journal.event("command", op="scan", centre_x_m=0.0, centre_y_m=0.0, size_m=FRAME_M, purpose="frame")
-        self.journal.event("failure", of=seq, op="scan", error="CommandTimeout", message="no reply in 60 s")
-        self.journal.event("note", message="instrument fault in scanning: CommandTimeout", consecutive=1)
+        seq = self.journal.write(StartScan(0.0, 0.0, FRAME_M, "frame"))
+        error, message = "CommandTimeout", "no reply in 60 s"
+        self.journal.write(Failure(of=seq, op="start_scan", error=error, message=message,
+                                   digest=digest([error, message])))
+        self.journal.write(Note("instrument fault in scanning: CommandTimeout", {"consecutive": 1}))
         self.expected["failures"] += 1
 
     async def close(self, status: str = "completed", reason: str = "frame budget reached") -> None:

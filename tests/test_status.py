@@ -50,7 +50,7 @@ async def test_status_of_a_live_run(tmp_path: Path) -> None:
     assert lines["probe"] == "bad-probe counter 1/3; episode 1 under way, actions so far: 1"
     assert lines["counters"] == ("episodes 1, actions 1, moves 0, recoveries 1 (contact 1, crash 0), failures 1")
     assert lines["last note"].startswith("instrument fault in scanning: CommandTimeout (")
-    assert lines["last failure"].startswith("scan failed: CommandTimeout: no reply in 60 s (")
+    assert lines["last failure"].startswith("start_scan failed: CommandTimeout: no reply in 60 s (")
     assert "stopped" not in lines
 
 
@@ -90,7 +90,7 @@ async def test_a_torn_last_line_is_left_out_until_it_is_complete(tmp_path: Path)
     with open(path, "ab") as f:  # the writer finishes the line
         f.write(whole[25:])
     status = follower.poll()
-    assert status.stopped and (status.stop_status, status.stop_reason) == ("stopped", "operator stop")
+    assert status.stop is not None and (status.stop.status, status.stop.reason) == ("stopped", "operator stop")
     assert status.records == records_before + 1 and follower.pending_bytes == 0
     assert "STOPPED: stopped" in status_text(tmp_path / "run", now=run.clock.t_wall)
 
@@ -106,7 +106,8 @@ async def test_the_follower_reads_only_what_was_appended(tmp_path: Path) -> None
     await run.journal.flush()
     status = follower.poll()
     assert status.frames_recorded == frames + 1 and status.frames_classified == 5  # nothing counted twice
-    assert status.records == records + 8  # region_selected, 2 x (command, reply), frame_recorded, classify, probe_good
+    # region_selected, 2 scans x 3 x (command, reply), frame_recorded, classify, probe_good
+    assert status.records == records + 16
     assert follower.offset == path.stat().st_size
     assert follower.poll().records == status.records  # nothing new: nothing read
 
@@ -139,7 +140,7 @@ async def test_follow_refreshes_until_the_run_stops(tmp_path: Path) -> None:
 
     out = io.StringIO()  # not a TTY: a block is appended when something changed
     status = await follow(tmp_path / "run", 5.0, sleep=sleep, out=out, now=lambda: run.clock.t_wall)
-    assert status.stopped and status.stop_reason == "operator stop"
+    assert status.stop is not None and status.stop.reason == "operator stop"
     assert sleeps == [5.0, 5.0, 5.0]
     blocks = out.getvalue().strip().split("\n\n")
     assert len(blocks) == 3  # start, after the new frame, stopped (the unchanged poll printed nothing)
@@ -161,13 +162,21 @@ async def test_follow_on_a_terminal_redraws_every_interval(tmp_path: Path) -> No
     assert out.getvalue().count(CLEAR_SCREEN) == 3
 
 
-@pytest.mark.parametrize("garbage", [b"not json\n", b"[1, 2]\n"])
-async def test_a_bad_complete_line_is_counted_not_fatal(tmp_path: Path, garbage: bytes) -> None:
+@pytest.mark.parametrize("garbage, problem", [
+    (b"not json\n", "not JSON"),
+    (b"[1, 2]\n", "a line that is not a JSON object"),
+    (b'{"seq": 999, "t_mono": 0.0, "t_wall": 0.0, "kind": "decision", "decision": "guess"}\n',
+     "seq 999: a decision record of the unknown decision 'guess'"),
+    (b'{"seq": 999, "t_mono": 0.0, "t_wall": 0.0, "kind": "transition", "trigger": "moved", "source": 3}\n',
+     "seq 999: a transition record lacks the fields ['dest']"),
+])
+async def test_a_bad_complete_line_is_counted_not_fatal(tmp_path: Path, garbage: bytes, problem: str) -> None:
     run = await live_run(tmp_path / "run")
     with open(tmp_path / "run" / "journal.jsonl", "ab") as f:
         f.write(garbage)
     text = status_text(tmp_path / "run", now=run.clock.t_wall)
-    assert "1 journal lines are not JSON records" in lines_of(text)["warning"]
+    assert lines_of(text)["warning"] == f"1 journal lines are not sound records (the first: {problem})"
+    assert lines_of(text)["frames"] == "5 recorded, 4 classified, 1 good probe (25.0%), 1 bad sample"  # not counted
 
 
 async def test_a_resumed_run_counts_on_across_the_resume(tmp_path: Path) -> None:

@@ -1,14 +1,40 @@
-"""The run's decisions as typed journal documents.
+"""The journal's records as typed documents: one dataclass per record kind, written and read the same way.
 
-Plans yield these; an engine journals each one as it is (`kind` and `to_record()`), and readers rebuild
-them with `decision_from_record`. The record layout is the journal's: a document's fields are the record's
-keys, and `decision` names the kind of decision.
+Plans yield the decision documents and notes; the engine, the executor and the session write the others
+(`Journal.write(doc)`). A document's fields are its record's keys after the journal's header (seq, t_mono,
+t_wall, kind); `to_record()` gives them, leaving out optional fields (default None) that are None.
+
+    kind        document                                   written by
+    start       Start                                      the session (`Journal.start`)
+    command     the `commands.Command` classes             the executor
+    reply       Reply (of = the command's seq)              the executor
+    failure     Failure (error type and message)            the executor
+    decision    ZCheck, SampleVerdict, Classification,      plans (the `decision` field names which)
+                ActionChosen, NoRoom, ResetActionChosen
+    transition  TransitionRecord (`fsm` calls its rows Transition)   the engine
+    operator    OperatorRequestRecord                       the engine
+    note        Note                                        plans, the engine
+    resume      Resume                                      `Journal(resume=True)`
+    stop        Stop                                        `Journal.close`
+
+Readers use `entry_from_record(record, schema)` -> `Entry(seq, t_mono, t_wall, doc)`: every field is checked
+against its type (the journal's "nan"/"inf"/"-inf" strings become floats again), and an unknown kind, a
+missing or unknown field or a value of the wrong type is a `JournalError` naming the seq and the problem.
+Schema 1 journals (before the single-operation instrument commands) are read too: their composite commands
+and their one-call scan become `LegacyCommand`s, everything else has the same layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from typing import Any, ClassVar, Union
+
+from deepspm.controller.commands import COMMANDS, Command
+from deepspm.controller.journal import SCHEMA_VERSION, JournalError, to_jsonable
 
 
 @dataclass(frozen=True)
@@ -16,7 +42,110 @@ class Document:
     kind: ClassVar[str]
 
     def to_record(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record's fields (after the header); optional fields that are None are left out."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.default is None and getattr(self, f.name) is None)}
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Document:
+        """The document of a record's fields (header keys removed); ValueError naming the problem."""
+        return _build(cls, data)
+
+
+# -- run bracket --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start(Document):
+    """seq 0: what the run is (design.md section 7). `schema` is the record layout's version."""
+
+    kind = "start"
+    schema: int = SCHEMA_VERSION
+    run_id: str | None = None
+    config: dict[str, Any] | None = None  # `config_to_dict` of the resolved config
+    seed: int | None = None
+    versions: dict[str, str] | None = None
+    fsm_table: list[Any] | None = None
+    fsm_hash: str | None = None
+    checkpoints: dict[str, str] | None = None  # content ids of the nets
+    checkpoint_paths: dict[str, str] | None = None
+    instrument: dict[str, Any] | None = None
+    argv: list[str] | None = None
+    failed_before_start: bool | None = None  # written only by a session that failed before its loop started
+
+
+@dataclass(frozen=True)
+class Resume(Document):
+    """A killed or stopped run continues: what was found, and the run time the earlier processes spent."""
+
+    kind = "resume"
+    previous_seq: int
+    previous_kind: str
+    torn_bytes: int
+    removed_temp_files: list[str]
+    time_spent_s: float
+
+
+@dataclass(frozen=True)
+class Stop(Document):
+    """The last record of a process: exit status and reason, and the loop's own counters if it ran."""
+
+    kind = "stop"
+    status: str
+    reason: str = ""
+    counters: dict[str, Any] | None = None
+    final_state: str | None = None
+
+
+# -- the instrument ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply(Document):
+    """The result of the command at seq `of` (`executor.result_to_record`), and its digest."""
+
+    kind = "reply"
+    of: int
+    op: str
+    result: Any
+    digest: str
+
+    @property
+    def frame(self) -> str | None:
+        """The frame reference of a reply that carries a frame."""
+        r = self.result
+        return r.get("frame") if isinstance(r, dict) and r.get("type") == "Frame" else None
+
+
+@dataclass(frozen=True)
+class Failure(Document):
+    """The command at seq `of` failed: the error's type name and message."""
+
+    kind = "failure"
+    of: int
+    op: str
+    error: str
+    message: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class LegacyCommand(Document):
+    """A schema-1 command this version has no class for (the composite approach, set_z_extension,
+    retract_after_crash, move_area, and the one-call scan); read only."""
+
+    kind = "command"
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"op": self.op, **self.args}
+
+
+LEGACY_OPS = frozenset({"approach", "set_z_extension", "retract_after_crash", "move_area", "scan"})
+
+
+# -- the run's decisions ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -27,7 +156,7 @@ class Decision(Document):
     name: ClassVar[str]
 
     def to_record(self) -> dict[str, Any]:
-        return {"decision": self.name, **asdict(self)}
+        return {"decision": self.name, **super().to_record()}
 
 
 @dataclass(frozen=True)
@@ -107,9 +236,36 @@ class ResetActionChosen(Decision):
     action: int
 
 
+DECISIONS: tuple[type[Decision], ...] = (ZCheck, SampleVerdict, Classification, ActionChosen, NoRoom, ResetActionChosen)
+
+
+# -- the engine and the operator ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransitionRecord(Document):
+    """An FSM trigger taken, from `source` to `dest` (state names)."""
+
+    kind = "transition"
+    trigger: str
+    source: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class OperatorRequestRecord(Document):
+    """An operator request (`runcontrol.RequestKind` value) and where it came from."""
+
+    kind = "operator"
+    request: str
+    source: str
+    detail: str = ""
+
+
 @dataclass(frozen=True)
 class Note(Document):
-    """Something a person reading the journal should know (a fault, an action with unknown outcome)."""
+    """Something a person reading the journal should know (a fault, an action with unknown outcome); `data`
+    holds further fields of the record."""
 
     kind = "note"
     message: str
@@ -118,18 +274,180 @@ class Note(Document):
     def to_record(self) -> dict[str, Any]:
         return {"message": self.message, **self.data}
 
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Note:
+        rest = dict(data)
+        message = rest.pop("message", None)
+        if not isinstance(message, str):
+            raise ValueError("a note needs a message (a string)")
+        return cls(message, rest)
 
-DECISIONS: tuple[type[Decision], ...] = (ZCheck, SampleVerdict, Classification, ActionChosen, NoRoom, ResetActionChosen)
+
+Written = Document | Command  # what `Journal.write` takes
+
+
+def record_kind(doc: Written) -> str:
+    """The record kind a document is written as."""
+    return "command" if isinstance(doc, Command) else doc.kind
+
+
+def record_of(doc: Written) -> dict[str, Any]:
+    """A document's record fields, as plain JSON types (what a reader gets back)."""
+    return to_jsonable(doc.to_record())
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+HEADER = ("seq", "t_mono", "t_wall", "kind")
+_BY_KIND: dict[str, type[Document]] = {
+    c.kind: c for c in (Start, Resume, Stop, Reply, Failure, TransitionRecord, OperatorRequestRecord, Note)
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journal record: its header and its typed document."""
+
+    seq: int
+    t_mono: float
+    t_wall: float
+    doc: Written
+
+    @property
+    def kind(self) -> str:
+        return record_kind(self.doc)
+
+
+def entry_from_record(record: dict[str, Any], schema: int = SCHEMA_VERSION) -> Entry:
+    """The typed entry of one journal record of a journal with layout version `schema`."""
+    seq = record.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise JournalError(f"a record without a valid seq ({seq!r}): {_short(record)}")
+    for key in ("t_mono", "t_wall"):
+        value = record.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise JournalError(f"seq {seq}: {key} is {value!r}, not a number")
+    data = {k: v for k, v in record.items() if k not in HEADER}
+    try:
+        doc = _document(record.get("kind"), data, schema)
+    except ValueError as e:
+        raise JournalError(f"seq {seq}: {e}") from None
+    return Entry(seq, float(record["t_mono"]), float(record["t_wall"]), doc)
 
 
 def decision_from_record(record: dict[str, Any]) -> Decision:
-    """The typed decision of a journal record (header keys are ignored; ValueError for an unknown layout)."""
-    name = record.get("decision")
-    for cls in DECISIONS:
-        if cls.name != name:
-            continue
-        names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-        if required <= set(record) and (cls is NoRoom) == (record.get("verdict") == "no_room"):
-            return cls(**{k: v for k, v in record.items() if k in names})
-    raise ValueError(f"no decision of kind {name!r} with the fields {sorted(record)}")
+    """The typed decision of a decision record (header keys are ignored; ValueError for an unknown layout)."""
+    doc = _document("decision", {k: v for k, v in record.items() if k not in HEADER}, SCHEMA_VERSION)
+    if not isinstance(doc, Decision):  # _document("decision", ...) builds only decisions
+        raise TypeError(f"not a decision: {doc!r}")
+    return doc
+
+
+def _document(kind: Any, data: dict[str, Any], schema: int) -> Written:
+    if schema < 1 or schema > SCHEMA_VERSION:
+        raise ValueError(f"journal schema {schema} is not one this version reads (1..{SCHEMA_VERSION})")
+    if kind == "command":
+        op = data.get("op")
+        args = {k: v for k, v in data.items() if k != "op"}
+        if schema == 1 and op in LEGACY_OPS:
+            return LegacyCommand(str(op), args)
+        cls = COMMANDS.get(op) if isinstance(op, str) else None
+        if cls is None:
+            raise ValueError(f"a command record with the unknown op {op!r}")
+        return _build(cls, args, f"a {op} command")
+    if kind == "decision":
+        name = data.get("decision")
+        args = {k: v for k, v in data.items() if k != "decision"}
+        candidates = [c for c in DECISIONS if c.name == name]
+        if not candidates:
+            raise ValueError(f"a decision record of the unknown decision {name!r}")
+        if name == "action":  # one decision name, two layouts
+            candidates = [NoRoom if args.get("verdict") == "no_room" else ActionChosen]
+        return _build(candidates[0], args, f"a {name} decision")
+    cls = _BY_KIND.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"a record of the unknown kind {kind!r}")
+    if cls is Start and "schema" not in data:
+        raise ValueError("the start record has no schema version")
+    if cls is Note:
+        return Note.from_record(data)
+    return _build(cls, data, f"a {kind} record")
+
+
+# -- field checks ----------------------------------------------------------------------------------------------------
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict[str, Any], what: str | None = None) -> Any:
+    what = what or f"a {cls.__name__}"
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {unknown}")
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{what} lacks the fields {missing}")
+    hints = _hints(cls)
+    values = {}
+    for name, value in data.items():
+        try:
+            values[name] = _checked(value, hints[name])
+        except TypeError as e:
+            raise ValueError(f"{what}: field {name!r} {e}") from None
+    return cls(**values)
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _checked(value: Any, hint: Any) -> Any:
+    """`value` if it has the type `hint` (non-finite float strings become floats); TypeError if not."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _checked(value, option)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(" or ".join(errors) if len(errors) == 1 else f"is {_short(value)}, not {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value in _NON_FINITE:
+            return _NON_FINITE[value]
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(hint) or (Any,)
+            return [_checked(v, item) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        raise TypeError(f"has a type this reader does not check ({hint})")
+    name = getattr(hint, "__name__", str(hint))
+    raise TypeError(f"should be {name}, not {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

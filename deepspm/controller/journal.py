@@ -6,9 +6,17 @@ replay and resume rely on.
     RUN_DIR/checkpoints/    nets (orbax, written by their owners) and JSON states (`save_state`)
 
 Records: "start" (seq 0, once), event kinds ("command", "reply", "failure", "decision", "transition",
-"operator", "note", "checkpoint", or any other lower-case name), "resume" (written when a killed or
-stopped run continues) and "stop" (exit status and reason, from the loop's `finally`). Sequence numbers
-are contiguous from 0; `check_journal` verifies it.
+"operator", "note"), "resume" (written when a killed or stopped run continues) and "stop" (exit status and
+reason, from the loop's `finally`). Each kind is a typed document (controller/documents.py): writers hand
+documents to `write()` (`start()`, `close()` and resume build theirs), readers get them back through
+`documents.entry_from_record` and the one fold of a journal, `controller/runfold.py`. `event(kind, **data)`
+is the low-level writer underneath. Sequence numbers are contiguous from 0; `check_journal` verifies it.
+
+Schema versions (the start record's "schema"): 1, composite instrument commands (approach,
+set_z_extension, retract_after_crash, move_area, scan); 2, single-operation commands (start_approach,
+approach_running, stop_approach, motor_move, wait, start_scan, wait_scan_end, stop_scan, grab_frame,
+set_bias, set_setpoint) and the reset phase's own triggers (reset_continues, reset_over). Report and status
+read both; replay and resume need the current one (`check_schema`).
 
 Writing never blocks the event loop: `event()` encodes the record and assigns its seq synchronously, then
 only appends it to an in-memory queue. `writer()` (a task in the loop's TaskGroup) drains the queue in
@@ -51,22 +59,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from deepspm.controller.runlock import RunDirLock
 
-SCHEMA_VERSION = 1  # of the record layout; start() adds it to the start record as "schema"
+if TYPE_CHECKING:  # documents.py imports this module
+    from deepspm.controller.documents import Start, Written
+
+SCHEMA_VERSION = 2  # of the record layout; start() adds it to the start record as "schema"
+# What each older schema lacks, for the refusal to replay or resume it.
+SCHEMA_HISTORY = {
+    1: "before the single-operation instrument commands",
+}
 JOURNAL_FILE = "journal.jsonl"
 FRAMES_DIR = "frames"
 CHECKPOINTS_DIR = "checkpoints"
 TEMP_SUFFIX = ".tmp"
 
 START, STOP, RESUME = "start", "stop", "resume"
-# The event kinds the run loop uses; `event()` accepts any lower-case name.
-COMMAND, REPLY, FAILURE, DECISION, TRANSITION, OPERATOR, NOTE, CHECKPOINT = (
-    "command", "reply", "failure", "decision", "transition", "operator", "note", "checkpoint")
+# The event kinds the run writes (documents.py); the low-level `event()` accepts any lower-case name.
+COMMAND, REPLY, FAILURE, DECISION, TRANSITION, OPERATOR, NOTE = (
+    "command", "reply", "failure", "decision", "transition", "operator", "note")
 _RESERVED = frozenset({START, STOP, RESUME})
 _HEADER_KEYS = ("seq", "t_mono", "t_wall", "kind")
 _KIND = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -302,53 +317,52 @@ def read_journal(run_dir: Path) -> list[dict[str, Any]]:
 
 
 @dataclass
-class RecordTally:
-    """What every reader of a journal counts the same way (the report, the status view and resume build on
-    it): records, the wall-clock span they cover, the run time, and recoveries, each attributed to the
-    contact_lost or crashed transition before it."""
+class RunTime:
+    """Run time on the journal's monotonic clock: each process's span (a resume record starts a new process
+    and a new clock), summed. The time between a process's last record and its death is lost."""
 
-    records: int = 0
-    first_wall: float | None = None
-    last_wall: float | None = None
-    recoveries: dict[str, int] = dataclasses.field(default_factory=lambda: {"contact": 0, "crash": 0})
-    _trouble: str = "contact"
     _spent_before: float = 0.0  # run time of the processes before the last resume
     _process_span: tuple[float, float] | None = None  # (first, last) t_mono of the current process
 
     @property
-    def time_spent_s(self) -> float:
-        """Run time on the journal's monotonic clock: each process's span (a resume record starts a new
-        process and a new clock), summed. The time between a process's last record and its death is lost."""
+    def spent_s(self) -> float:
         span = self._process_span
         return self._spent_before + (span[1] - span[0] if span else 0.0)
 
-    def tally(self, r: Mapping[str, Any]) -> None:
-        self.records += 1
-        t_wall = r.get("t_wall")
-        if isinstance(t_wall, (int, float)):
-            self.first_wall = t_wall if self.first_wall is None else self.first_wall
-            self.last_wall = t_wall
-        t_mono = r.get("t_mono")
-        if isinstance(t_mono, (int, float)):
-            if r.get("kind") == RESUME or self._process_span is None:
-                self._spent_before = self.time_spent_s
-                self._process_span = (t_mono, t_mono)
-            else:
-                self._process_span = (self._process_span[0], t_mono)
-        if r.get("kind") == "transition":
-            trigger = r.get("trigger")
-            if trigger in ("contact_lost", "crashed"):
-                self._trouble = "contact" if trigger == "contact_lost" else "crash"
-            elif trigger == "recovered":
-                self.recoveries[self._trouble] += 1
+    def add(self, kind: Any, t_mono: Any) -> None:
+        """Count one record (its header's kind and t_mono)."""
+        if not isinstance(t_mono, (int, float)) or isinstance(t_mono, bool):
+            return
+        if kind == RESUME or self._process_span is None:
+            self._spent_before = self.spent_s
+            self._process_span = (t_mono, t_mono)
+        else:
+            self._process_span = (self._process_span[0], t_mono)
 
 
 def time_spent_s(records: list[dict[str, Any]]) -> float:
-    """`RecordTally.time_spent_s` of a whole journal."""
-    tally = RecordTally()
+    """`RunTime.spent_s` of a whole journal."""
+    run_time = RunTime()
     for r in records:
-        tally.tally(r)
-    return tally.time_spent_s
+        run_time.add(r.get("kind"), r.get("t_mono"))
+    return run_time.spent_s
+
+
+def check_schema(start: Mapping[str, Any], verb: str) -> None:
+    """JournalError unless the journal whose start record is `start` has this version's layout, which replay
+    and resume need (`verb`: "replayed", "resumed"); report and status read older journals too."""
+    schema = start.get("schema")
+    if schema == SCHEMA_VERSION:
+        return
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise JournalError(f"the journal's start record has no valid schema version ({schema!r})")
+    version = (start.get("versions") or {}).get("deepspm", "?")
+    if schema > SCHEMA_VERSION:
+        raise JournalError(f"journal schema {schema} (written by deepspm {version}) is newer than this version "
+                           f"(schema {SCHEMA_VERSION}); it cannot be {verb} here")
+    raise JournalError(f"journal schema {schema} (written by deepspm {version}, {SCHEMA_HISTORY.get(schema, 'older')}) "
+                       f"cannot be {verb} by this version (schema {SCHEMA_VERSION}); deepspm report and status still "
+                       f"read it")
 
 
 def check_journal(records: list[dict[str, Any]], *, require_stop: bool = False) -> list[str]:
@@ -472,6 +486,7 @@ class Journal:
         problems = check_journal(contents.records)
         if problems:
             raise JournalError(f"cannot resume {self.path}: " + "; ".join(problems[:5]))
+        check_schema(contents.records[0], "resumed")
         if contents.torn_tail:
             os.truncate(self.path, contents.valid_bytes)
         last = contents.records[-1]
@@ -479,13 +494,11 @@ class Journal:
         self._started = True
         spent = time_spent_s(contents.records)
         self.resume_info = ResumeInfo(contents.records[0], last, len(contents.torn_tail), removed, spent)
-        self._enqueue(RESUME, {
-            "previous_seq": last["seq"],
-            "previous_kind": last["kind"],
-            "torn_bytes": len(contents.torn_tail),
-            "removed_temp_files": list(removed),
-            "time_spent_s": spent,
-        })
+        from deepspm.controller.documents import Resume  # documents.py builds on this module
+
+        self._enqueue(RESUME, Resume(previous_seq=last["seq"], previous_kind=last["kind"],
+                                     torn_bytes=len(contents.torn_tail), removed_temp_files=list(removed),
+                                     time_spent_s=spent).to_record())
 
     # -- records ------------------------------------------------------------------------------------------
     @property
@@ -496,18 +509,34 @@ class Journal:
     def closed(self) -> bool:
         return self._closing
 
-    def start(self, record: Mapping[str, Any]) -> int:
-        """Write the start record (seq 0) with `record`'s fields: design.md section 7 asks for the run id,
-        the resolved config (`config_to_dict`), the root seed, package versions, the FSM table and its
+    def start(self, record: Mapping[str, Any] | Start) -> int:
+        """Write the start record (seq 0): a `documents.Start`, or its fields. design.md section 7 asks for the
+        run id, the resolved config (`config_to_dict`), the root seed, package versions, the FSM table and its
         hash and the checkpoint ids. "schema" (SCHEMA_VERSION) is added unless given."""
+        from deepspm.controller.documents import Start
+
         if self._started:
             raise JournalError("the journal already has a start record")
-        self._check_data(record)
+        if not isinstance(record, Start):
+            self._check_data(record)
+            try:
+                record = Start.from_record({"schema": SCHEMA_VERSION, **record})
+            except ValueError as e:
+                raise ValueError(f"start record: {e}") from None
         self._started = True
-        return self._enqueue(START, {"schema": SCHEMA_VERSION, **record})
+        return self._enqueue(START, record.to_record())
+
+    def write(self, doc: Written) -> int:
+        """Enqueue a typed document (a decision, note, transition, operator request, command, reply or
+        failure) as its record; returns its seq. Start, stop and resume are written by `start()`, `close()`
+        and `Journal(resume=True)`."""
+        from deepspm.controller.documents import record_kind
+
+        return self.event(record_kind(doc), **doc.to_record())
 
     def event(self, kind: str, **data: Any) -> int:
-        """Enqueue a record and return its seq. Never blocks; encoding errors raise here."""
+        """Enqueue a record and return its seq (the low-level writer under `write`). Never blocks; encoding
+        errors raise here."""
         if not isinstance(kind, str) or not _KIND.match(kind):
             raise ValueError(f"event kind must be a lower-case name, got {kind!r}")
         if kind in _RESERVED:
@@ -623,8 +652,11 @@ class Journal:
             return None
         seq = None
         if self._started:
+            from deepspm.controller.documents import Stop
+
             self._check_data(data)
-            seq = self._enqueue(STOP, {"status": status, "reason": reason, **data}, last=True)
+            stop = Stop.from_record({"status": status, "reason": reason, **data})  # ValueError for a wrong field
+            seq = self._enqueue(STOP, stop.to_record(), last=True)
         else:
             with self._lock:
                 self._closing = True

@@ -14,17 +14,9 @@ Everything is counted from the journal's records alone (design.md section 7), ne
 counters in the stop record, so a report of a killed run (no stop record, torn last line) still works.
 Plots are drawn on `matplotlib.figure.Figure` objects with the Agg canvas: no pyplot, no global state.
 
-Counting rules (the loop's record layout, see controller/loop.py):
-- frames recorded = "frame_recorded" transitions; each is then judged by a "classify" decision (probe good
-  or bad) or a "sample" decision (bad sample; the frame is discarded); a run stopped in between leaves it
-  unjudged. Discarded scans (creep or data) with a "z_check" decision (contact lost, crashed) are shown too.
-- an episode starts at a classify decision with episode_started and ends at one with episode_ended: with a
-  good probe (succeeded) or a bad one (truncated at the action cap); still open when the run stopped.
-  Conditioning actions ("action" decisions with an action) belong to the episode of the classify decision
-  before them; `explored` marks an epsilon-greedy random pick. "reset_action" decisions (training) are random
-  reset actions outside episodes.
-- approach areas: area 1 until the first "moved" transition, then one more per "moved".
-- recoveries = "recovered" transitions, attributed to the contact_lost / crashed transition before them.
+The counting rules are the fold's (controller/runfold.py), which `deepspm status` reads through too, so the
+two never disagree; the report asks it to keep the full history (regions, frames, actions, episodes).
+Journals of schema 1 are reported as well.
 """
 
 from __future__ import annotations
@@ -34,7 +26,7 @@ import html
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +38,22 @@ from matplotlib.collections import PatchCollection
 from matplotlib.patches import Circle, Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from deepspm.controller.journal import JournalError, RecordTally, TornJournalWarning, load_frame, scan_journal
+from deepspm.controller.journal import JournalError, TornJournalWarning, load_frame
+from deepspm.controller.runfold import (
+    BAD, BAD_SAMPLE, CONTACT_LOST, CRASHED, DEFAULT_FRAME_SIZE_M, GOOD, OPEN, SUCCEEDED, TRUNCATED, UNJUDGED,
+    ClassifiedFrame, Episode, History, RunFold, ScannedRegion, TakenAction, read_fold,
+)
 from deepspm.controller.status import format_duration
 from deepspm.io.actions import ACTIONS, ActionKind
 
-DEFAULT_THRESHOLD = 0.9
-DEFAULT_PIEZO_RANGE_M = 850e-9
-DEFAULT_FRAME_SIZE_M = 10e-9
+__all__ = ["BAD", "BAD_SAMPLE", "CONTACT_LOST", "CRASHED", "GOOD", "PLOT_FILES", "UNJUDGED", "ReportSummary",
+           "read_history", "summarise", "summary_rows", "write_report"]
 MONTAGE_FRAMES = 6  # per row: the last good and the last bad frames
 MAX_AREA_PANELS = 12  # the latest approach areas; older ones are left out (and said so)
 DPI = 110
 
 PLOT_FILES = ("approach_areas.png", "p_good.png", "actions_per_episode.png", "frames_montage.png")
 
-GOOD, BAD, BAD_SAMPLE, CONTACT_LOST, CRASHED, UNJUDGED = (
-    "good probe", "bad probe", "bad sample", "contact lost", "crashed", "not judged")
 VERDICT_COLOURS = {
     GOOD: "#2ca02c",
     BAD: "#d62728",
@@ -72,203 +65,46 @@ VERDICT_COLOURS = {
 DISCARDED = (CONTACT_LOST, CRASHED)
 HATCHES = {CONTACT_LOST: "////", CRASHED: "xxxx"}
 KIND_COLOURS = {ActionKind.STALL: "#7f7f7f", ActionKind.PULSE: "#1f77b4", ActionKind.DIP: "#9467bd"}
-SUCCEEDED, TRUNCATED, OPEN = "succeeded", "truncated", "open"
 
 
 # -- the run, as read from the journal --------------------------------------------------------------------
 
 
-@dataclass
-class ScannedRegion:
-    """One scan shown on the map: its centre and side (metres), approach area (1-based) and verdict."""
+@dataclass(frozen=True)
+class RunHistory:
+    """The fold of a run's journal (`run`) and the history it kept for the plots; a torn last line is left
+    out and its length kept."""
 
-    seq: int
-    area: int
-    x_m: float
-    y_m: float
-    size_m: float
-    verdict: str
-    radius_m: float = 0.0  # the forbidden circle of a bad-sample verdict
-
-
-@dataclass
-class ClassifiedFrame:
-    index: int  # 1-based, in order of classification
-    seq: int
-    t_wall: float
-    ref: str
-    p_good: float
-    good: bool
-    area: int
-
-
-@dataclass
-class ActionSite:
-    seq: int
-    area: int
-    action: int
-    x_m: float | None  # None until the pulse/dip command (reset actions) names the site
-    y_m: float | None
-    explored: bool
-    reset: bool
-    episode: int | None
-
-
-@dataclass
-class Episode:
-    index: int  # the tracker's episode number
-    start_frame: int  # ClassifiedFrame.index of the frame that started it
-    end_frame: int | None = None
-    outcome: str = OPEN
-    agent_actions: int = 0
-    random_actions: int = 0
+    run: RunFold
+    regions: list[ScannedRegion]
+    frames: list[ClassifiedFrame]
+    actions: list[TakenAction]
+    episodes: dict[int, Episode]
+    move_after_frame: list[int]
+    torn_tail_bytes: int = 0
 
     @property
-    def actions(self) -> int:
-        return self.agent_actions + self.random_actions
+    def run_id(self) -> str:
+        return self.run.run_id
 
+    @property
+    def threshold(self) -> float:
+        return self.run.threshold
 
-@dataclass
-class RunHistory(RecordTally):
-    """Everything the report draws, folded from the journal's records in order (see `add`)."""
+    @property
+    def piezo_range_xy_m(self) -> tuple[float, float]:
+        return self.run.piezo_range_xy_m
 
-    run_id: str = ""
-    threshold: float = DEFAULT_THRESHOLD
-    piezo_range_xy_m: tuple[float, float] = (DEFAULT_PIEZO_RANGE_M, DEFAULT_PIEZO_RANGE_M)
-    envelope_fraction: float = 0.95
-    regions: list[ScannedRegion] = field(default_factory=list)
-    frames: list[ClassifiedFrame] = field(default_factory=list)
-    actions: list[ActionSite] = field(default_factory=list)
-    episodes: dict[int, Episode] = field(default_factory=dict)
-    move_after_frame: list[int] = field(default_factory=list)  # classified frames before each move
-    area: int = 1
-    frames_recorded: int = 0
-    failures: int = 0
-    resumes: int = 0
-    stop: dict[str, Any] | None = None
-    torn_tail_bytes: int = 0
-    _last_scan: dict[str, Any] | None = None
-    _unjudged: int | None = None  # index in `regions` of a recorded frame not judged yet
-    _episode: int | None = None  # the episode the next action belongs to
-    _awaiting_site: int | None = None  # index in `actions` of a reset action whose site is not known yet
-
-    def add(self, r: dict[str, Any]) -> None:
-        self.tally(r)
-        kind = r.get("kind")
-        if kind == "start":
-            self._start(r)
-        elif kind == "transition":
-            self._transition(r)
-        elif kind == "command":
-            self._command(r)
-        elif kind == "decision":
-            self._decision(r)
-        elif kind == "failure":
-            self.failures += 1
-        elif kind == "resume":
-            self.resumes += 1
-            self.stop = None
-        elif kind == "stop":
-            self.stop = r
-
-    def _start(self, r: dict[str, Any]) -> None:
-        self.run_id = str(r.get("run_id", ""))
-        config = r.get("config") or {}
-        self.threshold = float((config.get("classifier") or {}).get("threshold", DEFAULT_THRESHOLD))
-        piezo = (r.get("instrument") or {}).get("piezo_range_m") or (config.get("planner") or {}).get("piezo_range_xy_m")
-        if piezo:
-            self.piezo_range_xy_m = (float(piezo[0]), float(piezo[1]))
-        safety = config.get("safety") or {}
-        self.envelope_fraction = float(safety.get("piezo_fraction", self.envelope_fraction))
-
-    def _transition(self, r: dict[str, Any]) -> None:
-        trigger = r.get("trigger")
-        if trigger == "frame_recorded":
-            self.frames_recorded += 1
-            self._unjudged = len(self.regions)
-            self.regions.append(self._region(r["seq"], UNJUDGED))
-        elif trigger == "moved":
-            self.area += 1
-            self.move_after_frame.append(len(self.frames))
-
-    def _command(self, r: dict[str, Any]) -> None:
-        op = r.get("op")
-        if op in ("start_scan", "scan"):  # schema 2 starts a frame with start_scan; schema 1 had one scan
-            self._last_scan = r
-        elif op in ("pulse", "dip") and self._awaiting_site is not None:
-            site = self.actions[self._awaiting_site]
-            site.x_m, site.y_m = float(r["x_m"]), float(r["y_m"])
-            self._awaiting_site = None
-
-    def _region(self, seq: int, verdict: str) -> ScannedRegion:
-        scan = self._last_scan or {}
-        return ScannedRegion(seq, self.area, float(scan.get("centre_x_m", 0.0)), float(scan.get("centre_y_m", 0.0)),
-                             float(scan.get("size_m", DEFAULT_FRAME_SIZE_M)), verdict)
-
-    def _judge(self, seq: int, verdict: str) -> ScannedRegion:
-        """The verdict on the recorded frame waiting for one (or a new region if the journal has no
-        frame_recorded transition for it)."""
-        if self._unjudged is not None:
-            region = self.regions[self._unjudged]
-            region.verdict = verdict
-            self._unjudged = None
-            return region
-        region = self._region(seq, verdict)
-        self.regions.append(region)
-        return region
-
-    def _decision(self, r: dict[str, Any]) -> None:
-        decision = r.get("decision")
-        if decision == "classify":
-            self._classify(r)
-        elif decision == "sample":
-            region = self._judge(r["seq"], BAD_SAMPLE)
-            region.radius_m = float(r.get("radius_m", 0.0))
-        elif decision == "z_check":
-            verdict = CRASHED if r.get("verdict") == "crashed" else CONTACT_LOST
-            self.regions.append(self._region(r["seq"], verdict))
-        elif decision == "action" and r.get("action") is not None:
-            xy = r.get("site_xy_m") or (None, None)
-            self._add_action(r, xy, explored=bool(r.get("explored", False)), reset=False, episode=self._episode)
-            if self._episode is not None:
-                episode = self.episodes[self._episode]
-                if r.get("explored"):
-                    episode.random_actions += 1
-                else:
-                    episode.agent_actions += 1
-        elif decision == "reset_action":
-            self._add_action(r, (None, None), explored=True, reset=True, episode=None)
-            self._awaiting_site = len(self.actions) - 1
-
-    def _add_action(self, r: dict[str, Any], xy: Any, *, explored: bool, reset: bool, episode: int | None) -> None:
-        x, y = (None, None) if xy[0] is None else (float(xy[0]), float(xy[1]))
-        self.actions.append(ActionSite(r["seq"], self.area, int(r["action"]), x, y, explored, reset, episode))
-
-    def _classify(self, r: dict[str, Any]) -> None:
-        p_good = float(r.get("p_good", math.nan))
-        good = bool(r.get("good", p_good > self.threshold))
-        self._judge(r["seq"], GOOD if good else BAD)
-        frame = ClassifiedFrame(len(self.frames) + 1, r["seq"], float(r.get("t_wall", 0.0)), str(r.get("frame", "")),
-                                p_good, good, self.area)
-        self.frames.append(frame)
-        number = r.get("episode")
-        if r.get("episode_started") and number is not None:
-            self.episodes[int(number)] = Episode(int(number), frame.index)
-        episode = self.episodes.get(int(number)) if number is not None else None
-        if r.get("episode_ended") and episode is not None:
-            episode.end_frame = frame.index
-            episode.outcome = SUCCEEDED if good else TRUNCATED
-        self._episode = int(number) if r.get("in_episode") and episode is not None else None
+    @property
+    def envelope_fraction(self) -> float:
+        return self.run.envelope_fraction
 
 
 def read_history(run_dir: Path) -> RunHistory:
-    """Fold a run directory's journal into a `RunHistory` (a torn last line is left out and counted)."""
-    contents = scan_journal(Path(run_dir))
-    history = RunHistory(run_id=Path(run_dir).name)
-    for record in contents.records:
-        history.add(record)
-    history.torn_tail_bytes = len(contents.torn_tail)
-    return history
+    """Fold a run directory's journal, keeping its history (a torn last line is left out and counted)."""
+    read = read_fold(Path(run_dir), history=True)
+    h = read.fold.history or History()  # kept: asked for above
+    return RunHistory(read.fold, h.regions, h.frames, h.actions, h.episodes, h.move_after_frame, read.torn_tail_bytes)
 
 
 # -- the summary ------------------------------------------------------------------------------------------
@@ -316,37 +152,31 @@ class ReportSummary:
 
 
 def summarise(history: RunHistory) -> ReportSummary:
-    h = history
-    classified = len(h.frames)
-    good = sum(f.good for f in h.frames)
-    episodes = list(h.episodes.values())
-    ended = [e for e in episodes if e.outcome != OPEN]
-    succeeded = [e for e in ended if e.outcome == SUCCEEDED]
-    conditioning = [a for a in h.actions if not a.reset]
-    verdicts = [r.verdict for r in h.regions]
-    stop = h.stop or {}
+    h = history.run
+    classified = h.frames_classified
+    stop = h.stop
     return ReportSummary(
         run_id=h.run_id,
-        status=str(stop.get("status", "running / killed")) if h.stop else "running / killed",
-        reason=str(stop.get("reason", "")) if h.stop else "no stop record (still running, or killed)",
+        status=stop.status if stop else "running / killed",
+        reason=stop.reason if stop else "no stop record (still running, or killed)",
         frames_recorded=h.frames_recorded,
         frames_classified=classified,
-        good_frames=good,
-        good_fraction=good / classified if classified else None,
-        bad_samples=verdicts.count(BAD_SAMPLE),
-        discarded_contact_lost=verdicts.count(CONTACT_LOST),
-        discarded_crashed=verdicts.count(CRASHED),
-        episodes_started=len(episodes),
-        episodes_ended=len(ended),
-        episodes_succeeded=len(succeeded),
-        episodes_truncated=sum(e.outcome == TRUNCATED for e in ended),
-        actions=len(conditioning),
-        agent_actions=sum(not a.explored for a in conditioning),
-        random_actions=sum(a.explored for a in conditioning),
-        reset_actions=len(h.actions) - len(conditioning),
-        mean_actions_per_episode=_mean([e.actions for e in ended]),
-        mean_actions_per_successful_episode=_mean([e.actions for e in succeeded]),
-        moves=len(h.move_after_frame),
+        good_frames=h.good_frames,
+        good_fraction=h.good_frames / classified if classified else None,
+        bad_samples=h.bad_samples,
+        discarded_contact_lost=h.discarded_contact_lost,
+        discarded_crashed=h.discarded_crashed,
+        episodes_started=h.episodes_started,
+        episodes_ended=h.episodes_ended,
+        episodes_succeeded=h.episodes_succeeded,
+        episodes_truncated=h.episodes_truncated,
+        actions=h.actions,
+        agent_actions=h.agent_actions,
+        random_actions=h.random_actions,
+        reset_actions=h.reset_actions,
+        mean_actions_per_episode=h.mean_actions_per_episode(),
+        mean_actions_per_successful_episode=h.mean_actions_per_successful_episode(),
+        moves=h.moves,
         approach_areas=h.area if h.records else 0,
         contact_recoveries=h.recoveries["contact"],
         crash_recoveries=h.recoveries["crash"],
@@ -356,12 +186,8 @@ def summarise(history: RunHistory) -> ReportSummary:
         started_wall=h.first_wall,
         ended_wall=h.last_wall,
         records=h.records,
-        torn_tail_bytes=h.torn_tail_bytes,
+        torn_tail_bytes=history.torn_tail_bytes,
     )
-
-
-def _mean(values: list[int]) -> float | None:
-    return float(np.mean(values)) if values else None
 
 
 def summary_rows(s: ReportSummary) -> list[tuple[str, str]]:
@@ -497,7 +323,7 @@ def _scan_patch(r: ScannedRegion, label: str | None = None) -> Rectangle:
                      ec="black" if r.verdict == UNJUDGED else "none", alpha=0.9, label=label)
 
 
-def _frame_view(ax: Axes, regions: list[ScannedRegion], actions: list[ActionSite],
+def _frame_view(ax: Axes, regions: list[ScannedRegion], actions: list[TakenAction],
                 half_range_nm: tuple[float, float]) -> bool:
     """Zoom onto what happened (a short run fills a small part of an 850 nm range), never beyond the piezo
     range; the square view keeps circles round. Returns whether the view shows less than the whole range."""

@@ -1,0 +1,487 @@
+"""The one typed fold of a run's journal: what `report`, `status`, `replay` and resume read.
+
+`RunFold.add(record)` turns a record into its typed `Entry` (`documents.entry_from_record`, by the schema
+of the journal's start record) and folds it in, in journal order:
+- always, in O(1) memory (the live status of a multi-day run): counts, the state, the latest frame, note,
+  failure and operator request, the run time;
+- with `history=True` (the report's plots): every scanned region, classified frame, action and episode,
+  and the moves (`History`);
+- with `replay=True` (replay, resume): what the loop re-lives: the records it writes, the instrument calls
+  with their outcomes, the net decisions, the operator requests and the recorded stop point (`Relived`).
+A record that is not a sound document raises `JournalError` (seq and problem) before anything is counted.
+
+Counting rules (the loop's record layout, see controller/plans.py):
+- frames recorded = "frame_recorded" transitions; each is then judged by a classify decision (probe good or
+  bad) or a sample decision (bad sample; the frame is discarded); a run stopped in between leaves it
+  unjudged. Discarded scans with a z_check decision (contact lost, crashed) are counted apart.
+- an episode starts at a classify decision with episode_started and ends at one with episode_ended: with a
+  good probe (succeeded) or a bad one (truncated at the action cap); still open when the run stopped.
+  Conditioning actions (`ActionChosen`) belong to the episode of the classify decision before them;
+  `explored` marks an epsilon-greedy random pick. Reset actions (training) are outside episodes.
+- approach areas: area 1 until the first "moved" transition, then one more per "moved".
+- recoveries = "recovered" transitions, attributed to the contact_lost / crashed transition before them.
+- run time: each process's span on the journal's monotonic clock, summed (`journal.RunTime`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepspm.controller.commands import Command
+from deepspm.controller.documents import (
+    ActionChosen, Classification, Entry, Failure, LegacyCommand, Note, OperatorRequestRecord, Reply,
+    ResetActionChosen, Resume, SampleVerdict, Start, Stop, TransitionRecord, ZCheck, entry_from_record,
+)
+from deepspm.controller.journal import SCHEMA_VERSION, JournalError, RunTime, check_schema, scan_journal
+
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_PIEZO_RANGE_M = 850e-9
+DEFAULT_FRAME_SIZE_M = 10e-9
+DEFAULT_BAD_PROBE_THRESHOLD = 10
+MESSAGE_CHARS = 160
+
+GOOD, BAD, BAD_SAMPLE, CONTACT_LOST, CRASHED, UNJUDGED = (
+    "good probe", "bad probe", "bad sample", "contact lost", "crashed", "not judged")
+SUCCEEDED, TRUNCATED, OPEN = "succeeded", "truncated", "open"
+SCAN_OPS = ("start_scan", "scan")  # the commands that place a frame (centre_x_m, centre_y_m, size_m); scan: schema 1
+
+
+def _short(text: Any) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
+
+
+# -- what is kept -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LastFrame:
+    number: int  # classified frames so far (0 for a discarded frame before the first one)
+    verdict: str  # good probe / bad probe / bad sample / contact lost / crashed
+    p_good: float | None
+    t_wall: float
+
+
+@dataclass
+class Episode:
+    index: int  # the tracker's episode number
+    start_frame: int  # number of the classified frame that started it
+    end_frame: int | None = None
+    outcome: str = OPEN
+    agent_actions: int = 0
+    random_actions: int = 0
+
+    @property
+    def actions(self) -> int:
+        return self.agent_actions + self.random_actions
+
+
+@dataclass
+class ScannedRegion:
+    """One scan shown on the map: its centre and side (metres), approach area (1-based) and verdict."""
+
+    seq: int
+    area: int
+    x_m: float
+    y_m: float
+    size_m: float
+    verdict: str
+    radius_m: float = 0.0  # the forbidden circle of a bad-sample verdict
+
+
+@dataclass
+class ClassifiedFrame:
+    index: int  # 1-based, in order of classification
+    seq: int
+    t_wall: float
+    ref: str
+    p_good: float
+    good: bool
+    area: int
+
+
+@dataclass
+class TakenAction:
+    """A conditioning or reset action where it was done (the report's map)."""
+
+    seq: int
+    area: int
+    action: int
+    x_m: float | None  # None until the pulse/dip command (reset actions) names the site
+    y_m: float | None
+    explored: bool
+    reset: bool
+    episode: int | None
+
+
+@dataclass
+class History:
+    """Everything the report draws (kept only when asked: it grows with the run)."""
+
+    regions: list[ScannedRegion] = field(default_factory=list)
+    frames: list[ClassifiedFrame] = field(default_factory=list)
+    actions: list[TakenAction] = field(default_factory=list)
+    episodes: dict[int, Episode] = field(default_factory=dict)
+    move_after_frame: list[int] = field(default_factory=list)  # classified frames before each move
+    _unjudged: int | None = None  # index in `regions` of a recorded frame not judged yet
+    _awaiting_site: int | None = None  # index in `actions` of a reset action whose site is not known yet
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """An instrument command of the journal and its outcome (a Reply or Failure entry; None if the run
+    ended during the command)."""
+
+    seq: int
+    command: Command
+    outcome: Entry | None
+
+    @property
+    def op(self) -> str:
+        return self.command.op
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """Every field of the command as recorded (journal-only fields included)."""
+        return {k: v for k, v in self.command.to_record().items() if k != "op"}
+
+
+@dataclass
+class Relived:
+    """What a replay or resume re-lives (kept only when asked)."""
+
+    entries: list[Entry] = field(default_factory=list)  # every record the loop writes (no start, stop, resume)
+    calls: list[RecordedCall] = field(default_factory=list)  # commands that reach the instrument
+    decisions: list[Entry] = field(default_factory=list)  # Classification and ActionChosen: what the nets gave
+    operator: dict[int, OperatorRequestRecord] = field(default_factory=dict)  # by seq
+    stop_point: int | None = None  # where the loop decided to stop at a safe point (budget or operator)
+    _open_calls: dict[int, int] = field(default_factory=dict)  # command seq -> index in `calls`
+    _withdraw_from: int | None = None  # first seq of the withdraw records just before
+
+
+# -- the fold ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFold:
+    """The run as its journal says, so far. `history`, `relived`: see the module docstring."""
+
+    run_id: str = ""
+    history: History | None = None
+    relived: Relived | None = None
+    start: Start | None = None
+    schema: int | None = None
+    stop: Stop | None = None  # the last stop record, unless a resume followed it
+    records: int = 0
+    last_seq: int | None = None
+    last_kind: str | None = None
+    first_wall: float | None = None
+    last_wall: float | None = None
+    run_time: RunTime = field(default_factory=RunTime)
+    # from the start record
+    threshold: float = DEFAULT_THRESHOLD
+    bad_probe_threshold: int = DEFAULT_BAD_PROBE_THRESHOLD
+    budget_hours: float | None = None  # the run's time budget (run.hours), if any
+    simulated: bool = False  # against the embedded simulator: run time is its clock's
+    piezo_range_xy_m: tuple[float, float] = (DEFAULT_PIEZO_RANGE_M, DEFAULT_PIEZO_RANGE_M)
+    envelope_fraction: float = 0.95
+    # counts
+    state: str = "not started"  # the last transition's destination
+    frames_recorded: int = 0
+    frames_classified: int = 0
+    good_frames: int = 0
+    bad_samples: int = 0
+    discarded_contact_lost: int = 0
+    discarded_crashed: int = 0
+    episodes_started: int = 0
+    episodes_ended: int = 0
+    episodes_succeeded: int = 0
+    episodes_truncated: int = 0
+    ended_episode_actions: int = 0  # summed over ended episodes (for the mean)
+    succeeded_episode_actions: int = 0
+    agent_actions: int = 0  # conditioning actions (ActionChosen), greedy and random picks
+    random_actions: int = 0
+    reset_actions: int = 0
+    moves: int = 0
+    area: int = 1
+    failures: int = 0
+    resumes: int = 0
+    recoveries: dict[str, int] = field(default_factory=lambda: {"contact": 0, "crash": 0})
+    bad_probe_count: int = 0
+    in_episode: bool = False
+    episode: Episode | None = None  # the latest episode (counts of the open one while in_episode)
+    last_frame: LastFrame | None = None
+    last_note: tuple[float, str] | None = None
+    last_failure: tuple[float, str] | None = None
+    last_operator: tuple[float, str] | None = None
+    last_scan: Command | LegacyCommand | None = None
+    _trouble: str = "contact"
+    _episode_open: bool = False  # actions now belong to `episode`
+
+    @classmethod
+    def new(cls, run_id: str = "", *, history: bool = False, replay: bool = False) -> RunFold:
+        return cls(run_id=run_id, history=History() if history else None, relived=Relived() if replay else None)
+
+    # -- derived ------------------------------------------------------------------------------------------------
+    @property
+    def actions(self) -> int:
+        return self.agent_actions + self.random_actions
+
+    @property
+    def time_spent_s(self) -> float:
+        return self.run_time.spent_s
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None
+
+    @property
+    def episode_actions(self) -> int:
+        return self.episode.actions if self.episode is not None else 0
+
+    def mean_actions_per_episode(self) -> float | None:
+        return self.ended_episode_actions / self.episodes_ended if self.episodes_ended else None
+
+    def mean_actions_per_successful_episode(self) -> float | None:
+        return self.succeeded_episode_actions / self.episodes_succeeded if self.episodes_succeeded else None
+
+    # -- folding ------------------------------------------------------------------------------------------------
+    def parse(self, record: dict[str, Any]) -> Entry:
+        """The typed entry of the next record (JournalError if it is not sound; nothing is counted)."""
+        if self.schema is None:
+            if record.get("kind") != "start":
+                raise JournalError(f"seq {record.get('seq')!r}: the journal does not begin with a start record")
+            schema = record.get("schema")
+            if not isinstance(schema, int) or isinstance(schema, bool) or not 1 <= schema <= SCHEMA_VERSION:
+                raise JournalError(f"seq {record.get('seq')!r}: journal schema {schema!r} is not one this version "
+                                   f"reads (1..{SCHEMA_VERSION})")
+            return entry_from_record(record, schema)
+        return entry_from_record(record, self.schema)
+
+    def add(self, record: dict[str, Any]) -> Entry:
+        """Parse and fold one record; returns its entry."""
+        entry = self.parse(record)
+        self.add_entry(entry)
+        return entry
+
+    def add_entry(self, e: Entry) -> None:
+        doc = e.doc
+        self.records += 1
+        self.last_seq, self.last_kind = e.seq, e.kind
+        self.first_wall = e.t_wall if self.first_wall is None else self.first_wall
+        self.last_wall = e.t_wall
+        self.run_time.add(e.kind, e.t_mono)
+        if isinstance(doc, Start):
+            self._start(doc)
+        elif isinstance(doc, TransitionRecord):
+            self._transition(e, doc)
+        elif isinstance(doc, (Command, LegacyCommand)):
+            self._command(doc)
+        elif isinstance(doc, Failure):
+            self.failures += 1
+            self.last_failure = (e.t_wall, f"{doc.op} failed: {doc.error}: {_short(doc.message)}")
+        elif isinstance(doc, Note):
+            self.last_note = (e.t_wall, _short(doc.message))
+        elif isinstance(doc, OperatorRequestRecord):
+            self.last_operator = (e.t_wall, f"{doc.request} (from {doc.source})"
+                                            + (f": {_short(doc.detail)}" if doc.detail else ""))
+        elif isinstance(doc, Resume):
+            self.resumes += 1
+            self.stop = None
+        elif isinstance(doc, Stop):
+            self.stop = doc
+        elif isinstance(doc, Classification):
+            self._classify(e, doc)
+        elif isinstance(doc, SampleVerdict):
+            self.bad_samples += 1
+            self.last_frame = LastFrame(self.frames_classified, BAD_SAMPLE, None, e.t_wall)
+            if self.history is not None:
+                self._judge(self.history, e.seq, BAD_SAMPLE).radius_m = doc.radius_m
+        elif isinstance(doc, ZCheck):
+            verdict = CRASHED if doc.verdict == "crashed" else CONTACT_LOST
+            if verdict == CRASHED:
+                self.discarded_crashed += 1
+            else:
+                self.discarded_contact_lost += 1
+            self.last_frame = LastFrame(self.frames_classified, verdict, None, e.t_wall)
+            if self.history is not None:
+                self.history.regions.append(self._region(e.seq, verdict))
+        elif isinstance(doc, ActionChosen):
+            self._action(e, doc)
+        elif isinstance(doc, ResetActionChosen):
+            self.reset_actions += 1
+            if self.history is not None:
+                self.history.actions.append(TakenAction(e.seq, self.area, doc.action, None, None, True, True, None))
+                self.history._awaiting_site = len(self.history.actions) - 1
+        if self.relived is not None:
+            _relive(self.relived, e)
+
+    def _start(self, s: Start) -> None:
+        self.start, self.schema = s, s.schema
+        self.run_id = s.run_id or self.run_id
+        config = s.config or {}
+        self.threshold = float((config.get("classifier") or {}).get("threshold", DEFAULT_THRESHOLD))
+        self.bad_probe_threshold = int((config.get("episode") or {}).get("bad_probe_threshold",
+                                                                         DEFAULT_BAD_PROBE_THRESHOLD))
+        hours = (config.get("run") or {}).get("hours")
+        self.budget_hours = float(hours) if isinstance(hours, (int, float)) else None
+        instrument = s.instrument or {}
+        self.simulated = bool(instrument.get("simulated"))
+        piezo = instrument.get("piezo_range_m") or (config.get("planner") or {}).get("piezo_range_xy_m")
+        if piezo:
+            self.piezo_range_xy_m = (float(piezo[0]), float(piezo[1]))
+        self.envelope_fraction = float((config.get("safety") or {}).get("piezo_fraction", self.envelope_fraction))
+
+    def _transition(self, e: Entry, t: TransitionRecord) -> None:
+        self.state = t.dest
+        if t.trigger in ("contact_lost", "crashed"):
+            self._trouble = "contact" if t.trigger == "contact_lost" else "crash"
+        elif t.trigger == "recovered":
+            self.recoveries[self._trouble] += 1
+        elif t.trigger == "frame_recorded":
+            self.frames_recorded += 1
+            if self.history is not None:
+                self.history._unjudged = len(self.history.regions)
+                self.history.regions.append(self._region(e.seq, UNJUDGED))
+        elif t.trigger == "moved":
+            self.moves += 1
+            self.area += 1
+            if self.history is not None:
+                self.history.move_after_frame.append(self.frames_classified)
+
+    def _command(self, c: Command | LegacyCommand) -> None:
+        if c.op in SCAN_OPS:
+            self.last_scan = c
+        elif c.op in ("pulse", "dip") and self.history is not None and self.history._awaiting_site is not None:
+            site = self.history.actions[self.history._awaiting_site]
+            site.x_m, site.y_m = float(getattr(c, "x_m")), float(getattr(c, "y_m"))
+            self.history._awaiting_site = None
+
+    def _region(self, seq: int, verdict: str) -> ScannedRegion:
+        scan = self.last_scan
+
+        def where(name: str, default: float) -> float:
+            value = scan.args.get(name) if isinstance(scan, LegacyCommand) else getattr(scan, name, None)
+            return float(value) if isinstance(value, (int, float)) else default
+
+        return ScannedRegion(seq, self.area, where("centre_x_m", 0.0), where("centre_y_m", 0.0),
+                             where("size_m", DEFAULT_FRAME_SIZE_M), verdict)
+
+    def _judge(self, h: History, seq: int, verdict: str) -> ScannedRegion:
+        """The verdict on the recorded frame waiting for one (or a new region if the journal has no
+        frame_recorded transition for it)."""
+        if h._unjudged is not None:
+            region = h.regions[h._unjudged]
+            region.verdict = verdict
+            h._unjudged = None
+            return region
+        region = self._region(seq, verdict)
+        h.regions.append(region)
+        return region
+
+    def _classify(self, e: Entry, c: Classification) -> None:
+        self.frames_classified += 1
+        self.good_frames += c.good
+        self.bad_probe_count = c.bad_probe_count
+        self.in_episode = c.in_episode
+        p_good = c.p_good if math.isfinite(c.p_good) else None
+        self.last_frame = LastFrame(self.frames_classified, GOOD if c.good else BAD, p_good, e.t_wall)
+        if c.episode_started:
+            self.episodes_started += 1
+            self.episode = Episode(c.episode, self.frames_classified)
+            if self.history is not None:
+                self.history.episodes[c.episode] = self.episode
+        episode = self.episode if self.episode is not None and self.episode.index == c.episode else None
+        if c.episode_ended and episode is not None and episode.outcome == OPEN:
+            episode.end_frame = self.frames_classified
+            episode.outcome = SUCCEEDED if c.good else TRUNCATED
+            self.episodes_ended += 1
+            self.ended_episode_actions += episode.actions
+            if c.good:
+                self.episodes_succeeded += 1
+                self.succeeded_episode_actions += episode.actions
+            else:
+                self.episodes_truncated += 1
+        self._episode_open = c.in_episode and episode is not None
+        if self.history is not None:
+            self._judge(self.history, e.seq, GOOD if c.good else BAD)
+            self.history.frames.append(ClassifiedFrame(self.frames_classified, e.seq, e.t_wall, c.frame, c.p_good,
+                                                       c.good, self.area))
+
+    def _action(self, e: Entry, a: ActionChosen) -> None:
+        if a.explored:
+            self.random_actions += 1
+        else:
+            self.agent_actions += 1
+        if self._episode_open and self.episode is not None:
+            if a.explored:
+                self.episode.random_actions += 1
+            else:
+                self.episode.agent_actions += 1
+        if self.history is not None:
+            x, y = (float(a.site_xy_m[0]), float(a.site_xy_m[1])) if len(a.site_xy_m) == 2 else (None, None)
+            number = self.episode.index if self._episode_open and self.episode is not None else None
+            self.history.actions.append(TakenAction(e.seq, self.area, a.action, x, y, a.explored, False, number))
+
+
+def _relive(r: Relived, e: Entry) -> None:
+    doc = e.doc
+    if isinstance(doc, (Start, Stop, Resume)):
+        r._withdraw_from = None
+        return
+    r.entries.append(e)
+    if isinstance(doc, Command) and doc.touches_instrument:
+        r._open_calls[e.seq] = len(r.calls)
+        r.calls.append(RecordedCall(e.seq, doc, None))
+    elif isinstance(doc, (Reply, Failure)) and doc.of in r._open_calls:
+        index = r._open_calls.pop(doc.of)
+        r.calls[index] = RecordedCall(doc.of, r.calls[index].command, e)
+    elif isinstance(doc, (Classification, ActionChosen)):
+        r.decisions.append(e)
+    elif isinstance(doc, OperatorRequestRecord):
+        r.operator[e.seq] = doc
+    # the stop sequence: [operator requests] [withdraw command + reply] stop transition
+    if isinstance(doc, (Command, Reply, Failure)) and doc.op == "withdraw":
+        r._withdraw_from = e.seq if r._withdraw_from is None else r._withdraw_from
+    elif isinstance(doc, TransitionRecord) and doc.trigger == "stop":
+        r.stop_point = r._withdraw_from if r._withdraw_from is not None else e.seq
+        r._withdraw_from = None
+    else:
+        r._withdraw_from = None
+
+
+def fold_records(records: Iterable[dict[str, Any]], run_id: str = "", *, history: bool = False,
+                 replay: bool = False) -> RunFold:
+    fold = RunFold.new(run_id, history=history, replay=replay)
+    for record in records:
+        fold.add(record)
+    return fold
+
+
+@dataclass(frozen=True)
+class JournalFold:
+    """A whole journal file, folded: the fold and the bytes of a torn last line (left out)."""
+
+    fold: RunFold
+    torn_tail_bytes: int
+
+
+def read_fold(run_dir: Path, *, history: bool = False, replay: bool = False) -> JournalFold:
+    """Fold a run directory's journal (a torn last line is left out and counted)."""
+    contents = scan_journal(Path(run_dir))
+    fold = fold_records(contents.records, Path(run_dir).name, history=history, replay=replay)
+    return JournalFold(fold, len(contents.torn_tail))
+
+
+def read_relived(run_dir: Path, verb: str) -> RunFold:
+    """The fold of a journal to replay or resume (`verb`: "replayed" / "resumed"): it must have a start
+    record and this version's schema."""
+    contents = scan_journal(Path(run_dir))
+    if not contents.records:
+        raise JournalError(f"{run_dir}: the journal has no complete record; nothing can be {verb}")
+    check_schema(contents.records[0], verb)
+    return fold_records(contents.records, Path(run_dir).name, replay=True)
