@@ -144,6 +144,11 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    sxm: str = "judged"  # which recorded frames are also written as RUN_DIR/sxm/*.sxm: judged, all, none
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"  # diagnostics on stderr (the journal is separate)
 
@@ -187,6 +192,7 @@ class RunConfig:
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
     simulator: Any = field(default_factory=SimulatorSettings)
 
 
@@ -204,6 +210,7 @@ SECTIONS: dict[str, type] = {
     "classifier": ClassifierSettings,
     "agent": AgentSettings,
     "logging": LoggingSettings,
+    "output": OutputSettings,
     "simulator": SimulatorSettings,
 }
 
@@ -290,6 +297,7 @@ RANGES: dict[str, Bounds | Choices] = {
     "scan.timeout_margin_s": _closed(0, 3600),
     "scan.frame_size_m": _closed(1e-9, 200e-9),
     "simulator.sample": Choices(("ag_mgpc", "hsi")),
+    "output.sxm": Choices(("judged", "all", "none")),
     "simulator.degradation_per_frame": _closed(0.0, 1.0),
     "simulator.piezo_xy_range_m": _positive(1e-3),
     "simulator.z_range_m": _positive(1e-3),
@@ -426,6 +434,8 @@ NOTES: dict[str, str] = {
     "simulator.default_frame_m": "scan frame size before the controller sets it",
     "simulator.default_speed_fwd_m_per_s": "forward scan speed before the controller sets it",
     "simulator.default_speed_bwd_m_per_s": "backward scan speed before the controller sets it",
+    "output.sxm": "recorded frames also written as Nanonis .sxm in RUN_DIR/sxm/ (Gwyddion opens them): judged, all "
+                  "or none",
     "simulator.sample": "the simulated surface: MgPc on Ag(100) (ag_mgpc) or H:Si(100)-(2x1) (hsi); simulator only",
     "scan.bias_V": "imaging bias, set before the first scan and after every pulse or dip (the original's server: -1 V)",
     "scan.setpoint_A": "imaging tunnelling-current setpoint (constant current), 25 pA [paper]",
