@@ -58,6 +58,11 @@ def workspace(tmp_path_factory) -> Path:
         (data / label).mkdir(parents=True)
         np.save(data / label / "f0.npy", np.zeros((64, 64)))
     (data / "labels.csv").write_text("file,label,kind\ngood/f0.npy,good,good\nbad/f0.npy,bad,blunt\n")
+    multiclass = w / "multiclass"  # a classifier checkpoint with six outputs (meta only: the check reads no arrays)
+    (multiclass / "meta").mkdir(parents=True)
+    (multiclass / "arrays").mkdir()
+    meta = json.loads((WEIGHTS / "classifier" / "meta" / "metadata").read_text())
+    (multiclass / "meta" / "metadata").write_text(json.dumps({**meta, "n_outputs": 6}))
     (w / "junk.npz").write_bytes(b"this is not a zip archive")
     np.savez(w / "other.npz", images=np.zeros((2, 64, 64), np.uint8))
     (w / "split.json").write_text(json.dumps({"val_indices": [0, 1]}))
@@ -96,6 +101,8 @@ CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
      ("classifier.checkpoint", "agent checkpoint, not a classifier")),
     ("run-agent-not-a-checkpoint", ["run", "--set", "agent.checkpoint=empty", "--out", "new"],
      ("agent.checkpoint", "not a deepspm checkpoint")),
+    ("run-classifier-multiclass", ["run", "--set", "classifier.checkpoint=multiclass", "--out", "new"],
+     ("classifier.checkpoint", "6 outputs")),
     ("run-config-missing", ["run", "--config", "lab.toml"], ("lab.toml",)),
     ("run-config-not-toml", ["run", "--config", "notes.toml"], ("notes.toml", "TOML")),
     ("run-set-junk-value", ["run", "--set", "scan.pixels=abc"], ("scan.pixels",)),

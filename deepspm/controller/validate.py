@@ -471,14 +471,20 @@ def check_run_config(cfg: Any, args: argparse.Namespace) -> None:
     from deepspm.controller.config import ConfigError
     from deepspm.nets.checkpoint_info import CheckpointError, require_kind
 
-    from deepspm.controller.session import agent_setting
-
-    for kind, setting in (("classifier", cfg.classifier.checkpoint), ("agent", agent_setting(cfg))):
-        if setting not in ("shipped", "new"):
-            try:
-                require_kind(setting, kind)
-            except CheckpointError as e:
-                raise ConfigError(f"{kind}.checkpoint", f"{kind}.checkpoint: {e}") from None
+    # the words a setting may hold instead of a path (session.agent_setting): the shipped weights, and for the
+    # agent a new one built from the classifier ("new"), or new when training and the shipped one otherwise
+    # ("auto"). Named here rather than imported: session loads JAX, and a refusal should not wait for it.
+    words = {"classifier": ("shipped",), "agent": ("shipped", "new", "auto")}
+    for kind, setting in (("classifier", cfg.classifier.checkpoint), ("agent", cfg.agent.checkpoint)):
+        if setting in words[kind]:
+            continue
+        try:
+            meta = require_kind(setting, kind)
+        except CheckpointError as e:
+            raise ConfigError(f"{kind}.checkpoint", f"{kind}.checkpoint: {e}") from None
+        if kind == "classifier" and int(meta.get("n_outputs", 1)) != 1:
+            raise ConfigError("classifier.checkpoint", f"classifier.checkpoint: {setting} has {meta['n_outputs']} "
+                                                       f"outputs (a multi-class net); a run needs one, p(good)")
     host = cfg.instrument.host
     if host is not None:
         argument = "--host" if args.host is not None else "instrument.host"
