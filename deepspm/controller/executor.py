@@ -15,13 +15,14 @@ import numpy as np
 import structlog
 
 from deepspm.controller.commands import Command, Settle, Wait
+from deepspm.controller.documents import Failure, Reply, Written
 from deepspm.io.instrument import Frame, Instrument, ZState
 
 
 class JournalSink(Protocol):
     replaying: bool  # True while a resume or replay re-lives recorded records (no live time passes)
 
-    def event(self, kind: str, **data: Any) -> int: ...
+    def write(self, doc: Written) -> int: ...
     async def flush(self) -> None: ...
     async def save_frame(self, array: np.ndarray) -> str: ...
 
@@ -76,7 +77,7 @@ class Executor:
         self.last_frame_ref: str | None = None  # the content hash of the last frame saved
 
     async def execute(self, command: Command) -> Any:
-        seq = self.journal.event("command", **command.to_record())
+        seq = self.journal.write(command)
         structlog.contextvars.bind_contextvars(seq=seq)  # diagnostics join the journal record
         if command.op in FLUSH_BEFORE:
             await self.journal.flush()
@@ -92,13 +93,13 @@ class Executor:
                 result = await method(**command.instrument_kwargs())
         except Exception as exc:
             error, message = type(exc).__name__, str(exc)
-            self.journal.event("failure", of=seq, op=command.op, error=error, message=message,
-                               digest=digest([error, message]))
+            self.journal.write(Failure(of=seq, op=command.op, error=error, message=message,
+                                       digest=digest([error, message])))
             raise
         ref = await self.journal.save_frame(result.data_m) if isinstance(result, Frame) else None
         if ref is not None:
             self.last_frame_ref = ref
         record = result_to_record(result, ref)
-        self.journal.event("reply", of=seq, op=command.op, result=record, digest=digest(record))
+        self.journal.write(Reply(of=seq, op=command.op, result=record, digest=digest(record)))
         return result
 

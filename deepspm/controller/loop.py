@@ -18,7 +18,7 @@ import structlog
 from deepspm.controller.brain import Brain
 from deepspm.controller.commands import Command, Withdraw
 from deepspm.controller.config import RunConfig
-from deepspm.controller.documents import Classification, Document, Note
+from deepspm.controller.documents import Classification, Document, Note, OperatorRequestRecord, TransitionRecord
 from deepspm.controller.executor import Executor, JournalSink
 from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned
 from deepspm.controller.plans import RunCounters, RunFailed, RunState, plan_for
@@ -75,7 +75,7 @@ class RunLoop:
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def _on_transition(self, trigger: str, source: State, dest: State) -> None:
-        self.journal.event("transition", trigger=trigger, source=source.value, dest=dest.value)
+        self.journal.write(TransitionRecord(trigger, source.value, dest.value))
         structlog.contextvars.bind_contextvars(state=dest.value)
 
     async def _fire(self, trigger: str) -> None:
@@ -105,13 +105,13 @@ class RunLoop:
 
     def _journal_requests(self, requests: list[OperatorRequest]) -> None:
         for r in requests:
-            self.journal.event("operator", request=r.kind.value, source=r.source.value, detail=r.detail)
+            self.journal.write(OperatorRequestRecord(r.kind.value, r.source.value, r.detail))
 
     async def _safe_point(self) -> str | None:
         """Between commands: act on operator requests (pause waits here) and the run's budgets."""
         self._journal_requests(self.control.pending())
         if self.control.paused and not self.control.stop_requested:
-            self.journal.event("note", message="paused by the operator")
+            self.journal.write(Note("paused by the operator"))
             self._journal_requests(await self.control.wait_while_paused())
         if self.control.abort_requested:
             return "operator abort"
@@ -135,7 +135,7 @@ class RunLoop:
         try:
             await asyncio.wait_for(self.executor.execute(Withdraw()), 30.0)
         except (Exception, asyncio.CancelledError) as exc:  # the original error matters more than this one
-            self.journal.event("note", message=f"withdraw after '{why}' failed: {type(exc).__name__}: {exc}")
+            self.journal.write(Note(f"withdraw after '{why}' failed: {type(exc).__name__}: {exc}"))
 
     async def step(self) -> None:
         """One state's work. An instrument error leaves the state unchanged, so the next step decides again
@@ -145,12 +145,12 @@ class RunLoop:
         except SafetyError:
             raise
         except Interrupted as exc:  # the controller was killed during the command: not the instrument's fault
-            self.journal.event("note", message=f"resumed after an interruption in {self.state.value}: {exc}")
+            self.journal.write(Note(f"resumed after an interruption in {self.state.value}: {exc}"))
             return
         except InstrumentError as exc:
             self._consecutive_faults += 1
-            self.journal.event("note", message=f"instrument fault in {self.state.value}: {type(exc).__name__}: {exc}",
-                               consecutive=self._consecutive_faults)
+            self.journal.write(Note(f"instrument fault in {self.state.value}: {type(exc).__name__}: {exc}",
+                                    {"consecutive": self._consecutive_faults}))
             if self._consecutive_faults >= self.config.detection.max_consecutive_faults:
                 raise RunFailed(f"{self._consecutive_faults} instrument faults in a row; last: {exc}") from exc
             return
@@ -189,7 +189,7 @@ class RunLoop:
                 return Scanned(result, ref)
             return result
         if isinstance(message, Document):
-            self.journal.event(message.kind, **message.to_record())
+            self.journal.write(message)
             if isinstance(message, Classification) and self._progress is not None:
                 self._progress(self)
             return None

@@ -24,9 +24,12 @@ from typing import Any, Callable
 import numpy as np
 
 from deepspm.controller.brain import ActionDecision, Brain
-from deepspm.controller.commands import COMMANDS
+from deepspm.controller.documents import (
+    ActionChosen, Classification, Entry, Failure, OperatorRequestRecord, Reply, Written, record_kind, record_of,
+)
 from deepspm.controller.executor import digest, result_from_record
 from deepspm.controller.journal import Journal, frame_ref
+from deepspm.controller.runfold import RecordedCall, Relived, fold_records
 from deepspm.controller.runcontrol import OperatorRequest, RequestKind, RequestSource, RunControl
 from deepspm.io import errors as io_errors
 from deepspm.io import instrument as io_instrument
@@ -34,7 +37,6 @@ from deepspm.io.errors import Interrupted
 from deepspm.io.instrument import OPERATIONS, Instrument
 from deepspm.nets.dqn import select_action
 
-_HEADER = ("seq", "t_mono", "t_wall", "kind")
 # Which fields of a record must match for the replay to count as identical (values compared loosely for floats).
 _KEY_FIELDS: dict[str, tuple[str, ...] | None] = {
     "command": None,  # every field
@@ -99,23 +101,11 @@ def rebuild_error(name: str, message: str) -> Exception:
 # -- the instrument ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RecordedCall:
-    seq: int
-    op: str
-    args: dict[str, Any]
-    outcome: dict[str, Any] | None  # the reply or failure record; None if the run ended during the command
-
-
 def recorded_calls(records: list[dict[str, Any]]) -> list[RecordedCall]:
-    """The journal's instrument calls in order (settle and stall never reach the instrument)."""
-    outcomes = {r["of"]: r for r in records if r.get("kind") in ("reply", "failure")}
-    calls = []
-    for r in records:
-        if r.get("kind") == "command" and COMMANDS[r["op"]].touches_instrument:
-            args = {k: v for k, v in r.items() if k not in (*_HEADER, "op")}
-            calls.append(RecordedCall(r["seq"], r["op"], args, outcomes.get(r["seq"])))
-    return calls
+    """The journal's instrument calls in order, with their outcomes (settle, wait and stall never reach the
+    instrument): the fold's selection (`runfold.Relived.calls`)."""
+    relived = fold_records(records, replay=True).relived
+    return relived.calls if relived is not None else []
 
 
 class ReplayInstrument:
@@ -142,14 +132,17 @@ class ReplayInstrument:
         if call.op != op or not set(args) <= set(call.args) or not all(same(call.args[k], _plain(v)) for k, v in args.items()):
             raise Divergence(call.seq, {"op": call.op, **call.args}, {"op": op, **args})
         self._pos += 1
-        _check_digest(call.outcome)
-        if call.outcome is None:
+        outcome = call.outcome
+        if outcome is None:
             if self.live is None:
                 raise Divergence(call.seq, "a recorded outcome", "the journal ends inside this command")
             raise Interrupted(op)
-        if call.outcome["kind"] == "failure":
-            raise rebuild_error(call.outcome["error"], call.outcome["message"])
-        return result_from_record(call.outcome["result"], self._load_frame)
+        _check_digest(outcome)
+        if isinstance(outcome.doc, Failure):
+            raise rebuild_error(outcome.doc.error, outcome.doc.message)
+        if not isinstance(outcome.doc, Reply):  # the fold pairs commands with replies and failures only
+            raise Divergence(outcome.seq, "a reply or failure", outcome.doc)
+        return result_from_record(outcome.doc.result, self._load_frame)
 
     async def connect(self) -> None:
         if self.live is not None:
@@ -170,12 +163,16 @@ class ReplayInstrument:
         return call
 
 
-def _check_digest(outcome: dict[str, Any] | None) -> None:
-    if outcome is None or "digest" not in outcome:
+def _check_digest(outcome: Entry) -> None:
+    doc = outcome.doc
+    if isinstance(doc, Reply):
+        kind, body = "reply", doc.result
+    elif isinstance(doc, Failure):
+        kind, body = "failure", [doc.error, doc.message]
+    else:
         return
-    body = outcome["result"] if outcome["kind"] == "reply" else [outcome["error"], outcome["message"]]
-    if digest(body) != outcome["digest"]:
-        raise Divergence(outcome["seq"], f"a {outcome['kind']} with digest {outcome['digest']}",
+    if digest(body) != doc.digest:
+        raise Divergence(outcome.seq, f"a {kind} with digest {doc.digest}",
                          f"content that hashes to {digest(body)} (the record was altered after the run)")
 
 
@@ -184,14 +181,15 @@ def _check_digest(outcome: dict[str, Any] | None) -> None:
 
 class ReplayJournal:
     """Checks each record the loop writes against the recorded one; past the end, writes to `live`
-    (resume) or keeps the new records (replay). Frames already recorded are not written again."""
+    (resume) or keeps the new documents (replay). Frames already recorded are not written again.
+    `entries`: the records the loop writes, as the fold selected them (`runfold.Relived.entries`)."""
 
-    def __init__(self, run_dir: Path, records: list[dict[str, Any]], live: Journal | None = None) -> None:
+    def __init__(self, run_dir: Path, entries: list[Entry], live: Journal | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self._recorded = [r for r in records if r.get("kind") not in ("start", "stop", "resume")]
+        self._recorded = entries
         self._pos = 0
         self.live = live
-        self.extra: list[dict[str, Any]] = []  # records produced after the journal ended (replay only)
+        self.extra: list[Written] = []  # documents produced after the journal ended (replay only)
         self.closed = False
 
     @property
@@ -202,23 +200,25 @@ class ReplayJournal:
     def next_seq(self) -> int:
         """The seq the next record will get (for scheduling recorded operator requests)."""
         if self.replaying:
-            return self._recorded[self._pos]["seq"]
+            return self._recorded[self._pos].seq
         return self.live.next_seq if self.live is not None else -1
 
-    def event(self, kind: str, **data: Any) -> int:
+    def write(self, doc: Written) -> int:
         if not self.replaying:
             if self.live is not None:
-                return self.live.event(kind, **data)
-            self.extra.append({"kind": kind, **data})
+                return self.live.write(doc)
+            self.extra.append(doc)
             return -len(self.extra)
         rec = self._recorded[self._pos]
-        got = {"kind": kind, **_plain(data)}
+        kind = record_kind(doc)
+        expected, got = {"kind": rec.kind, **record_of(rec.doc)}, {"kind": kind, **record_of(doc)}
         keys = _KEY_FIELDS.get(kind, ())
-        fields_ = [k for k in rec if k not in _HEADER] if keys is None else [k for k in keys if k in rec or k != "digest"]
-        if rec["kind"] != kind or not all(same(rec.get(k), got.get(k)) for k in fields_):
-            raise Divergence(rec["seq"], {k: rec.get(k) for k in ("kind", *fields_)}, {k: got.get(k) for k in ("kind", *fields_)})
+        fields_ = [k for k in expected if k != "kind"] if keys is None else [k for k in keys if k in expected]
+        if rec.kind != kind or not all(same(expected.get(k), got.get(k)) for k in fields_):
+            raise Divergence(rec.seq, {k: expected.get(k) for k in ("kind", *fields_)},
+                             {k: got.get(k) for k in ("kind", *fields_)})
         self._pos += 1
-        return rec["seq"]
+        return rec.seq
 
     async def flush(self) -> None:
         if self.live is not None and not self.replaying:
@@ -249,7 +249,7 @@ class ReplayBrain:
     and require the same decisions, within `tolerance` on p(good)), "whatif" (run `nets` and stop at the first
     decision that differs). Past the journal's decisions it hands over to `live` (resume)."""
 
-    decisions: list[dict[str, Any]]
+    decisions: list[Entry]  # Classification and ActionChosen entries (`runfold.Relived.decisions`)
     threshold: float
     mode: str = "recorded"
     nets: Brain | None = None
@@ -260,49 +260,58 @@ class ReplayBrain:
     max_p_difference: float = 0.0
     _pos: int = 0
 
-    def _next(self, kind: str) -> dict[str, Any] | None:
-        while self._pos < len(self.decisions):
-            rec = self.decisions[self._pos]
-            self._pos += 1
-            if rec["decision"] == kind:
-                return rec
-            raise Divergence(rec["seq"], f"a {rec['decision']} decision", f"a {kind} decision")
-        return None
+    def _next(self, kind: type[Classification] | type[ActionChosen]) -> Entry | None:
+        if self._pos >= len(self.decisions):
+            return None
+        entry = self.decisions[self._pos]
+        self._pos += 1
+        if not isinstance(entry.doc, kind):
+            raise Divergence(entry.seq, f"a {record_of(entry.doc).get('decision')} decision", f"a {kind.name} decision")
+        return entry
+
+    def _nets(self) -> Brain:
+        if self.nets is None:
+            raise ValueError(f"a {self.mode} replay needs nets to recompute with")
+        return self.nets
 
     async def classify(self, image: np.ndarray) -> float:
-        rec = self._next("classify")
-        if rec is None:
+        entry = self._next(Classification)
+        if entry is None:
             if self.live is None:
                 raise Divergence(None, "the end of the recorded decisions", "a classification")
             return await self.live.classify(image)
+        rec = entry.doc
+        if not isinstance(rec, Classification):  # _next checked it
+            raise TypeError(rec)
         if self.mode == "recorded":
-            return float(rec["p_good"])
-        assert self.nets is not None
-        p = await self.nets.classify(image)
-        self.max_p_difference = max(self.max_p_difference, abs(p - float(rec["p_good"])))
+            return rec.p_good
+        p = await self._nets().classify(image)
+        self.max_p_difference = max(self.max_p_difference, abs(p - rec.p_good))
         good = p > self.threshold
-        self.points.append(DecisionPoint(rec["seq"], rec.get("frame"), "classify", rec["good"], good))
-        if good != rec["good"] or (self.mode == "recompute" and abs(p - float(rec["p_good"])) > self.tolerance):
-            raise Divergence(rec["seq"], {"p_good": rec["p_good"], "good": rec["good"]}, {"p_good": p, "good": good})
+        self.points.append(DecisionPoint(entry.seq, rec.frame, "classify", rec.good, good))
+        if good != rec.good or (self.mode == "recompute" and abs(p - rec.p_good) > self.tolerance):
+            raise Divergence(entry.seq, {"p_good": rec.p_good, "good": rec.good}, {"p_good": p, "good": good})
         return p
 
     async def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:
-        rec = self._next("action")
-        if rec is None:
+        entry = self._next(ActionChosen)
+        if entry is None:
             if self.live is None:
                 raise Divergence(None, "the end of the recorded decisions", "an action")
             return await self.live.choose(image, mask, rng)
+        rec = entry.doc
+        if not isinstance(rec, ActionChosen):  # _next checked it
+            raise TypeError(rec)
         if self.mode == "recorded":
             # The same draw on the same generator: the loop's random stream advances as it did.
-            choice = select_action(rec["q_values"], mask, rec["epsilon"], rng)
-            if choice.action != rec["action"]:
-                raise Divergence(rec["seq"], {"action": rec["action"]}, {"action": choice.action})
-            return ActionDecision(choice.action, list(rec["q_values"]), rec["epsilon"], choice.explored, rec["agent"])
-        assert self.nets is not None
-        decision = await self.nets.choose(image, mask, rng)
-        self.points.append(DecisionPoint(rec["seq"], rec.get("frame"), "action", rec["action"], decision.action))
-        if decision.action != rec["action"]:
-            raise Divergence(rec["seq"], {"action": rec["action"]}, {"action": decision.action})
+            choice = select_action(rec.q_values, mask, rec.epsilon, rng)
+            if choice.action != rec.action:
+                raise Divergence(entry.seq, {"action": rec.action}, {"action": choice.action})
+            return ActionDecision(choice.action, list(rec.q_values), rec.epsilon, choice.explored, rec.agent)
+        decision = await self._nets().choose(image, mask, rng)
+        self.points.append(DecisionPoint(entry.seq, rec.frame, "action", rec.action, decision.action))
+        if decision.action != rec.action:
+            raise Divergence(entry.seq, {"action": rec.action}, {"action": decision.action})
         return decision
 
     def _learners(self) -> list[Brain]:
@@ -327,12 +336,11 @@ class ReplayControl(RunControl):
     """Recorded operator requests, delivered when the replayed journal reaches their seq. A run that stopped
     for a budget or by a request is stopped at the same point (`stop_at_seq`)."""
 
-    def __init__(self, journal: ReplayJournal, records: list[dict[str, Any]], live: RunControl | None = None) -> None:
+    def __init__(self, journal: ReplayJournal, relived: Relived, live: RunControl | None = None) -> None:
         super().__init__()
         self._journal = journal
-        self._scheduled = {r["seq"]: OperatorRequest(RequestKind(r["request"]), RequestSource(r["source"]), r["detail"])
-                           for r in records if r.get("kind") == "operator"}
-        self.stop_at_seq = _stop_point(records)
+        self._scheduled = {seq: _request(r) for seq, r in relived.operator.items()}
+        self.stop_at_seq = relived.stop_point
         self.live = live
 
     def _due(self) -> list[OperatorRequest]:
@@ -368,15 +376,5 @@ class ReplayControl(RunControl):
         return out
 
 
-def _stop_point(records: list[dict[str, Any]]) -> int | None:
-    """The seq at which the recorded loop decided to stop at a safe point (budget or operator), if it did."""
-    stops = [i for i, r in enumerate(records) if r.get("kind") == "transition" and r.get("trigger") == "stop"]
-    if not stops:
-        return None
-    i = stops[-1]
-    # the stop sequence: [operator requests] [withdraw command + reply] stop transition
-    j = i
-    while j > 0 and (records[j - 1].get("kind") in ("reply", "failure") and records[j - 1].get("op") == "withdraw"
-                     or records[j - 1].get("kind") == "command" and records[j - 1].get("op") == "withdraw"):
-        j -= 1
-    return records[j]["seq"]
+def _request(r: OperatorRequestRecord) -> OperatorRequest:
+    return OperatorRequest(RequestKind(r.request), RequestSource(r.source), r.detail)

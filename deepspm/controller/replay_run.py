@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from deepspm.controller.config import config_from_dict
-from deepspm.controller.journal import load_frame, read_journal
+from deepspm.controller.documents import Classification, Entry, record_of
+from deepspm.controller.journal import JournalError, load_frame
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.preprocess import preprocess
 from deepspm.controller.replay import (
@@ -22,8 +23,8 @@ from deepspm.controller.replay import (
     ReplayControl,
     ReplayInstrument,
     ReplayJournal,
-    recorded_calls,
 )
+from deepspm.controller.runfold import read_relived
 from deepspm.controller.session import check_recorded_nets, load_brain, recorded_checkpoint
 
 MODES = ("recorded", "recompute")
@@ -75,9 +76,12 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     if mode not in MODES:
         raise ValueError(f"replay mode must be one of {MODES}, not {mode!r}")
     run_dir = Path(run_dir)
-    records = read_journal(run_dir)
-    start = records[0]
-    cfg = config_from_dict(start["config"])
+    fold = read_relived(run_dir, "replayed")  # this version's schema only
+    relived = fold.relived
+    if fold.start is None or relived is None:  # read_relived folds a start record, keeping what is re-lived
+        raise JournalError(f"{run_dir}: nothing to replay")
+    start = record_of(fold.start)
+    cfg = config_from_dict(start.get("config") or {})
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, hours=None))  # the recorded stop point rules
     what_if = classifier is not None or agent is not None
     nets = None
@@ -89,14 +93,14 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
             Path(agent) if agent else recorded_checkpoint(start, "agent"), learn_online)
         check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent))
                                                if given is None))
-    decisions = [r for r in records if r.get("kind") == "decision" and r.get("decision") in ("classify", "action")]
+    decisions = relived.decisions
     brain = ReplayBrain(decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
-                        classifier_version=start["checkpoints"]["classifier"])
-    journal = ReplayJournal(run_dir, records)
-    instrument = ReplayInstrument(recorded_calls(records), lambda ref: load_frame(run_dir, ref))
+                        classifier_version=(fold.start.checkpoints or {}).get("classifier", "journal"))
+    journal = ReplayJournal(run_dir, relived.entries)
+    instrument = ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref))
     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg,
-                   control=ReplayControl(journal, records), sleep=_no_wait, monotonic=lambda: 0.0)
-    report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=len(records))
+                   control=ReplayControl(journal, relived), sleep=_no_wait, monotonic=lambda: 0.0)
+    report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=fold.records)
     try:
         await loop.run()
         report.identical = not journal.replaying and instrument.exhausted and not journal.extra
@@ -113,14 +117,14 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     return report
 
 
-def _agreement(run_dir: Path, decisions: list[dict[str, Any]], nets: Any, threshold: float) -> dict[str, int]:
+def _agreement(run_dir: Path, decisions: list[Entry], nets: Any, threshold: float) -> dict[str, int]:
     """Re-classify every recorded frame with the new classifier (same pre-processing, same RANSAC seed)."""
-    rows = [r for r in decisions if r["decision"] == "classify"]
+    rows = [e.doc for e in decisions if isinstance(e.doc, Classification)]
     if not rows:
         return {"good_good": 0, "good_bad": 0, "bad_good": 0, "bad_bad": 0}
-    images = np.stack([preprocess(load_frame(run_dir, r["frame"]), r["ransac_seed"]).normalised for r in rows])
+    images = np.stack([preprocess(load_frame(run_dir, r.frame), r.ransac_seed).normalised for r in rows])
     p_new = nets.classifier.predict_batched(images, 64)
     out = {"good_good": 0, "good_bad": 0, "bad_good": 0, "bad_bad": 0}
     for r, p in zip(rows, p_new):
-        out[f"{'good' if r['good'] else 'bad'}_{'good' if p > threshold else 'bad'}"] += 1
+        out[f"{'good' if r.good else 'bad'}_{'good' if p > threshold else 'bad'}"] += 1
     return out

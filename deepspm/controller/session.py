@@ -25,9 +25,11 @@ import structlog
 
 from deepspm.controller.brain import NetBrain
 from deepspm.controller.config import RunConfig, config_from_dict, config_to_dict
-from deepspm.controller.journal import JOURNAL_FILE, Journal, RunClock, load_frame, scan_journal
+from deepspm.controller.documents import Start, record_of
+from deepspm.controller.journal import JOURNAL_FILE, Journal, RunClock, check_schema, load_frame, scan_journal
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.runcontrol import RunControl
+from deepspm.controller.runfold import Relived, RunFold, fold_records
 from deepspm.controller.runlock import RunDirLock
 from deepspm.fsm.table import table_as_records, table_hash
 from deepspm.io.client import NanonisClient
@@ -195,19 +197,19 @@ def new_run_dir(base: Path = Path("runs")) -> Path:
     return path
 
 
-def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": run_dir.name,
-        "config": config_to_dict(cfg),
-        "seed": cfg.run.seed,
-        "versions": package_versions(),
-        "fsm_table": table_as_records(),
-        "fsm_hash": table_hash(),
-        "checkpoints": {"classifier": brain.classifier_version, "agent": brain.agent_version},
-        "checkpoint_paths": getattr(brain, "checkpoint_paths", {}),  # an injected test brain has none
-        "instrument": instrument,
-        "argv": sys.argv,
-    }
+def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dict[str, Any]) -> Start:
+    return Start(
+        run_id=run_dir.name,
+        config=config_to_dict(cfg),
+        seed=cfg.run.seed,
+        versions=package_versions(),
+        fsm_table=table_as_records(),
+        fsm_hash=table_hash(),
+        checkpoints={"classifier": brain.classifier_version, "agent": brain.agent_version},
+        checkpoint_paths=getattr(brain, "checkpoint_paths", {}),  # an injected test brain has none
+        instrument=instrument,
+        argv=list(sys.argv),
+    )
 
 
 async def run_session(
@@ -254,16 +256,12 @@ async def _locked_session(
     on_simulator: Callable[[Any], None] | None,
     resume: bool,
 ) -> SessionResult:
-    records: list[dict[str, Any]] = []
-    if resume:
-        records = scan_journal(run_dir).records
-        if records and records[-1]["kind"] == "stop":
-            raise ResumeError(f"{run_dir}: the run has stopped ({records[-1].get('status')}: "
-                              f"{records[-1].get('reason')}); nothing to resume")
-        if records:
-            cfg = config_from_dict(records[0]["config"])
+    recorded = _resumable(run_dir) if resume else None  # None: a new run (or nothing complete to resume)
+    start = record_of(recorded.start) if recorded is not None and recorded.start is not None else {}
+    if recorded is not None:
+        cfg = config_from_dict(start.get("config") or {})
     if brain is None:
-        brain = await asyncio.to_thread(_load_recorded_brain, cfg, records[0] if records else {})
+        brain = await asyncio.to_thread(_load_recorded_brain, cfg, start)
     sim = sim_thread = None
     host, port = cfg.instrument.host or "127.0.0.1", cfg.instrument.port
     if simulator is not None:
@@ -303,7 +301,7 @@ async def _locked_session(
             try:
                 await instrument.connect()
                 r = await instrument.piezo_range()
-                if not records:
+                if recorded is None:
                     cfg = dataclasses.replace(
                         cfg, planner=dataclasses.replace(cfg.planner, piezo_range_xy_m=(r.x_m, r.y_m)))
                     journal.start(start_record(cfg, run_dir, brain, {
@@ -316,7 +314,7 @@ async def _locked_session(
                     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
                                    progress=progress, sleep=sleep, monotonic=monotonic)
                 else:
-                    loop = _fast_forward_loop(records, run_dir, instrument, journal, brain, cfg, control, progress,
+                    loop = _fast_forward_loop(recorded, run_dir, instrument, journal, brain, cfg, control, progress,
                                               sleep, monotonic)
                 status, reason = await loop.run()
             except Exception as exc:
@@ -326,8 +324,8 @@ async def _locked_session(
                 watcher.cancel()
                 if not journal.closed:
                     if journal.next_seq == 0:
-                        journal.start({"run_id": run_dir.name, "config": config_to_dict(cfg), "seed": cfg.run.seed,
-                                       "versions": package_versions(), "failed_before_start": True})
+                        journal.start(Start(run_id=run_dir.name, config=config_to_dict(cfg), seed=cfg.run.seed,
+                                            versions=package_versions(), failed_before_start=True))
                     await journal.close(status, reason, **(_summary(loop) if loop else {}))
                 del writer
     finally:
@@ -351,21 +349,36 @@ class ResumeError(RuntimeError):
     """The run directory cannot be resumed (it stopped normally, or its journal is unsound)."""
 
 
-def _fast_forward_loop(records: list[dict[str, Any]], run_dir: Path, instrument: NanonisInstrument, journal: Journal,
+def _resumable(run_dir: Path) -> RunFold | None:
+    """The fold of a journal to resume, with what the loop re-lives; None if it has no complete record (the
+    run was killed while starting: it begins afresh). ResumeError for a stopped run, JournalError for a
+    journal of another schema."""
+    records = scan_journal(run_dir).records
+    if not records:
+        return None
+    fold = fold_records(records, run_dir.name, replay=True)
+    if fold.last_kind == "stop" and fold.stop is not None:
+        raise ResumeError(f"{run_dir}: the run has stopped ({fold.stop.status}: {fold.stop.reason}); nothing to resume")
+    check_schema(records[0], "resumed")
+    return fold
+
+
+def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInstrument, journal: Journal,
                        brain: NetBrain, cfg: RunConfig, control: RunControl, progress: Callable[[RunLoop], None] | None,
                        sleep: Callable[[float], Any], monotonic: Callable[[], float]) -> RunLoop:
     """A loop that re-lives the journal (answered from it) and then hands over to the live instrument,
     journal, nets and operator."""
-    from deepspm.controller.replay import ReplayBrain, ReplayControl, ReplayInstrument, ReplayJournal, recorded_calls
+    from deepspm.controller.replay import ReplayBrain, ReplayControl, ReplayInstrument, ReplayJournal
 
-    replay_journal = ReplayJournal(run_dir, records, live=journal)
-    decisions = [r for r in records if r.get("kind") == "decision" and r.get("decision") in ("classify", "action")]
+    relived = recorded.relived or Relived()  # _resumable keeps it
+    replay_journal = ReplayJournal(run_dir, relived.entries, live=journal)
     return RunLoop(
-        instrument=ReplayInstrument(recorded_calls(records), lambda ref: load_frame(run_dir, ref), live=instrument),
+        instrument=ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref), live=instrument),
         journal=replay_journal,
-        brain=ReplayBrain(decisions, cfg.classifier.threshold, live=brain, classifier_version=brain.classifier_version),
+        brain=ReplayBrain(relived.decisions, cfg.classifier.threshold, live=brain,
+                          classifier_version=brain.classifier_version),
         config=cfg,
-        control=ReplayControl(replay_journal, records, live=control),
+        control=ReplayControl(replay_journal, relived, live=control),
         progress=progress, sleep=sleep, monotonic=monotonic,
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
     )
