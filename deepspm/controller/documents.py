@@ -49,7 +49,7 @@ class Document:
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> Document:
         """The document of a record's fields (header keys removed); ValueError naming the problem."""
-        return _build(cls, data)
+        return _build(cls, data, f"a {cls.kind} record")
 
 
 # -- run bracket --------------------------------------------------------------------------------------------------
