@@ -335,14 +335,6 @@ def entry_from_record(record: dict[str, Any], schema: int = SCHEMA_VERSION) -> E
     return Entry(seq, float(record["t_mono"]), float(record["t_wall"]), doc)
 
 
-def decision_from_record(record: dict[str, Any]) -> Decision:
-    """The typed decision of a decision record (header keys are ignored; ValueError for an unknown layout)."""
-    doc = _document("decision", {k: v for k, v in record.items() if k not in HEADER}, SCHEMA_VERSION)
-    if not isinstance(doc, Decision):  # _document("decision", ...) builds only decisions
-        raise TypeError(f"not a decision: {doc!r}")
-    return doc
-
-
 def _document(kind: Any, data: dict[str, Any], schema: int) -> Written:
     if schema < 1 or schema > SCHEMA_VERSION:
         raise ValueError(f"journal schema {schema} is not one this version reads (1..{SCHEMA_VERSION})")
