@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepspm.controller.commands import Command
+from deepspm.controller.commands import Command, Dip, Pulse
 from deepspm.controller.documents import (
     ActionChosen, Classification, Entry, Failure, LegacyCommand, Note, OperatorRequestRecord, Reply,
     ResetActionChosen, Resume, SampleVerdict, Start, Stop, TransitionRecord, ZCheck, entry_from_record,
@@ -356,9 +356,9 @@ class RunFold:
     def _command(self, c: Command | LegacyCommand) -> None:
         if c.op in SCAN_OPS:
             self.last_scan = c
-        elif c.op in ("pulse", "dip") and self.history is not None and self.history._awaiting_site is not None:
+        elif isinstance(c, (Pulse, Dip)) and self.history is not None and self.history._awaiting_site is not None:
             site = self.history.actions[self.history._awaiting_site]
-            site.x_m, site.y_m = float(getattr(c, "x_m")), float(getattr(c, "y_m"))
+            site.x_m, site.y_m = c.x_m, c.y_m
             self.history._awaiting_site = None
 
     def _region(self, seq: int, verdict: str) -> ScannedRegion:
