@@ -22,6 +22,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if getattr(args, "train", False):
         out["run.train"] = True
+    if getattr(args, "evaluate_interleaved", False):
+        out["run.evaluate_interleaved"] = True
     return out
 
 
@@ -224,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=check.config_value("instrument.port", int), help="Nanonis TCP programming-interface port (default 6501)")
     run.add_argument("--frames", type=check.config_value("run.frames", int), help="stop after this many recorded frames (default: 300 in simulation)")
     run.add_argument("--hours", type=check.config_value("run.hours", float), help="stop after this many hours of run time")
-    run.add_argument("--train", action="store_true", help="training mode: re-damage the probe after every success")
+    run.add_argument("--train", action="store_true",
+                     help="training mode: re-damage the probe after every success; without an agent checkpoint "
+                          "(agent.checkpoint) a new agent is built from the classifier and trained as in the paper")
+    run.add_argument("--evaluate-interleaved", dest="evaluate_interleaved", action="store_true",
+                     help="alternate agent and uniformly random conditioning episodes (the agent keeps learning); "
+                          "`deepspm report` compares their actions per episode")
     run.add_argument("--seed", type=check.config_value("run.seed", int), help="root seed of every random stream (default 0)")
     run.add_argument("--time-scale", dest="time_scale", type=check.config_value("run.time_scale", float),
                      help="simulator only: wall seconds per simulated second (0 = as fast as possible, 1 = real time)")

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deepspm.controller.brain import ActionDecision
+from deepspm.controller.compare import bootstrap_ratio
 from deepspm.controller.config import RunConfig, load_config
 from deepspm.controller.documents import Classification, Document
 from deepspm.controller.plans import RunState
@@ -251,14 +252,6 @@ def _length_stats(records: Sequence[EpisodeRecord], cap: int) -> dict[str, Any]:
     }
 
 
-def _bootstrap_ratio(a: np.ndarray, b: np.ndarray, seed: int, n: int = 2000) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of mean(a) / mean(b), resampling episodes of each policy."""
-    rng = np.random.default_rng([seed, 0xB007])
-    ratios = rng.choice(a, (n, a.size)).mean(axis=1) / rng.choice(b, (n, b.size)).mean(axis=1)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def format_agent_table(result: dict[str, Any]) -> str:
     """The agent-versus-random table printed by `evaluate_agent_sim`."""
     head = f"{'policy':<8} {'episodes':>8} {'mean':>6} {'median':>6} {'p75':>5} {'p90':>5} {'max':>4} {'cut':>4} {'good@end':>8}"
@@ -328,7 +321,7 @@ def evaluate_agent_sim(
         "options": {"episodes": episodes, "seed": seed, "epsilon": epsilon, "max_episode_actions": max_episode_actions},
         **stats,
         "ratio_mean": float(a.mean() / r.mean()),
-        "ratio_ci95": list(_bootstrap_ratio(a, r, seed)),
+        "ratio_ci95": list(bootstrap_ratio(a, r, seed)),
         "ratio_median": float(np.median(a) / np.median(r)),
         "zero_step_episodes": sim.run_state.tracker.episode_index - 2 * episodes,
         "frames": counters.scanned_frames, "bad_sample_frames": counters.bad_samples,

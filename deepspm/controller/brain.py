@@ -11,22 +11,13 @@ decisions exactly and resume rebuilds the weights, not only the replay memory.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from deepspm.controller.messages import ActionDecision
 from deepspm.nets.dqn import Actor, Learner, epsilon_at
 from deepspm.nets.inference import Predictor, predict_async
-
-
-@dataclass(frozen=True)
-class ActionDecision:
-    action: int
-    q_values: list[float]
-    epsilon: float
-    explored: bool  # drawn at random (epsilon-greedy) rather than greedy
-    net_version: str
 
 
 class Brain(Protocol):

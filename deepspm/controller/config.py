@@ -70,6 +70,7 @@ class RunSettings:
     frames: int | None = None
     hours: float | None = None
     train: bool = False
+    evaluate_interleaved: bool = False  # alternate agent and uniformly random conditioning episodes (DeepSPM's --interEval)
     settle_s: float = 120.0
     time_scale: float = 0.0  # simulator only: wall seconds per simulated second (0 = as fast as possible)
     out: str | None = None  # run directory; None = a fresh one chosen by the CLI
@@ -392,6 +393,8 @@ NOTES: dict[str, str] = {
     "run.frames": "stop after this many recorded frames (unset: no frame limit)",
     "run.hours": "stop after this many hours (unset: no time limit)",
     "run.train": "training mode: after every successful episode the probe is re-damaged (reset phase) [paper]",
+    "run.evaluate_interleaved": "alternate agent and uniformly random conditioning episodes, the agent still learning "
+                                "(the original's --interEval); report compares them [paper]",
     "run.settle_s": "wait after an approach for drift and z creep to settle [paper]",
     "run.time_scale": "simulator only: wall seconds per simulated second (0 = as fast as possible, 1 = real time)",
     "run.out": "run directory (unset: a fresh directory chosen by the CLI)",

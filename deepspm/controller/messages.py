@@ -50,6 +50,17 @@ class Choose:
     rng: np.random.Generator
 
 
+@dataclass(frozen=True)
+class ActionDecision:
+    """What `Choose` answers: the action, the Q-values it was chosen from, and how."""
+
+    action: int
+    q_values: list[float]
+    epsilon: float
+    explored: bool  # drawn at random (epsilon-greedy) rather than greedy
+    net_version: str
+
+
 @dataclass(frozen=True, eq=False)
 class Experience:
     """One completed conditioning step for the agent's replay memory."""

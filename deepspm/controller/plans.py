@@ -33,7 +33,9 @@ from deepspm.controller.documents import (
 )
 from deepspm.controller.episode import EpisodeTracker, ProbeOutcome, random_reset_action
 from deepspm.controller.locator import ActionSite, action_mask, locate_action
-from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned
+from deepspm.controller.messages import (
+    ActionDecision, Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned,
+)
 from deepspm.controller.planner import RegionPlanner, bad_sample_radius_m
 from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess
 from deepspm.controller.seeds import derived_seed
@@ -105,6 +107,7 @@ class RunState:
     images: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ref -> (image, mask), recent
     reset_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     agent_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    random_policy_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     episode_start_actions: int = 0
     classifier_version: str = "unknown"  # which weights judge the frames (journaled with each judgement)
 
@@ -113,6 +116,7 @@ class RunState:
         seed = config.run.seed
         return cls(config, RegionPlanner(config.planner), EpisodeTracker(config=config.episode),
                    reset_rng=np.random.default_rng([seed, 1]), agent_rng=np.random.default_rng([seed, 2]),
+                   random_policy_rng=np.random.default_rng([seed, 3]),
                    classifier_version=classifier_version)
 
     def remember(self, ref: str, image: np.ndarray, mask: np.ndarray, keep: int = 8) -> None:
@@ -402,7 +406,11 @@ def conditioning(rs: RunState) -> Plan:
         yield NoRoom(frame=last.ref)
         yield Fire("no_room")
         return
-    decision = yield Choose(last.pre.normalised, last.mask, rs.agent_rng)
+    if episode_policy(rs) == "random":  # interleaved evaluation: this episode acts uniformly at random
+        action = int(rs.random_policy_rng.choice(np.flatnonzero(last.mask)))
+        decision = ActionDecision(action, [], 1.0, True, "random")
+    else:
+        decision = yield Choose(last.pre.normalised, last.mask, rs.agent_rng)
     yield ActionChosen(
         frame=last.ref, action=decision.action, q_values=decision.q_values, mask=last.mask.tolist(),
         epsilon=decision.epsilon, explored=decision.explored, agent=decision.net_version,
@@ -412,6 +420,13 @@ def conditioning(rs: RunState) -> Plan:
     rs.tracker.record_action(decision.action, last.ref)
     rs.counters.actions += 1
     yield Fire("conditioned")
+
+
+def episode_policy(rs: RunState) -> str:
+    """Who acts in the current episode: the agent, or (interleaved evaluation, every second episode) uniform random
+    choice among the allowed actions. Episodes are numbered from 1, so the agent has the first."""
+    interleaved = rs.config.run.evaluate_interleaved
+    return "random" if interleaved and rs.tracker.episode_index % 2 == 0 else "agent"
 
 
 def resetting(rs: RunState) -> Plan:
