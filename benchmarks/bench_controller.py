@@ -27,8 +27,8 @@ import gc
 import os
 import shutil
 import tempfile
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path

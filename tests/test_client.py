@@ -13,7 +13,7 @@ from deepspm.io.client import NanonisClient, TipShaperProps
 from deepspm.io.commands import TABLE, Release, lookup
 from deepspm.io.connection import Backoff, NanonisConnection
 from deepspm.io.errors import CommandTimeout, ConnectionLost, NanonisError, ProtocolError
-from deepspm.io.safety import SafetyEnvelope, SafetyLimits
+from deepspm.io.safety import SafetyEnvelope
 from deepspm.simulator.faults import (
     Chunked,
     CloseBeforeReply,
@@ -50,17 +50,16 @@ def new_client(port: int, **kw) -> NanonisClient:
 
 
 async def test_typed_calls_return_si_values() -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            assert client.release is Release.R14718
-            assert client.version is not None and client.version.rt_release == 14718
-            assert await client.bias_get() == -1.0
-            assert await client.z_pos_get() == pytest.approx(12e-9)
-            frame = await client.scan_frame_data_grab(30)
-            np.testing.assert_array_equal(frame.data, FRAME)
-            assert frame.scan_up and frame.channel_name == "Z (m)"
-            assert await client.signal_names() == ["Current (A)", "Bias (V)", "Z (m)"]
-            assert server.requests[-1].args == {}
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        assert client.release is Release.R14718
+        assert client.version is not None and client.version.rt_release == 14718
+        assert await client.bias_get() == -1.0
+        assert await client.z_pos_get() == pytest.approx(12e-9)
+        frame = await client.scan_frame_data_grab(30)
+        np.testing.assert_array_equal(frame.data, FRAME)
+        assert frame.scan_up and frame.channel_name == "Z (m)"
+        assert await client.signal_names() == ["Current (A)", "Bias (V)", "Z (m)"]
+        assert server.requests[-1].args == {}
 
 
 @pytest.mark.parametrize(
@@ -92,14 +91,13 @@ async def test_version_get_without_reply_falls_back_to_oldest_layouts_on_a_new_c
 
 
 async def test_error_status_raises_nanonis_error_and_connection_stays() -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            server.inject("Bias.Get", ErrorReply("Bias module busy"))
-            with pytest.raises(NanonisError, match="Bias module busy") as info:
-                await client.bias_get()
-            assert info.value.code == 1 and info.value.command == "Bias.Get"
-            assert await client.bias_get() == -1.0
-            assert client.connection.connects == 1
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        server.inject("Bias.Get", ErrorReply("Bias module busy"))
+        with pytest.raises(NanonisError, match="Bias module busy") as info:
+            await client.bias_get()
+        assert info.value.code == 1 and info.value.command == "Bias.Get"
+        assert await client.bias_get() == -1.0
+        assert client.connection.connects == 1
 
 
 @pytest.mark.parametrize(
@@ -114,15 +112,14 @@ async def test_error_status_raises_nanonis_error_and_connection_stays() -> None:
     ids=["garbage", "wrong-name", "unsolicited", "mid-body", "before-reply"],
 )
 async def test_broken_replies_raise_typed_errors_and_client_recovers(fault, error) -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            server.inject("Bias.Pulse", fault)
-            with pytest.raises(error):
-                await client.bias_pulse(0.1, 3.0)
-            assert not client.connection.connected  # closed on interruption
-            assert await client.z_pos_get() == pytest.approx(12e-9)  # new connection, in step
-            assert client.connection.connects == 2
-            assert server.call_count("Bias.Pulse") == 1  # never re-sent
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        server.inject("Bias.Pulse", fault)
+        with pytest.raises(error):
+            await client.bias_pulse(0.1, 3.0)
+        assert not client.connection.connected  # closed on interruption
+        assert await client.z_pos_get() == pytest.approx(12e-9)  # new connection, in step
+        assert client.connection.connects == 2
+        assert server.call_count("Bias.Pulse") == 1  # never re-sent
 
 
 async def test_timeout_closes_socket_and_is_typed() -> None:
@@ -136,37 +133,34 @@ async def test_timeout_closes_socket_and_is_typed() -> None:
 
 
 async def test_cancellation_mid_request_closes_and_client_stays_usable() -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            server.inject("Bias.Get", NeverReply())
-            task = asyncio.create_task(client.bias_get())
-            await server.wait_for_requests(server.request_count + 1, timeout=5)
-            await asyncio.sleep(0)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert not client.connection.connected
-            assert await client.bias_get() == -1.0
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        server.inject("Bias.Get", NeverReply())
+        task = asyncio.create_task(client.bias_get())
+        await server.wait_for_requests(server.request_count + 1, timeout=5)
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not client.connection.connected
+        assert await client.bias_get() == -1.0
 
 
 async def test_chunked_replies_are_reassembled() -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            server.inject("Scan.FrameDataGrab", Chunked(7))
-            frame = await client.scan_frame_data_grab(30)
-            np.testing.assert_array_equal(frame.data, FRAME)
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        server.inject("Scan.FrameDataGrab", Chunked(7))
+        frame = await client.scan_frame_data_grab(30)
+        np.testing.assert_array_equal(frame.data, FRAME)
 
 
 async def test_reads_are_retried_once_after_reconnect_but_writes_never() -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            server.inject("Bias.Get", CloseBeforeReply())
-            assert await client.bias_get() == -1.0
-            assert server.call_count("Bias.Get") == 2
-            server.inject("Bias.Set", CloseBeforeReply())
-            with pytest.raises(ConnectionLost):
-                await client.bias_set(-0.5)
-            assert server.call_count("Bias.Set") == 1
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        server.inject("Bias.Get", CloseBeforeReply())
+        assert await client.bias_get() == -1.0
+        assert server.call_count("Bias.Get") == 2
+        server.inject("Bias.Set", CloseBeforeReply())
+        with pytest.raises(ConnectionLost):
+            await client.bias_set(-0.5)
+        assert server.call_count("Bias.Set") == 1
 
 
 async def test_connect_failure_is_typed() -> None:
@@ -179,10 +173,9 @@ async def test_connect_failure_is_typed() -> None:
 
 
 async def test_one_request_in_flight_when_shared_between_tasks() -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            results = await asyncio.gather(*(client.bias_get() for _ in range(20)), client.z_pos_get())
-            assert results[:20] == [-1.0] * 20 and results[20] == pytest.approx(12e-9)
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        results = await asyncio.gather(*(client.bias_get() for _ in range(20)), client.z_pos_get())
+        assert results[:20] == [-1.0] * 20 and results[20] == pytest.approx(12e-9)
 
 
 # -- our bytes equal the vendor client's bytes ---------------------------------------------------------------

@@ -19,8 +19,23 @@ from deepspm.cli import main
 from deepspm.controller.commands import MotorMove, Pulse, ReadZ, StartScan, Withdraw
 from deepspm.controller.config import load_config
 from deepspm.controller.documents import (
-    ActionChosen, Classification, Entry, Failure, LegacyCommand, NoRoom, Note, OperatorRequestRecord, Reply,
-    ResetActionChosen, Resume, SampleVerdict, Start, Stop, TransitionRecord, ZCheck, entry_from_record,
+    ActionChosen,
+    Classification,
+    Entry,
+    Failure,
+    LegacyCommand,
+    NoRoom,
+    Note,
+    OperatorRequestRecord,
+    Reply,
+    ResetActionChosen,
+    Resume,
+    SampleVerdict,
+    Start,
+    Stop,
+    TransitionRecord,
+    ZCheck,
+    entry_from_record,
 )
 from deepspm.controller.journal import JournalError, read_journal
 from deepspm.controller.replay_run import replay_run

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepspm.controller.episode import (
+    ConditioningStep,
     EpisodeConfig,
     EpisodeTracker,
     ImageLabel,
     Phase,
     ProbeOutcome,
     TerminalReward,
-    ConditioningStep,
     random_reset_action,
 )
 from deepspm.fsm.guards import episode_starts, training_mode

@@ -7,7 +7,7 @@ import csv
 import json
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,13 @@ from deepspm.controller.export import ExportError, export_command
 from deepspm.controller.journal import frame_ref
 from deepspm.controller.labdata import LabImportError, import_sxm_command, resample_square
 from deepspm.io.sxm import (
-    FrameRecordInfo, ScanImage, ScanParameters, SxmError, SxmFrameWriter, read_sxm, write_sxm,
+    FrameRecordInfo,
+    ScanImage,
+    ScanParameters,
+    SxmError,
+    SxmFrameWriter,
+    read_sxm,
+    write_sxm,
 )
 from deepspm.nets.data import load_deepspm_folders
 
@@ -63,7 +69,7 @@ def _fake_run(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
 
 def _info(**kw) -> FrameRecordInfo:
     base = dict(run_id="r1", seq=123, frame_ref="ab" * 32, centre_m=(1e-8, 2e-8), size_m=1e-8, scan_up=True,
-                recorded_utc=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), bias_v=1.0, setpoint_a=5e-11,
+                recorded_utc=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), bias_v=1.0, setpoint_a=5e-11,
                 judgement="good", p_good=0.93, line_time_s=(0.125, 0.0625))
     base.update(kw)
     return FrameRecordInfo(**base)
@@ -85,7 +91,7 @@ def test_frame_writer_metadata_and_bit_exact_frame(tmp_path: Path) -> None:
     scan = read_sxm(tmp_path / rel)
     assert scan.image("Z").tobytes() == frame.tobytes()
     assert scan.bias_v == 1.0 and scan.setpoint == (5e-11, "A") and scan.offset_m == (1e-8, 2e-8)
-    assert scan.recorded == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert scan.recorded == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert scan.comment == "deepspm run r1, journal seq 123, frame abababababab: judged good, p(good)=0.9300"
     assert scan.header["DeepSPM>p(good)"] == "0.93" and scan.header["DeepSPM>Journal seq"] == "123"
     assert scan.header["SCAN_TIME"] == "0.125  0.0625"
@@ -151,7 +157,7 @@ def _write_scan(path: Path, side: int = 128, seed: int = 0, scan_up: bool = True
     cur = np.full_like(z, 1e-10)
     write_sxm(path, [ScanImage("Z", "m", forward=z, backward=z[:, ::-1].copy()), ScanImage("Current", "A", forward=cur, index=0)],
               ScanParameters(range_m=(width_m, width_m), scan_up=scan_up, bias_v=0.5, setpoint_a=1e-10,
-                             recorded_utc=datetime(2025, 5, 6, 7, 8, 9, tzinfo=timezone.utc)))
+                             recorded_utc=datetime(2025, 5, 6, 7, 8, 9, tzinfo=UTC)))
     return z
 
 

@@ -7,9 +7,8 @@ import pytest
 from deepspm.io.commands import MUTATING, TABLE, Release
 from deepspm.io.errors import SafetyError
 from deepspm.io.safety import _RULES, UNCHECKED_BY_DEFAULT, SafetyEnvelope, SafetyLimits
-from tests.test_client import handlers, new_client
-
 from deepspm.simulator.server import FakeNanonisServer
+from tests.test_client import handlers, new_client
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -58,15 +57,14 @@ CASES += [(name, generic_args(name), "unchecked") for name in sorted(UNCHECKED_B
 
 @pytest.mark.parametrize("name,args,rule", CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
 async def test_out_of_envelope_request_never_reaches_the_wire(name: str, args: tuple, rule: str) -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            before = server.request_count
-            received = len(server.received_bytes())
-            with pytest.raises(SafetyError) as info:
-                await client.call(name, *args)
-            assert info.value.rule == rule and info.value.command == name
-            assert server.request_count == before
-            assert len(server.received_bytes()) == received
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port) as client:
+        before = server.request_count
+        received = len(server.received_bytes())
+        with pytest.raises(SafetyError) as info:
+            await client.call(name, *args)
+        assert info.value.rule == rule and info.value.command == name
+        assert server.request_count == before
+        assert len(server.received_bytes()) == received
 
 
 async def test_interlocks_open_after_the_checked_prerequisite() -> None:

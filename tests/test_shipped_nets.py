@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deepspm.controller.agent_sim import evaluate_agent_sim
 from deepspm.controller.locator import action_mask, locate_action
 from deepspm.controller.preprocess import preprocess
 from deepspm.controller.session import WEIGHTS_DIR
-from deepspm.controller.agent_sim import evaluate_agent_sim
 from deepspm.controller.training import load_labelled, synth_dataset_command
 from deepspm.io.actions import ACTIONS, N_ACTIONS
 from deepspm.nets.checkpoints import load_net

@@ -13,7 +13,13 @@ from deepspm.simulator import artefacts
 from deepspm.simulator.clock import SimClock
 from deepspm.simulator.conditioning import DipEvent, PulseEvent
 from deepspm.simulator.hsi import NM, ROW_PITCH_M, SI_A_M, HsiSampleArea, HsiSampleConfig
-from deepspm.simulator.hsi_dataset import CATEGORIES, mix_with_good_fraction, render_hsi_frame, synth_hsi_frames, write_npz
+from deepspm.simulator.hsi_dataset import (
+    CATEGORIES,
+    mix_with_good_fraction,
+    render_hsi_frame,
+    synth_hsi_frames,
+    write_npz,
+)
 from deepspm.simulator.hsi_probe import (
     BAD_STATES,
     EVENT_BINS,

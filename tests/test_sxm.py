@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deepspm.io.sxm import (
-    ScanImage, ScanParameters, SxmError, decode_sxm, encode_sxm, read_sxm, write_sxm,
+    ScanImage,
+    ScanParameters,
+    SxmError,
+    decode_sxm,
+    encode_sxm,
+    read_sxm,
+    write_sxm,
 )
 
 SXM_DIR = Path(__file__).parents[1] / ".." / "shared" / "data" / "sxm"
@@ -26,7 +32,7 @@ def _frame(seed: int, shape=(32, 48)) -> np.ndarray:
 
 def _params(**kw) -> ScanParameters:
     base = dict(range_m=(10e-9, 7.5e-9), offset_m=(1.25e-7, -3e-8), angle_deg=12.5, scan_up=True, bias_v=-1.5,
-                setpoint_a=2e-10, recorded_utc=datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc),
+                setpoint_a=2e-10, recorded_utc=datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC),
                 comment="run r1 seq 42 judged good p(good)=0.97", extra={"DeepSPM>Run ID": "r1"})
     base.update(kw)
     return ScanParameters(**base)
@@ -46,7 +52,7 @@ def test_round_trip_is_bit_exact_with_every_field(tmp_path: Path, scan_up: bool)
     assert scan.pixels == (48, 32) and scan.size_px == (32, 48)
     assert scan.range_m == (10e-9, 7.5e-9) and scan.offset_m == (1.25e-7, -3e-8) and scan.angle_deg == 12.5
     assert scan.scan_up is scan_up and scan.bias_v == -1.5 and scan.setpoint == (2e-10, "A")
-    assert scan.recorded == datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    assert scan.recorded == datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
     assert scan.comment == "run r1 seq 42 judged good p(good)=0.97"
     assert scan.header["DeepSPM>Run ID"] == "r1"
     assert [(c.name, c.direction) for c in scan.channels] == [("Z", "both"), ("Current", "forward")]

@@ -19,8 +19,7 @@ from deepspm.controller.training import (
     synth_dataset_command,
     train_classifier_command,
 )
-from deepspm.io.actions import N_ACTIONS
-from deepspm.nets.checkpoints import flatten_named, load_net
+from deepspm.nets.checkpoints import load_net
 from deepspm.nets.data import HSI100_CATEGORIES, DataError
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"

@@ -20,7 +20,7 @@ import csv
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def run_frames(run_dir: Path, *, frames: str = "all") -> Iterator[ExportFrame]:
             run_id=run_id, seq=int(r["seq"]), frame_ref=ref,
             centre_m=(float(result.get("centre_x_m", 0.0)), float(result.get("centre_y_m", 0.0))),
             size_m=size, scan_up=bool(result.get("scan_up", True)),
-            recorded_utc=datetime.fromtimestamp(float(r.get("t_wall", 0.0)), tz=timezone.utc),
+            recorded_utc=datetime.fromtimestamp(float(r.get("t_wall", 0.0)), tz=UTC),
             bias_v=_float_or_none(result.get("bias_V", imaging.get("bias_V", scan_cfg.get("bias_V")))),
             setpoint_a=_float_or_none(result.get("setpoint_A", imaging.get("setpoint_A", scan_cfg.get("setpoint_A")))),
             judgement=judgement, p_good=None if decision is None else _float_or_none(decision.get("p_good")),
@@ -109,7 +109,7 @@ def _manifest_rows(root: Path) -> dict[str, dict[str, str]]:
 def dataset_frames(root: Path, *, frame_size_m: float = 10e-9) -> Iterator[ExportFrame]:
     """The frames of a data set folder (good/, bad/, unlabelled/ of .npy raw heights in metres)."""
     rows = _manifest_rows(root)
-    stamp = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    stamp = datetime(1970, 1, 1, tzinfo=UTC)
     for folder in DATASET_FOLDERS:
         for i, path in enumerate(sorted((root / folder).glob("*.npy"))):
             relative = f"{folder}/{path.name}"
@@ -124,7 +124,7 @@ def dataset_frames(root: Path, *, frame_size_m: float = 10e-9) -> Iterator[Expor
             except ValueError:
                 when = stamp
             if when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
+                when = when.replace(tzinfo=UTC)
             info = FrameRecordInfo(
                 run_id=root.name, seq=i, frame_ref=path.stem, centre_m=(0.0, 0.0), size_m=size,
                 scan_up=True, recorded_utc=when, bias_v=_float_or_none(row.get("bias_V")),

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ class SxmOutput:
         forward_s = frame.size_m / self.scan.fwd_speed_mps
         return FrameRecordInfo(
             run_id=self.run_id, seq=seq, frame_ref=ref, centre_m=(frame.centre_x_m, frame.centre_y_m),
-            size_m=frame.size_m, scan_up=frame.scan_up, recorded_utc=datetime.fromtimestamp(t_wall, tz=timezone.utc),
+            size_m=frame.size_m, scan_up=frame.scan_up, recorded_utc=datetime.fromtimestamp(t_wall, tz=UTC),
             bias_v=self.scan.bias_V, setpoint_a=self.scan.setpoint_A, judgement=judgement, p_good=p_good,
             line_time_s=(forward_s, line_s - forward_s),
         )

@@ -33,8 +33,22 @@ from typing import Any
 
 from deepspm.controller.commands import Command, Dip, Pulse
 from deepspm.controller.documents import (
-    ActionChosen, Classification, Entry, Failure, LegacyCommand, Note, OperatorRequestRecord, Reply,
-    ResetActionChosen, Resume, SampleVerdict, Start, Stop, TransitionRecord, ZCheck, entry_from_record,
+    ActionChosen,
+    Classification,
+    Entry,
+    Failure,
+    LegacyCommand,
+    Note,
+    OperatorRequestRecord,
+    Reply,
+    ResetActionChosen,
+    Resume,
+    SampleVerdict,
+    Start,
+    Stop,
+    TransitionRecord,
+    ZCheck,
+    entry_from_record,
 )
 from deepspm.controller.journal import SCHEMA_VERSION, JournalError, RunTime, check_schema, scan_journal
 

@@ -17,7 +17,7 @@ from deepspm.controller.brain import ActionDecision
 from deepspm.controller.commands import Command, Settle, Wait
 from deepspm.controller.documents import Document
 from deepspm.controller.journal import frame_ref
-from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned
+from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Scanned
 from deepspm.controller.plans import RunState, plan_for
 from deepspm.fsm.machine import next_state
 from deepspm.fsm.states import State

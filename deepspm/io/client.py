@@ -7,8 +7,9 @@ once after a reconnect. `Util.VersionGet` on every (re)connect selects the layou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import structlog
@@ -127,7 +128,7 @@ class NanonisClient:
     async def close(self) -> None:
         await self.connection.close()
 
-    async def __aenter__(self) -> "NanonisClient":
+    async def __aenter__(self) -> NanonisClient:
         await self.connect()
         return self
 

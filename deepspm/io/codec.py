@@ -9,8 +9,9 @@ connection and the fake server feed bytes in and take bytes out, so the same cod
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

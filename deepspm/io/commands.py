@@ -11,9 +11,10 @@ withdraw, a pulse); the connection gives them a longer deadline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from deepspm.io.codec import (
     DecodedReply,

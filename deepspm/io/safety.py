@@ -17,8 +17,9 @@ Z convention: Nanonis z is positive away from the sample; a withdraw goes to the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from deepspm.io.errors import SafetyError
 
@@ -111,9 +112,9 @@ class SafetyEnvelope:
             s.piezo_range_m = (float(reply["x_m"]), float(reply["y_m"]), float(reply["z_m"]))
         elif command == "ZCtrl.Withdraw" and args.get("wait"):
             s.tip_withdrawn = True
-        elif (command == "ZCtrl.OnOffSet" and args["on"]) or (command == "AutoApproach.OnOffSet" and args["on"]):
-            s.tip_withdrawn = False
-        elif command in ("ZCtrl.ZPosSet", "ZCtrl.Home", "TipShaper.Start"):
+        elif (command in ("ZCtrl.OnOffSet", "AutoApproach.OnOffSet") and args["on"]) or command in (
+            "ZCtrl.ZPosSet", "ZCtrl.Home", "TipShaper.Start"
+        ):
             s.tip_withdrawn = False
         elif command in ("Bias.Set",):
             s.bias_V = float(args["bias_V"])

@@ -27,7 +27,7 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +239,7 @@ def parse_recorded(header: Mapping[str, str], path: Path | str | None = None) ->
     except ValueError:
         raise SxmError(path, f"REC_DATE/REC_TIME {date!r} {clock!r} are not dd.mm.yyyy hh:mm:ss") from None
     if header.get("DeepSPM>Time zone", "").strip() == "UTC":
-        stamp = stamp.replace(tzinfo=timezone.utc)
+        stamp = stamp.replace(tzinfo=UTC)
     return stamp
 
 
@@ -377,7 +377,7 @@ def make_header(images: Sequence[ScanImage], params: ScanParameters) -> dict[str
     if stamp is not None:
         if stamp.tzinfo is None:
             raise SxmError(None, "recorded_utc must be a timezone-aware datetime")
-        stamp = stamp.astimezone(timezone.utc)
+        stamp = stamp.astimezone(UTC)
         header["REC_DATE"] = stamp.strftime(" %d.%m.%Y")
         header["REC_TIME"] = stamp.strftime("%H:%M:%S")
     # SCAN_TIME and ACQ_TIME are always written (readers such as nanonispy require them); 0 = not known

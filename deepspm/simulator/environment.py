@@ -24,7 +24,14 @@ import numpy as np
 from deepspm.io.actions import ACTIONS, N_ACTIONS, RESET_ACTIONS, ActionKind
 from deepspm.simulator.clock import SimClock
 from deepspm.simulator.conditioning import best_action_for
-from deepspm.simulator.microscope import Z_INDEX, GroundTruth, MotorDirection, SimConfig, SimulatedMicroscope, TipShaperSettings
+from deepspm.simulator.microscope import (
+    Z_INDEX,
+    GroundTruth,
+    MotorDirection,
+    SimConfig,
+    SimulatedMicroscope,
+    TipShaperSettings,
+)
 from deepspm.simulator.sample import area_rng
 
 ENV_CONFIG = SimConfig(z_jump_rate_per_s=0.0)  # no sudden z jumps: recoveries are not what the agent learns

@@ -9,7 +9,13 @@ operation takes. Ground truth stays available through `ground_truth()` for repor
 from __future__ import annotations
 
 from deepspm.io.instrument import (
-    DipSettings, Frame, FrameOrientation, PiezoRange, ScanSettings, ZState, frame_from_buffer,
+    DipSettings,
+    Frame,
+    FrameOrientation,
+    PiezoRange,
+    ScanSettings,
+    ZState,
+    frame_from_buffer,
 )
 from deepspm.simulator.clock import SimClock
 from deepspm.simulator.microscope import Z_INDEX, GroundTruth, SimConfig, SimulatedMicroscope, TipShaperSettings

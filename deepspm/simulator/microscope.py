@@ -55,7 +55,13 @@ from deepspm.simulator.conditioning import (
     spontaneous_change,
 )
 from deepspm.simulator.hsi import HsiSample, HsiSampleConfig
-from deepspm.simulator.hsi_probe import HsiTipState, apply_hsi_event, hsi_crash_damage, hsi_spontaneous_change, make_hsi_probe
+from deepspm.simulator.hsi_probe import (
+    HsiTipState,
+    apply_hsi_event,
+    hsi_crash_damage,
+    hsi_spontaneous_change,
+    make_hsi_probe,
+)
 from deepspm.simulator.piezo import SurfaceZ
 from deepspm.simulator.probe import BETA_PER_M, ProbeKind, ProbeState, make_probe
 from deepspm.simulator.render import CURRENT_SATURATION_A, FrameGeometry, ScanPlan, Streak
