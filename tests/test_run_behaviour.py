@@ -69,3 +69,32 @@ def test_bias_and_setpoint_are_set_before_the_first_scan(journal: list[dict[str,
     assert "set_bias" in ops[:first_scan] and "set_setpoint" in ops[:first_scan]
     bias = next(c for c in commands(journal) if c["op"] == "set_bias")
     assert bias["bias_V"] == journal[0]["config"]["scan"]["bias_V"]
+
+
+def run_cli(run_dir: Path, *options: str) -> list[dict[str, Any]]:
+    assert main(["run", "--out", str(run_dir), "--quiet", *options]) == 0
+    return read_journal(run_dir)
+
+
+def test_training_without_an_agent_checkpoint_starts_a_new_agent_from_the_classifier(tmp_path: Path) -> None:
+    records = run_cli(tmp_path / "run", "--train", "--frames", "12", "--seed", "3")
+    start = records[0]
+    assert start["checkpoints"]["agent"] == f"new-from-{start['checkpoints']['classifier']}"
+    assert "agent" not in start["checkpoint_paths"]  # nothing to load: rebuilt from the classifier and the seed
+    actions = [r for r in records if r["kind"] == "decision" and r["decision"] == "action" and "action" in r]
+    assert actions and all(r["epsilon"] == 1.0 for r in actions)  # the paper's 500 random steps come first
+    assert main(["replay", str(tmp_path / "run"), "--mode", "recompute"]) == 0
+
+
+def test_interleaved_evaluation_alternates_agent_and_random_episodes(tmp_path: Path) -> None:
+    records = run_cli(tmp_path / "run", "--evaluate-interleaved", "--frames", "60", "--seed", "4",
+                      "--set", "episode.bad_probe_threshold=2", "--set", "simulator.degradation_per_frame=0.2")
+    episode, policies = 0, {}
+    for r in records:
+        if r["kind"] == "decision" and r["decision"] == "classify":
+            episode = r["episode"]
+        elif r["kind"] == "decision" and r["decision"] == "action" and "action" in r:
+            policies.setdefault(episode, set()).add("random" if r["agent"] == "random" else "agent")
+    assert len(policies) >= 3, policies
+    assert all(p == {"random" if n % 2 == 0 else "agent"} for n, p in policies.items()), policies
+    assert main(["replay", str(tmp_path / "run")]) == 0
