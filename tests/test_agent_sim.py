@@ -61,7 +61,7 @@ def test_episodes_follow_the_paper_with_a_perfect_classifier() -> None:
     nets.sim = sim
     sim.run(done=lambda: len(episodes) >= 6)
     assert sum(e.actions for e in episodes) == len(nets.experiences)
-    for state, action, reward, next_state, terminal, next_mask in nets.experiences:
+    for state, _action, reward, next_state, terminal, next_mask in nets.experiences:
         assert reward == (9.0 if terminal else -1.0)  # -1 per action, +10 on the successful step
         assert state.shape == next_state.shape == (64, 64) and next_mask.shape == (N_ACTIONS,)
     assert not any(nets.truth_before)  # conditioning only ever acts on a bad probe

@@ -71,10 +71,12 @@ async def test_typed_calls_return_si_values() -> None:
     ],
 )
 async def test_version_detection_selects_layouts(release, version, expected) -> None:
-    async with FakeNanonisServer(release=release, version=version, handlers=handlers()) as server:
-        async with new_client(server.port) as client:
-            assert client.release is expected
-            assert await client.bias_get() == -1.0
+    async with (
+        FakeNanonisServer(release=release, version=version, handlers=handlers()) as server,
+        new_client(server.port) as client,
+    ):
+        assert client.release is expected
+        assert await client.bias_get() == -1.0
 
 
 async def test_version_get_without_reply_falls_back_to_oldest_layouts_on_a_new_connection() -> None:
@@ -123,13 +125,12 @@ async def test_broken_replies_raise_typed_errors_and_client_recovers(fault, erro
 
 
 async def test_timeout_closes_socket_and_is_typed() -> None:
-    async with FakeNanonisServer(handlers=handlers()) as server:
-        async with new_client(server.port, default_timeout_s=0.2) as client:
-            server.inject("Bias.Set", NeverReply())
-            with pytest.raises(CommandTimeout, match="outcome unknown"):
-                await client.bias_set(-1.0)
-            assert server.call_count("Bias.Set") == 1
-            assert await client.bias_get() == -1.0
+    async with FakeNanonisServer(handlers=handlers()) as server, new_client(server.port, default_timeout_s=0.2) as client:
+        server.inject("Bias.Set", NeverReply())
+        with pytest.raises(CommandTimeout, match="outcome unknown"):
+            await client.bias_set(-1.0)
+        assert server.call_count("Bias.Set") == 1
+        assert await client.bias_get() == -1.0
 
 
 async def test_cancellation_mid_request_closes_and_client_stays_usable() -> None:

@@ -85,7 +85,7 @@ def test_linked_keys_follow_their_owner() -> None:
                              "planner.cell_size_m": 20e-9, "safety.piezo_fraction": 0.9})
     assert cfg.episode.training is True and cfg.episode.good_threshold == 0.8
     assert cfg.planner.frame_size_m == 20e-9 and cfg.planner.envelope_fraction == 0.9
-    for dependent, owner in LINKED.items():
+    for dependent in LINKED:
         section, name = dependent.split(".")
         assert name in {f.name for f in dataclasses.fields(SECTIONS[section])}
         assert name not in KEYS[section]  # not settable in its own section

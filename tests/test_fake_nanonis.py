@@ -445,18 +445,21 @@ async def test_a_withdraw_without_wait_reports_withdrawing_until_done():
 async def test_a_stop_on_another_connection_ends_a_wait():
     wall = FakeWall()
     clock = SimClock(1.0, wall=wall, wall_sleep=wall.sleep)
-    async with SimulatorServer(seed=12, time_scale=1.0, clock=clock) as sim:
-        async with RawClient(sim.port) as waiter, RawClient(sim.port) as other:
-            await other.ok("Scan.Action", 0, 1)
-            wall.stall = True  # the wall never reaches the end of the frame
-            waiting = asyncio.create_task(waiter.call("Scan.WaitEndOfScan", -1))
-            async with asyncio.timeout(STEP_S):
-                while not wall.slept:  # the wait has begun sleeping on the (stalled) wall
-                    await asyncio.sleep(0)
-            assert not waiting.done()
-            await other.ok("Scan.Action", 1, 1)  # stop
-            status, _, values = await asyncio.wait_for(waiting, STEP_S)
-            assert status == 0 and values == {"timed_out": 0, "path": ""}
+    async with (
+        SimulatorServer(seed=12, time_scale=1.0, clock=clock) as sim,
+        RawClient(sim.port) as waiter,
+        RawClient(sim.port) as other,
+    ):
+        await other.ok("Scan.Action", 0, 1)
+        wall.stall = True  # the wall never reaches the end of the frame
+        waiting = asyncio.create_task(waiter.call("Scan.WaitEndOfScan", -1))
+        async with asyncio.timeout(STEP_S):
+            while not wall.slept:  # the wait has begun sleeping on the (stalled) wall
+                await asyncio.sleep(0)
+        assert not waiting.done()
+        await other.ok("Scan.Action", 1, 1)  # stop
+        status, _, values = await asyncio.wait_for(waiting, STEP_S)
+        assert status == 0 and values == {"timed_out": 0, "path": ""}
 
 
 # -- determinism -----------------------------------------------------------------------------------------------

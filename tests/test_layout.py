@@ -41,9 +41,9 @@ def test_layer_imports_only_what_design_allows(layer: str) -> None:
     for path in layer_files(layer):
         for name in imports_of(path):
             parts = name.split(".")
-            if parts[0] == "deepspm" and len(parts) > 1 and parts[1] in LAYERS:
-                if parts[1] != layer and parts[1] not in ALLOWED_LAYERS[layer]:
-                    bad.append(f"{path.relative_to(PACKAGE)} imports {name}")
+            if (parts[0] == "deepspm" and len(parts) > 1 and parts[1] in LAYERS
+                    and parts[1] != layer and parts[1] not in ALLOWED_LAYERS[layer]):
+                bad.append(f"{path.relative_to(PACKAGE)} imports {name}")
             if parts[0] == "deepspm" and len(parts) > 1 and parts[1] == "cli":
                 bad.append(f"{path.relative_to(PACKAGE)} imports the CLI")
     assert not bad, "import rules of design.md section 2 broken:\n" + "\n".join(bad)

@@ -247,7 +247,7 @@ async def test_requests_split_at_every_boundary_are_framed(server, client):
     for end in [*cuts, len(raw)]:
         await client.send(raw[sent:end])
         sent = end
-        await server.wait_until(lambda: len(server.received_bytes(1)) >= sent, timeout=STEP_S)
+        await server.wait_until(lambda n=sent: len(server.received_bytes(1)) >= n, timeout=STEP_S)
     for _ in range(2):
         assert decode("Scan.Action", await client.reply()).status == 0
     assert seen == [{"action": 0, "direction_up": 1}] * 2

@@ -79,8 +79,8 @@ def run_frames(run_dir: Path, *, frames: str = "all") -> Iterator[ExportFrame]:
             continue
         data = load_frame(run_dir, ref)
         size = float(result.get("size_m", scan_cfg.get("frame_size_m", 0.0)) or 0.0)
-        speeds = (scan_cfg.get("fwd_speed_mps"), scan_cfg.get("bwd_speed_mps"))
-        line_time = (size / speeds[0], size / speeds[1]) if size > 0 and all(speeds) else None
+        fwd, bwd = scan_cfg.get("fwd_speed_mps"), scan_cfg.get("bwd_speed_mps")
+        line_time = (size / fwd, size / bwd) if size > 0 and fwd and bwd else None
         judgement = None
         if decision is not None:
             judgement = "good" if decision.get("good") else "bad"

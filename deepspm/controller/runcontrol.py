@@ -95,7 +95,7 @@ class RunControl:
 
     def pending(self) -> list[OperatorRequest]:
         """Every request queued so far, oldest first (non-blocking); updates the state flags."""
-        out = []
+        out: list[OperatorRequest] = []
         while True:
             try:
                 req = self._queue.get_nowait()

@@ -157,13 +157,14 @@ class StringArray(WireType):
     def encode(self, value: Any, out: bytearray, what: str) -> None:
         if isinstance(value, str):
             raise ArgumentError(f"{what}: expected a sequence of strings, got one string")
-        items = [_ascii(v, what) if isinstance(v, str) else None for v in value]
-        if any(i is None for i in items):
+        encoded = [_ascii(v, what) if isinstance(v, str) else None for v in value]
+        items = [i for i in encoded if i is not None]
+        if len(items) != len(encoded):
             raise ArgumentError(f"{what}: every element must be a string")
-        size = sum(4 + len(i) for i in items)  # type: ignore[arg-type]
+        size = sum(4 + len(i) for i in items)
         out += _COUNT.pack(size) + _COUNT.pack(len(items))
         for i in items:
-            out += _COUNT.pack(len(i)) + i  # type: ignore[arg-type]
+            out += _COUNT.pack(len(i)) + i
 
     def decode(self, buf: memoryview, pos: int, what: str) -> tuple[Any, int]:
         _need(buf, pos, 4, what)
@@ -398,7 +399,7 @@ class MessageDecoder:
 
     def feed(self, data: bytes) -> list[Message]:
         self._buf += data
-        out = []
+        out: list[Message] = []
         while True:
             if self._head is None:
                 if len(self._buf) < HEADER_SIZE:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from deepspm.io.errors import SafetyError
 
@@ -68,7 +68,7 @@ class EnvelopeState:
 Rule = Callable[["SafetyEnvelope", str, Mapping[str, Any]], None]
 
 
-def _fail(command: str, rule: str, detail: str) -> None:
+def _fail(command: str, rule: str, detail: str) -> NoReturn:
     raise SafetyError(command, rule, detail)
 
 

@@ -49,7 +49,7 @@ def unflatten_named(abstract: Any, named: dict[str, Any]) -> Any:
     """Inverse of `flatten_named` against an abstract tree of the same structure."""
     paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = []
-    for path, leaf in paths_and_leaves:
+    for path, _leaf in paths_and_leaves:
         name = ".".join(_key_name(k) for k in path)
         if name not in named:
             raise KeyError(f"checkpoint lacks array {name}")

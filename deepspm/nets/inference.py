@@ -121,7 +121,7 @@ class Predictor:
         self._current = prepared
 
     def _snapshot_of(self, variables: NetVars) -> _Prepared:
-        if jax.tree.structure(variables) != self._treedef:
+        if jax.tree.structure(variables) != self._treedef:  # type: ignore[operator]  # jaxlib: no PyTreeDef stub
             raise ValueError("variables do not match this predictor's net structure")
         return _Prepared(variables, self._prepare)
 

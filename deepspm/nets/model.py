@@ -121,7 +121,8 @@ class NetDef:
     def abstract_split(self) -> tuple[GraphDef, NetVars]:
         """`(graphdef, NetVars of ShapeDtypeStruct)` without allocating: for counting and restoring."""
         model = nnx.eval_shape(lambda: ProbeNet(self.spec, self.n_outputs, rngs=nnx.Rngs(params=0)))
-        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        # flax types split's result as variadic; two filters give exactly three parts
+        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)  # type: ignore[misc]
         return graphdef, NetVars(params, batch_stats)
 
     def abstract_vars(self) -> NetVars:
@@ -137,11 +138,12 @@ class NetDef:
 
         def build(key: jax.Array) -> NetVars:
             model = ProbeNet(self.spec, self.n_outputs, rngs=nnx.Rngs(params=key))
-            _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+            _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)  # type: ignore[misc]
             return NetVars(params, batch_stats)
 
         options = {"xla_backend_optimization_level": 0}
-        return jax.jit(build).lower(key).compile(compiler_options=options)(key)
+        # jax types compiler_options as str | bool values; XLA takes this option as an int
+        return jax.jit(build).lower(key).compile(compiler_options=options)(key)  # type: ignore[arg-type]
 
 
 def apply_eval(net: NetDef, variables: NetVars, images: jax.Array) -> jax.Array:

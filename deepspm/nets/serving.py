@@ -37,10 +37,10 @@ def layout_for(batch_size: int) -> DenseLayout:
 
 
 # XLA's (experimental, jaxlib-pinned) switch that hands each convolution to YNNPACK; a CPU-backend option.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+CPU_COMPILER_OPTIONS: dict[str, str | bool] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
-def compiler_options() -> dict[str, str]:
+def compiler_options() -> dict[str, str | bool]:
     """XLA options for the serving executables on the default backend (none off the CPU)."""
     return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
 
@@ -90,7 +90,7 @@ def winograd_conv(x: jax.Array, tiles: tuple[jax.Array, ...]) -> jax.Array:
     th, tw = h // 2, w // 2
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     even, odd = padded[:, 0::2], padded[:, 1::2]  # tile t covers padded rows 2t .. 2t+3
-    products = []
+    products: list[jax.Array] = []
     for rows in _bt(even[:, :th], odd[:, :th], even[:, 1:], odd[:, 1:]):
         even_c, odd_c = rows[:, :, 0::2], rows[:, :, 1::2]
         for v in _bt(even_c[:, :, :tw], odd_c[:, :, :tw], even_c[:, :, 1:], odd_c[:, :, 1:]):

@@ -158,6 +158,8 @@ def draw_kind(weights: dict[ProbeKind, float], rng: np.random.Generator) -> Prob
 
 def apply_event(probe: ProbeState, event: Event, rng: np.random.Generator) -> ProbeState:
     """The probe after one physical conditioning event (one draw of the Markov model)."""
+    if not isinstance(probe.kind, ProbeKind):
+        raise ValueError(f"the conditioning model is for Ag(100) probe kinds, not {probe.kind!r} (see hsi_probe)")
     u = float(rng.random())
     p_fix = fix_probability(probe.kind, event, probe.severity)
     if u < p_fix:

@@ -32,6 +32,7 @@ from deepspm.simulator.microscope import (
     SimulatedMicroscope,
     TipShaperSettings,
 )
+from deepspm.simulator.probe import ProbeKind
 from deepspm.simulator.sample import area_rng
 
 ENV_CONFIG = SimConfig(z_jump_rate_per_s=0.0)  # no sudden z jumps: recoveries are not what the agent learns
@@ -175,7 +176,10 @@ Policy = Callable[[ConditioningEnv], int]
 
 def oracle_policy(env: ConditioningEnv) -> int:
     """Knows the defect (ground truth) and applies the action that fixes it most often."""
-    return best_action_for(env.ground_truth().kind)
+    kind = env.ground_truth().kind
+    if not isinstance(kind, ProbeKind):
+        raise ValueError(f"the oracle knows the Ag(100) probe kinds, not {kind!r}")
+    return best_action_for(kind)
 
 
 def random_policy(env: ConditioningEnv) -> int:

@@ -263,7 +263,7 @@ class _MicroscopeHandlers:
     async def _sleep_until_change(self, until_s: float) -> bool:
         """Sleep until simulated time `until_s` (inf: no limit); False if the instrument changed first."""
         changed = self._changed
-        waits = {asyncio.ensure_future(changed.wait())}
+        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(changed.wait())}
         sleeper = None
         if until_s < _FOREVER:
             sleeper = asyncio.ensure_future(self.clock.sleep(max(until_s - self.clock.now(), 0.0)))

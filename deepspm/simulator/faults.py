@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 from deepspm.io.codec import NAME_SIZE
 
@@ -116,11 +116,11 @@ class Unsolicited:
     raw: bytes
 
 
-Fault = Union[
-    Delay, NeverReply, CloseBeforeReply, CloseAfterHeader, CloseMidBody, Chunked,
-    WrongName, BadBodySize, ErrorReply, Garbage, Unsolicited,
-]
-FAULT_TYPES: tuple[type, ...] = Fault.__args__  # type: ignore[attr-defined]
+Fault: TypeAlias = (
+    Delay | NeverReply | CloseBeforeReply | CloseAfterHeader | CloseMidBody | Chunked
+    | WrongName | BadBodySize | ErrorReply | Garbage | Unsolicited
+)
+FAULT_TYPES: tuple[type, ...] = Fault.__args__
 
 ANY_COMMAND = "*"
 

@@ -127,7 +127,7 @@ class HsiSampleArea:
         n = int(rng.poisson(span / self.config.mean_terrace_width_m))
         theta0 = self.azimuth_rad + (math.pi / 4 if rng.random() < 0.5 else 0.0) + float(rng.normal(0.0, 0.2))
         sign = 1.0 if rng.random() < 0.5 else -1.0
-        steps = []
+        steps: list[Step] = []
         for offset in np.sort(rng.uniform(-span / 2, span / 2, n)):
             theta = theta0 + float(rng.normal(0.0, 0.1))
             # S_A steps are straight-ish, S_B steps rough: alternate meander amplitudes
@@ -194,8 +194,8 @@ class HsiSampleArea:
             i1 = math.ceil((p_c + half_diag) / SI_A_M - sp)
             j0 = math.floor((q_c - half_diag) / ROW_PITCH_M - sq)
             j1 = math.ceil((q_c + half_diag) / ROW_PITCH_M - sq)
-            ii, jj = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1), indexing="ij")
-            ii, jj = ii.ravel(), jj.ravel()
+            ii_grid, jj_grid = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1), indexing="ij")
+            ii, jj = ii_grid.ravel(), jj_grid.ravel()
             p = (ii + sp) * SI_A_M
             q = (jj + sq) * ROW_PITCH_M
             d = c.dimer_atom_separation_m / 2

@@ -27,6 +27,7 @@ import numpy as np
 from deepspm.simulator import artefacts
 from deepspm.simulator.hsi import ANGSTROM, NM, HsiSampleArea, HsiSampleConfig
 from deepspm.simulator.hsi_probe import REAL_SET_CLASS, TIP_CHANGE_CLASS, HsiTipState, make_hsi_probe
+from deepspm.simulator.probe import ProbeState
 from deepspm.simulator.render import FrameGeometry, render_topography
 from deepspm.simulator.sample import area_rng
 
@@ -144,7 +145,7 @@ def render_hsi_frame(seed: int, index: int, label: str, r: Randomisation = Rando
     else:
         segments = [(0, HsiTipState(label))]
     z = np.empty((pixels, pixels))
-    probes = {}
+    probes: dict[tuple[int, HsiTipState], ProbeState] = {}
     offset = 0.0
     streak_rate = 0.0
     for k, (row0, state) in enumerate(segments):

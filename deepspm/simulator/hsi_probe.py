@@ -218,11 +218,12 @@ def hsi_crash_damage(rng: np.random.Generator) -> ProbeState:
 
 def hsi_spontaneous_change(probe: ProbeState, frames: float, rng: np.random.Generator) -> ProbeState | None:
     """A tip change while scanning `frames` 64-line frames (the table scaled to that length), or None."""
-    row = SCAN_TRANSITIONS[HsiTipState(probe.kind)]
-    p_stay = row.get(probe.kind, 0.0) ** max(frames, 0.0)
+    state = HsiTipState(probe.kind)
+    row = SCAN_TRANSITIONS[state]
+    p_stay = row.get(state, 0.0) ** max(frames, 0.0)
     if rng.random() < p_stay:
         return None
-    others = {s: p for s, p in row.items() if s is not probe.kind}
+    others = {s: p for s, p in row.items() if s is not state}
     return make_hsi_probe(_draw(MappingProxyType(others), rng), rng)
 
 

@@ -54,7 +54,7 @@ from deepspm.simulator.conditioning import (
     debris_for,
     spontaneous_change,
 )
-from deepspm.simulator.hsi import HsiSample, HsiSampleConfig
+from deepspm.simulator.hsi import HsiSample, HsiSampleArea, HsiSampleConfig
 from deepspm.simulator.hsi_probe import (
     HsiTipState,
     apply_hsi_event,
@@ -314,7 +314,7 @@ class SimulatedMicroscope:
         return float(area_rng(self.seed, _P_APPROACH, n, 1).normal(0.0, c.z_drift_rate_rms_m_per_s))
 
     @property
-    def area(self) -> SampleArea:
+    def area(self) -> SampleArea | HsiSampleArea:
         return self.sample.area(self._area_index)
 
     def _gap_shift_m(self, bias_V: float | None = None) -> float:
@@ -517,10 +517,10 @@ class SimulatedMicroscope:
             if active:
                 self._stop_scan(now)
         elif action in (ScanAction.PAUSE, ScanAction.FREEZE):
-            if active and run.paused_since is None:
+            if active and run is not None and run.paused_since is None:
                 run.paused_since = now
         elif action in (ScanAction.RESUME, ScanAction.UNFREEZE):
-            if active and run.paused_since is not None:
+            if active and run is not None and run.paused_since is not None:
                 run.paused_total_s += now - run.paused_since
                 run.paused_since = None
         elif action is ScanAction.GO_TO_CENTRE:

@@ -22,8 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from deepspm.simulator.hsi_probe import HsiTipState
 
 NM = 1e-9
 ANGSTROM = 1e-10
@@ -57,7 +61,7 @@ class Apex:
 class ProbeState:
     """Everything the renderer needs to know about the tip, and the ground truth."""
 
-    kind: ProbeKind  # or an `hsi_probe.HsiTipState` on the H:Si(100) surface (anything with `is_good`)
+    kind: ProbeKind | HsiTipState  # the tip state on the H:Si(100) surface (both have `is_good`)
     apices: tuple[Apex, ...]
     severity: float = 0.0  # 0..1, how bad within its kind (conditioning is harder for severe defects)
     noise_m: float = 2.5e-12  # white z noise, rms

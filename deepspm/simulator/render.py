@@ -23,12 +23,16 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.special import ndtr
 
 from deepspm.simulator.probe import ANGSTROM, BETA_PER_M, Apex
 from deepspm.simulator.sample import SampleArea, area_rng
+
+if TYPE_CHECKING:
+    from deepspm.simulator.hsi import HsiSampleArea
 
 try:  # installed with scikit-learn; optional here
     from threadpoolctl import ThreadpoolController
@@ -87,7 +91,7 @@ class _SingleThreadBlas:
     """
 
     def __init__(self) -> None:
-        self._blas = None
+        self._blas: Any = None  # threadpoolctl's controller, selected on first use
 
     def __call__(self):  # -> context manager
         if ThreadpoolController is None:
@@ -137,7 +141,7 @@ def _gauss_table(inv: np.ndarray, centre: np.ndarray, axis: np.ndarray) -> np.nd
     return arg
 
 
-def _steps(area: SampleArea, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> list[np.ndarray | float]:
+def _steps(area: SampleArea | HsiSampleArea, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> list[np.ndarray | float]:
     """Terrace height seen by each apex (metres): a constant where no step crosses, error-function edges otherwise."""
     (ux, uy), (vx, vy) = geom.axes()
     ox = np.array([geom.centre_x_m + a.dx_m for a in apices])
@@ -166,7 +170,7 @@ def _steps(area: SampleArea, apices: tuple[Apex, ...], geom: FrameGeometry, u: n
 
 
 def render_topography(
-    area: SampleArea, apices: tuple[Apex, ...], geom: FrameGeometry,
+    area: SampleArea | HsiSampleArea, apices: tuple[Apex, ...], geom: FrameGeometry,
     du_rows: np.ndarray | None = None, dv_rows: np.ndarray | None = None, debris_before: int | None = None,
     buckling: float = 0.0,
 ) -> np.ndarray:
@@ -201,7 +205,7 @@ def render_topography(
         np.exp(layers, out=layers)
         img = top + np.log(np.tensordot(w, layers, axes=1)) / np.float32(BETA_PER_M * ANGSTROM)
     img = img.astype(np.float64) * ANGSTROM
-    if margin:
+    if margin and du_rows is not None:  # margin > 0 only with du_rows
         # linear resampling of each row at its displaced positions (always inside the extended columns)
         pos = np.add.outer(du_rows / px, np.arange(margin, margin + geom.pixels, dtype=float))
         i0 = pos.astype(np.intp)
@@ -228,7 +232,7 @@ class ScanPlan:
 
     seed: int
     scan_id: int
-    area: SampleArea
+    area: SampleArea | HsiSampleArea
     geometry: FrameGeometry
     t_start_s: float
     fwd_line_s: float
