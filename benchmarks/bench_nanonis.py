@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from benchmarks.common import print_table, write_json
-from deepspm.io.client import NanonisClient
+from deepspm.io.client import FrameData, NanonisClient
 from deepspm.io.connection import NanonisConnection
 from deepspm.io.safety import SafetyEnvelope
 from deepspm.simulator.server import FakeNanonisServer
@@ -66,7 +66,7 @@ async def ours_rate(port: int, size: int | None, n: int) -> float:
             reply = await call()
         elapsed = time.perf_counter() - start
     if size is not None:
-        assert reply.data.shape == (size, size)
+        assert isinstance(reply, FrameData) and reply.data.shape == (size, size)
     return n / elapsed
 
 

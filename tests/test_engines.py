@@ -109,7 +109,9 @@ def test_the_synchronous_engine_makes_the_run_loops_decisions(journaled_run: Pat
     decisions = [r for r in records if r["kind"] == "decision"]
     engine = LoggingEngine(RunState.new(cfg, classifier_version=records[0]["checkpoints"]["classifier"]),
                            RecordedInstrument(records, journaled_run), RecordedNets(decisions))  # type: ignore[arg-type]
-    engine.run(done=lambda: engine.run_state.counters.frames >= cfg.run.frames)
+    frames = cfg.run.frames
+    assert frames is not None
+    engine.run(done=lambda: engine.run_state.counters.frames >= frames)
 
     header = ("seq", "t_mono", "t_wall", "kind")
     journal_commands = [{k: v for k, v in r.items() if k not in header} for r in records if r["kind"] == "command"]

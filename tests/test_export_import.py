@@ -109,8 +109,8 @@ def test_export_run_sxm_reads_back_identical(tmp_path: Path) -> None:
     scans = [read_sxm(p) for p in sorted((tmp_path / "out").glob("*.sxm"))]
     for scan, frame in zip(scans, frames):
         assert scan.image("Z").tobytes() == frame.tobytes()
-    assert "not judged" in scans[0].comment and scans[0].bias_v is None
-    assert "judged bad, p(good)=0.1230" in scans[1].comment and scans[1].bias_v == 1.2 and not scans[1].scan_up
+    assert "not judged" in (scans[0].comment or "") and scans[0].bias_v is None
+    assert "judged bad, p(good)=0.1230" in (scans[1].comment or "") and scans[1].bias_v == 1.2 and not scans[1].scan_up
     assert scans[1].header["SCAN_TIME"] == "0.125  0.0625"  # 10 nm at 80 / 160 nm/s
     judged = export_command(run, tmp_path / "judged", fmt="sxm", frames="judged")
     assert judged["n"] == 1

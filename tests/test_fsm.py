@@ -244,7 +244,7 @@ def test_guards_of_a_shared_trigger_are_complementary(training: bool, count: int
         for source in State:
             guards = [row.guard for row in TABLE if row.trigger == trigger and source in row.sources]
             if len(guards) > 1:
-                assert sum(GUARDS[g](ctx) for g in guards) == 1, (trigger, source, ctx)
+                assert sum(GUARDS[str(g)](ctx) for g in guards) == 1, (trigger, source, ctx)
     assert GUARDS["episode_starts"](ctx) == (in_episode or count >= threshold)
 
 

@@ -167,7 +167,7 @@ async def test_removing_handlers_restores_the_previous_ones(handlers_restored: N
 class ScriptedSleep:
     """An injected sleep: records the poll period and changes the files between polls."""
 
-    def __init__(self, steps: list[Callable[[], None]]) -> None:
+    def __init__(self, steps: list[Callable[[], object]]) -> None:
         self.steps = steps
         self.calls: list[float] = []
 

@@ -50,7 +50,7 @@ def test_default_frame_takes_twelve_seconds_and_fills_line_by_line() -> None:
     assert nan_rows(m.frame_data(Z_INDEX, False)[1]) == 64  # its backward pass is not done yet
     clock.advance(6.0 - 0.125)
     name, fwd, up = m.frame_data(Z_INDEX, True)
-    assert (name, up, fwd.shape, fwd.dtype) == ("Z (m)", True, (64, 64), np.float32)
+    assert (name, up, fwd.shape, fwd.dtype) == ("Z (m)", True, (64, 64), np.dtype(np.float32))
     assert nan_rows(fwd) == 32 and not np.isnan(fwd[:32]).any()  # acquisition order: scanned rows first
     assert m.scan_time_remaining() == pytest.approx(6.0)
     clock.advance(6.0)

@@ -188,7 +188,7 @@ def test_gwyddion_opens_our_files_the_right_way_up(tmp_path: Path, scan_up: bool
     path = write_sxm(tmp_path / "t.sxm", [ScanImage("Z", "m", forward=image, backward=image)],
                      _params(range_m=(5e-9, 5e-9), scan_up=scan_up))
     png = tmp_path / "t.png"
-    subprocess.run([GWY_THUMB, "gnome2", "64", str(path), str(png)], check=True, timeout=60, capture_output=True)
+    subprocess.run([str(GWY_THUMB), "gnome2", "64", str(path), str(png)], check=True, timeout=60, capture_output=True)
     grey = np.asarray(Image.open(png).convert("L"), float)
     assert grey[:4].mean() > grey[-4:].mean() + 50  # the top band is at the top
     assert grey[:, :4].mean() > grey[:, -4:].mean() + 20  # the left band is on the left
@@ -202,7 +202,7 @@ def _gwyddion_reads(path: Path, tmp_path: Path) -> dict[str, np.ndarray]:
     import gwyfile
 
     out = tmp_path / f"{path.stem}.gwy"
-    subprocess.run([GWYDDION, f"--convert-to-gwy={out}", str(path)], check=True, timeout=120, capture_output=True)
+    subprocess.run([str(GWYDDION), f"--convert-to-gwy={out}", str(path)], check=True, timeout=120, capture_output=True)
     container = gwyfile.load(str(out))
     return {str(container[f"/{i}/data/title"]): container[f"/{i}/data"].data
             for i in range(64) if f"/{i}/data" in container}

@@ -458,7 +458,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Combinations of arguments that make no sense, and outputs that must not be overwritten."""
     command = getattr(args, "command", None)
     action = getattr(args, f"{command}_command", None)
-    check = _CHECKS.get((command, action))
+    check = None if command is None else _CHECKS.get((command, action))
     if check is not None:
         check(args)
 
