@@ -179,7 +179,8 @@ def test_folme_xyposset_and_bias_examples() -> None:
     body = spec.encode_args([10e-9, 15e-9, 1], Release.R14718)
     assert body == bytes.fromhex("3e45798ee2308c3a 3e501b2b29a4692b 00000001")
     assert lookup("Bias.Set").encode_args([-1.5], Release.R14718) == bytes.fromhex("bfc00000")
-    assert lookup("Bias.Pulse").encode_args([1, 0.1, 3.0, 1, 2], Release.R14718) == bytes.fromhex("00000001 3dcccccd 40400000 0001 0002")
+    encoded = lookup("Bias.Pulse").encode_args([1, 0.1, 3.0, 1, 2], Release.R14718)
+    assert encoded == bytes.fromhex("00000001 3dcccccd 40400000 0001 0002")
     assert lookup("Scan.Action").encode_args([0, 1], Release.R14718) == bytes.fromhex("0000 00000001")
     assert lookup("Scan.BufferSet").encode_args([[0, 14], 256, 256], Release.R14718) == bytes.fromhex(
         "00000002 00000000 0000000e 00000100 00000100"

@@ -173,7 +173,9 @@ def test_non_default_round_trips_through_toml_and_dict(tmp_path: Path) -> None:
     ranges=st.tuples(st.floats(min_value=1e-9, max_value=1e-3), st.floats(min_value=1e-9, max_value=1e-3)),
     allowed=st.sets(st.sampled_from(["ZCtrl.GainSet", "Bias.RangeSet", "Util.SessionPathSet", "Motor.FreqAmpSet"])),
 )
-def test_any_string_and_float_round_trips_exactly(name: str, hours: float, ranges: tuple[float, float], allowed: set[str]) -> None:
+def test_any_string_and_float_round_trips_exactly(
+    name: str, hours: float, ranges: tuple[float, float], allowed: set[str]
+) -> None:
     cfg = load_config(None, {"scan.z_channel_name": name, "run.hours": hours, "planner.piezo_range_xy_m": list(ranges),
                              "safety.allow_unchecked": sorted(allowed), "classifier.checkpoint": name})
     text = config_to_toml(cfg)
@@ -311,7 +313,8 @@ def test_parse_override_reads_toml_values_or_bare_strings() -> None:
         ({"scan.frame_size_m": 150e-9, "planner.cell_size_m": 150e-9, "safety.frame_size_max_m": 100e-9},
          ("scan.frame_size_m", "safety.frame_size_max_m")),
         ({"scan.fwd_speed_mps": 5e-7, "safety.scan_speed_max_mps": 2e-7}, ("scan.fwd_speed_mps", "safety.scan_speed_max_mps")),
-        ({"approach.area_move_steps": 400, "safety.coarse_steps_max": 100}, ("approach.area_move_steps", "safety.coarse_steps_max")),
+        ({"approach.area_move_steps": 400, "safety.coarse_steps_max": 100},
+         ("approach.area_move_steps", "safety.coarse_steps_max")),
         ({"dip.end_wait_s": 3.0, "safety.tip_shaper_time_max_s": 2.0}, ("dip.end_wait_s", "safety.tip_shaper_time_max_s")),
         ({"approach.target_extension": 0.9}, ("approach.target_extension", "detection.lost_contact_extension")),
         ({"detection.crash_extension": 0.75}, ("approach.target_extension", "detection.crash_extension")),

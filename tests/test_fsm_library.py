@@ -97,7 +97,8 @@ async def test_conditions_receive_event_data_with_send_event() -> None:
     model = Model()
     machine(
         model,
-        [{"trigger": "go", "source": "a", "dest": "b", "conditions": lambda event: seen.append((event, event.state.name)) or True}],
+        [{"trigger": "go", "source": "a", "dest": "b",
+          "conditions": lambda event: seen.append((event, event.state.name)) or True}],
         send_event=True,
     )
     await model.go(ctx="the context")
@@ -159,7 +160,8 @@ async def test_a_sync_after_callback_runs_once_per_transition_before_the_trigger
     model = Model()
     machine(
         model,
-        [{"trigger": "go", "source": "a", "dest": "b", "after": after}, {"trigger": "back", "source": "b", "dest": "a", "after": after}],
+        [{"trigger": "go", "source": "a", "dest": "b", "after": after},
+         {"trigger": "back", "source": "b", "dest": "a", "after": after}],
         send_event=True,
     )
     firing_task = asyncio.current_task()
@@ -257,7 +259,8 @@ async def test_a_trigger_without_conditions_or_callbacks_never_yields_to_the_loo
         ran.append("other task ran")
 
     model = Model()
-    machine(model, [{"trigger": "go", "source": "a", "dest": "b"}, {"trigger": "guarded", "source": "b", "dest": "c", "conditions": lambda: True}])
+    machine(model, [{"trigger": "go", "source": "a", "dest": "b"},
+                    {"trigger": "guarded", "source": "b", "dest": "c", "conditions": lambda: True}])
     other = asyncio.create_task(mark())
     await model.go()
     assert model.state == "b"

@@ -41,7 +41,8 @@ def test_default_grid_and_envelope_agree_with_the_safety_layer() -> None:
     envelope = SafetyEnvelope(piezo_range_m=(wire_range, wire_range, 1e-6))
     for iy in range(0, 85, 3):
         for ix in range(85):
-            frame = {"x_m": planner.x_m[iy, ix], "y_m": planner.y_m[iy, ix], "width_m": 10 * NM, "height_m": 10 * NM, "angle_deg": 0.0}
+            frame = {"x_m": planner.x_m[iy, ix], "y_m": planner.y_m[iy, ix], "width_m": 10 * NM, "height_m": 10 * NM,
+                     "angle_deg": 0.0}
             if planner.usable[iy, ix]:
                 envelope.check("Scan.FrameSet", frame)
             else:

@@ -73,7 +73,8 @@ def test_rows_turn_by_90_degrees_at_every_step_and_areas_are_deterministic():
 
 def test_defects_change_the_surface_and_bad_config_is_refused():
     clean = HsiSampleArea(1, (0, 0), CLEAN)
-    dirty = HsiSampleArea(1, (0, 0), HsiSampleConfig(azimuth_deg=0.0, mean_terrace_width_m=1e-3, dangling_bond_density_per_nm2=0.2,
+    dirty = HsiSampleArea(1, (0, 0), HsiSampleConfig(azimuth_deg=0.0, mean_terrace_width_m=1e-3,
+                                                     dangling_bond_density_per_nm2=0.2,
                                                      missing_dimer_density_per_nm2=0.2, bad_patch_density_per_um2=0.0))
     box = (-4e-9, 4e-9, -4e-9, 4e-9)
     c, d = clean.components_in(*box), dirty.components_in(*box)
@@ -102,7 +103,9 @@ def test_tip_sharpness_decides_which_periods_survive(seed):
         probe = make_hsi_probe(state, area_rng(seed, 9, list(HsiTipState).index(state)))
         return render_topography(area, probe.apices, geom)
 
-    atoms, dimers, rows, blurry = (image(s) for s in (HsiTipState.ATOMS, HsiTipState.DIMERS, HsiTipState.ROWS, HsiTipState.BLURRY))
+    atoms, dimers, rows, blurry = (
+        image(s) for s in (HsiTipState.ATOMS, HsiTipState.DIMERS, HsiTipState.ROWS, HsiTipState.BLURRY)
+    )
     # the 0.384 nm dimer period along the rows: strong for atoms/dimers tips, nearly gone for a rows tip
     assert _power_at(atoms, px, SI_A_M) > 3 * _power_at(rows, px, SI_A_M)
     assert _power_at(dimers, px, SI_A_M) > 3 * _power_at(rows, px, SI_A_M)
@@ -238,7 +241,8 @@ def test_frames_are_deterministic_and_in_the_real_sets_layout(tmp_path):
 def test_cli_synth_hsi_and_gallery(tmp_path):
     out = tmp_path / "sim.npz"
     run = [sys.executable, "-m", "deepspm.cli"]
-    r = subprocess.run([*run, "dataset", "synth", "--sample", "hsi", "--n", "8", "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run([*run, "dataset", "synth", "--sample", "hsi", "--n", "8", "--out", str(out)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     with np.load(out) as z:
         assert z["images"].shape == (8, 64, 64)

@@ -32,7 +32,8 @@ def _frames(kind: ProbeKind, n: int, seed: int) -> list[tuple[np.ndarray, np.nda
         m.scan_action(0, True)
         clock.advance(m.frame_time_s())
         data = m.frame_data(Z_INDEX, True)[1]
-        ideal = render_topography(m.area, (Apex(0.0, 0.0, 0.05 * NM, 1.0),), FrameGeometry(x, y, 10 * NM, 10 * NM, 0.0, 64, 64, True))
+        geometry = FrameGeometry(x, y, 10 * NM, 10 * NM, 0.0, 64, 64, True)
+        ideal = render_topography(m.area, (Apex(0.0, 0.0, 0.05 * NM, 1.0),), geometry)
         if np.ptp(data) < 6 * A and np.ptp(ideal) > 1.5 * A:  # usable frames (not bad sample) that show molecules
             out.append((level(data), ideal))
     return out
@@ -98,7 +99,8 @@ def test_molecules_are_two_angstrom_high_and_four_lobed_with_a_good_tip() -> Non
 
 
 def test_double_apex_duplicates_a_feature_at_its_offset() -> None:
-    area = SampleArea(2, (0, 0), SampleConfig(bad_patch_density_per_um2=0.0, molecule_density_per_nm2=1e-6, adatom_density_per_nm2=0.0))
+    area = SampleArea(2, (0, 0), SampleConfig(bad_patch_density_per_um2=0.0, molecule_density_per_nm2=1e-6,
+                                              adatom_density_per_nm2=0.0))
     area.steps = ()
     area.add_debris(0.0, 0.0, 0.3 * NM, 2 * A, np.random.default_rng(0))
     geom = FrameGeometry(0.0, 0.0, 8 * NM, 8 * NM, 0.0, 64, 64)

@@ -140,7 +140,9 @@ def test_train_classifier_command_writes_a_loadable_checkpoint_and_metrics(tiny_
         train_classifier_command([synth], tiny_classifier, preset="tiny", epochs=1, progress=False)
 
 
-def test_evaluate_classifier_command_reproduces_the_validation_metrics(tiny_classifier: Path, synth: Path, tmp_path: Path) -> None:
+def test_evaluate_classifier_command_reproduces_the_validation_metrics(
+    tiny_classifier: Path, synth: Path, tmp_path: Path
+) -> None:
     summary = json.loads((tiny_classifier / "metrics.json").read_text())
     result = evaluate_classifier_command(tiny_classifier, synth, out_json=tmp_path / "eval.json", progress=False)
     metrics = result["metrics"]

@@ -31,7 +31,7 @@ from deepspm.controller.sim_engine import SyncEngine
 from deepspm.io.actions import N_ACTIONS
 from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.dqn import Actor, DQNConfig, Learner, agent_from_classifier, epsilon_at, select_action
-from deepspm.nets.inference import Predictor
+from deepspm.nets.inference import Output, Predictor
 from deepspm.nets.model import NetDef
 from deepspm.simulator.environment import ENV_CONFIG
 from deepspm.simulator.inprocess import InProcessInstrument
@@ -109,7 +109,7 @@ class SimRun:
         self.engine.run(done)
 
 
-def _compiled(net: NetDef, variables: Any, kind: str) -> Predictor:
+def _compiled(net: NetDef, variables: Any, kind: Output) -> Predictor:
     predictor = Predictor(net, variables, kind)
     predictor.compile([1])
     return predictor

@@ -357,7 +357,8 @@ RANGES: dict[str, Bounds | Choices] = {
     "safety.pixels_max": _closed(1, 8192),
     "safety.scan_speed_max_mps": _positive(1e-4),
     "safety.coarse_steps_max": _closed(1, _STEP_MAX),
-    "safety.allow_unchecked": Choices(tuple(sorted(spec.name for spec in COMMAND_TABLE.values())), label="names of Nanonis commands (deepspm.io.commands)"),
+    "safety.allow_unchecked": Choices(tuple(sorted(spec.name for spec in COMMAND_TABLE.values())),
+                                      label="names of Nanonis commands (deepspm.io.commands)"),
     "safety.z_fraction": _positive(1),
     "planner.piezo_range_xy_m": _positive(1e-3),
     "planner.cell_size_m": _positive(1e-6),
@@ -536,7 +537,12 @@ def _section_keys(section: str) -> dict[str, _Key]:
     for f in fields(cls):
         if f"{section}.{f.name}" in LINKED:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{section}.{f.name} has no default")  # every config field has one
         out[f.name] = _Key(section, f.name, hints[f.name], default)
     return out
 
@@ -753,7 +759,8 @@ def _check_consistency(cfg: RunConfig) -> None:
     s, sc, ap, dip, det = cfg.safety, cfg.scan, cfg.approach, cfg.dip, cfg.detection
     _require(s.pixels_min <= s.pixels_max, ("safety.pixels_min", "safety.pixels_max"), "min above max")
     _require(s.frame_size_min_m <= s.frame_size_max_m, ("safety.frame_size_min_m", "safety.frame_size_max_m"), "min above max")
-    _require(s.pulse_width_min_s <= s.pulse_width_max_s, ("safety.pulse_width_min_s", "safety.pulse_width_max_s"), "min above max")
+    _require(s.pulse_width_min_s <= s.pulse_width_max_s, ("safety.pulse_width_min_s", "safety.pulse_width_max_s"),
+             "min above max")
     _require(s.bias_min_V <= s.bias_max_V, ("safety.bias_min_V", "safety.bias_max_V"), "min above max")
     _require(s.pixels_min <= sc.pixels <= s.pixels_max, ("scan.pixels", "safety.pixels_min", "safety.pixels_max"),
              f"{sc.pixels} pixels outside the safety limits {s.pixels_min}..{s.pixels_max}")

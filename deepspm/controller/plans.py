@@ -24,17 +24,47 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from deepspm.controller.commands import (
-    ApproachRunning, Command, Dip, GrabFrame, MotorMove, Pulse, ReadZ, SetBias, SetSetpoint, Settle, Stall,
-    StartApproach, StartScan, StopApproach, StopScan, Wait, WaitScanEnd, Withdraw,
+    ApproachRunning,
+    Command,
+    Dip,
+    GrabFrame,
+    MotorMove,
+    Pulse,
+    ReadZ,
+    SetBias,
+    SetSetpoint,
+    Settle,
+    Stall,
+    StartApproach,
+    StartScan,
+    StopApproach,
+    StopScan,
+    Wait,
+    WaitScanEnd,
+    Withdraw,
 )
 from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import (
-    ActionChosen, Classification, NoRoom, Note, ResetActionChosen, SampleVerdict, ZCheck,
+    ActionChosen,
+    Classification,
+    NoRoom,
+    Note,
+    ResetActionChosen,
+    SampleVerdict,
+    ZCheck,
 )
 from deepspm.controller.episode import EpisodeTracker, ProbeOutcome, random_reset_action
 from deepspm.controller.locator import ActionSite, action_mask, locate_action
 from deepspm.controller.messages import (
-    ActionDecision, Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned,
+    ActionDecision,
+    Choose,
+    Classify,
+    Compute,
+    Experience,
+    Fire,
+    Learn,
+    Plan,
+    Scanned,
 )
 from deepspm.controller.planner import RegionPlanner, bad_sample_radius_m
 from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess

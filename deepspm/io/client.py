@@ -187,7 +187,9 @@ class NanonisClient:
     async def bias_get(self) -> float:
         return (await self.call("Bias.Get"))["bias_V"]
 
-    async def bias_pulse(self, width_s: float, bias_V: float, *, wait: bool = True, z_hold: int = 1, absolute: bool = True) -> None:
+    async def bias_pulse(
+        self, width_s: float, bias_V: float, *, wait: bool = True, z_hold: int = 1, absolute: bool = True
+    ) -> None:
         """A bias pulse; z_hold 1 holds the z controller during the pulse."""
         await self.call("Bias.Pulse", int(wait), width_s, bias_V, z_hold, 2 if absolute else 1)
 
@@ -365,11 +367,15 @@ class NanonisClient:
     async def auto_approach_running(self) -> bool:
         return bool((await self.call("AutoApproach.OnOffGet"))["running"])
 
-    async def motor_start_move(self, direction: int, steps: int, group: int = 0, wait: bool = True, timeout_s: float | None = None) -> None:
+    async def motor_start_move(
+        self, direction: int, steps: int, group: int = 0, wait: bool = True, timeout_s: float | None = None
+    ) -> None:
         """Coarse steps; direction 0 X+, 1 X-, 2 Y+, 3 Y-, 4 Z+, 5 Z-."""
         await self.call("Motor.StartMove", direction, steps, group, int(wait), timeout_s=timeout_s)
 
-    async def motor_start_closed_loop(self, x_m: float, y_m: float, z_m: float, *, absolute: bool = True, wait: bool = True, group: int = 0) -> None:
+    async def motor_start_closed_loop(
+        self, x_m: float, y_m: float, z_m: float, *, absolute: bool = True, wait: bool = True, group: int = 0
+    ) -> None:
         args: list[Any] = [int(absolute), x_m, y_m, z_m, int(wait)]
         if self.release is not None and self.release >= Release.R13742:
             args.append(group)

@@ -37,7 +37,9 @@ def layout_for(batch_size: int) -> DenseLayout:
 
 
 # XLA's (experimental, jaxlib-pinned) switch that hands each convolution to YNNPACK; a CPU-backend option.
-CPU_COMPILER_OPTIONS: dict[str, str | bool] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+CPU_COMPILER_OPTIONS: dict[str, str | bool] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+}
 
 
 def compiler_options() -> dict[str, str | bool]:
@@ -60,7 +62,8 @@ class Affine(NamedTuple):
 # products plus cheap additive transforms: 2.25x fewer multiplications than the direct conv, identical to
 # float32 rounding (~1e-6 relative). XLA's CPU backend runs 16 separate 2-D products faster than one batched
 # product (which it gives one core). Worth it only for layers with enough work to hide the transforms.
-WINOGRAD_MIN_MFLOP = 32.0  # per image: the direct conv's multiply-adds x 2 (paper and original: 11 of 12 convs qualify, compact: none)
+# per image: the direct conv's multiply-adds x 2 (paper and original: 11 of 12 convs qualify, compact: none)
+WINOGRAD_MIN_MFLOP = 32.0
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)  # kernel transform
 
 

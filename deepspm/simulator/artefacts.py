@@ -68,7 +68,9 @@ def feedback_ringing(z: np.ndarray, period_px: float, damping: float) -> np.ndar
     return out
 
 
-def drift_rows(lines: int, drift_m: tuple[float, float], creep_m: tuple[float, float], creep_tau_lines: float) -> tuple[np.ndarray, np.ndarray]:
+def drift_rows(
+    lines: int, drift_m: tuple[float, float], creep_m: tuple[float, float], creep_tau_lines: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(du, dv) per line in metres: linear drift over the frame plus decaying creep (tau in lines)."""
     t = np.arange(lines, dtype=float)
     frac = t / max(lines - 1, 1)

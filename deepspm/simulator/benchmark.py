@@ -35,9 +35,12 @@ class RenderBenchmark:
         return {**asdict(self), "frames_per_s": self.frames_per_s, "frames_per_cpu_s": self.frames_per_cpu_s}
 
 
-def measure(pixels: int = 64, frames: int = 2000, probe: ProbeKind | None = ProbeKind.GOOD, seed: int = 0, warmup: int = 100) -> RenderBenchmark:
+def measure(
+    pixels: int = 64, frames: int = 2000, probe: ProbeKind | None = ProbeKind.GOOD, seed: int = 0, warmup: int = 100
+) -> RenderBenchmark:
     """Frames per second through `SimulatedMicroscope` (probe None = default config, which degrades over time)."""
-    config = SimConfig() if probe is None else SimConfig(initial_probe_kind=probe, degradation_per_frame=0.0, spontaneous_changes=False)
+    config = (SimConfig() if probe is None
+              else SimConfig(initial_probe_kind=probe, degradation_per_frame=0.0, spontaneous_changes=False))
     clock = SimClock(0.0)
     m = SimulatedMicroscope(seed, clock, config)
     m.set_scan_buffer([Z_INDEX], pixels, pixels)
@@ -55,7 +58,8 @@ def measure(pixels: int = 64, frames: int = 2000, probe: ProbeKind | None = Prob
     run(0, warmup)
     wall, cpu = time.perf_counter(), time.process_time()
     run(warmup, frames)
-    return RenderBenchmark(pixels, "mixed" if probe is None else probe.value, frames, time.perf_counter() - wall, time.process_time() - cpu)
+    return RenderBenchmark(pixels, "mixed" if probe is None else probe.value, frames, time.perf_counter() - wall,
+                           time.process_time() - cpu)
 
 
 def main() -> list[RenderBenchmark]:

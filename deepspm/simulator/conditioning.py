@@ -174,7 +174,9 @@ def crash_damage(rng: np.random.Generator) -> ProbeState:
     return make_probe(draw_kind(CRASH_KIND_WEIGHTS, rng), rng)
 
 
-def spontaneous_change(probe: ProbeState, degradation_per_frame: float, frames: float, rng: np.random.Generator) -> ProbeState | None:
+def spontaneous_change(
+    probe: ProbeState, degradation_per_frame: float, frames: float, rng: np.random.Generator
+) -> ProbeState | None:
     """A tip change during `frames` frames of scanning, or None. `frames` = lines / 64."""
     if probe.kind is ProbeKind.GOOD:
         p, to_good = degradation_per_frame, 0.0

@@ -363,7 +363,8 @@ class _MicroscopeHandlers:
             if progress is None or self.m.scan_paused():
                 if not await self._sleep_until_change(deadline):
                     continue
-                return {"timed_out": 1, "line": -1 if progress is None else int(progress[0] // progress[1]), "phase": 0, "pass_index": 0}
+                line = -1 if progress is None else int(progress[0] // progress[1])
+                return {"timed_out": 1, "line": line, "phase": 0, "pass_index": 0}
             done_s, line_s, _ = progress
             line = int(done_s // line_s)
             end = self.clock.now() + (line + 1) * line_s - done_s
@@ -670,7 +671,9 @@ class _MicroscopeHandlers:
     def current_gain_set(self, args: dict[str, Any]) -> None:
         gain, filt = args["gain_index"], args.get("filter_index", -1)
         if not 0 <= gain < len(CURRENT_GAINS) or not -1 <= filt < len(CURRENT_FILTERS):
-            raise CommandFailed(f"gain {gain} / filter {filt} do not exist ({len(CURRENT_GAINS)} gains, {len(CURRENT_FILTERS)} filters)")
+            raise CommandFailed(
+                f"gain {gain} / filter {filt} do not exist ({len(CURRENT_GAINS)} gains, {len(CURRENT_FILTERS)} filters)"
+            )
         self._gain = (gain, self._gain[1] if filt == -1 else filt)
 
     def piezo_range_get(self, args: dict[str, Any]) -> dict[str, Any]:

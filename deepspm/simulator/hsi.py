@@ -106,7 +106,8 @@ class HsiSampleArea:
         self.azimuth_rad = math.radians(az)
         self.steps = self._make_steps(rng)
         self.step_table = np.array(
-            [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase) for st in self.steps]
+            [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase)
+             for st in self.steps]
         ).reshape(-1, 7)
         # per terrace (indexed by the number of steps below it, offset so indices are >= 0): lattice registry
         # (fractions of a along and across the rows) and the buckling pattern (0 zigzag c(4x2), 1 p(2x2))
@@ -144,7 +145,8 @@ class HsiSampleArea:
         out = []
         for _ in range(n):
             x, y = rng.uniform(-HALF_AREA_M, HALF_AREA_M, 2)
-            out.append(Patch(float(x), float(y), float(rng.uniform(*c.bad_patch_radius_m)), float(rng.uniform(*c.bad_patch_roughness_m))))
+            out.append(Patch(float(x), float(y), float(rng.uniform(*c.bad_patch_radius_m)),
+                             float(rng.uniform(*c.bad_patch_roughness_m))))
         return tuple(out)
 
     def terrace_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:

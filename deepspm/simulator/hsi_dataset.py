@@ -133,7 +133,10 @@ def render_hsi_frame(seed: int, index: int, label: str, r: Randomisation = Rando
     area = HsiSampleArea(seed, (index, -1 - (index % 7)), cfg)
     large = rng.random() < r.large_fraction
     pixels = 512 if large else 300
-    width = float(math.exp(rng.uniform(math.log(r.frame_large_m[0]), math.log(r.frame_large_m[1])))) if large else _u(rng, r.frame_small_m)
+    if large:
+        width = float(math.exp(rng.uniform(math.log(r.frame_large_m[0]), math.log(r.frame_large_m[1]))))
+    else:
+        width = _u(rng, r.frame_small_m)
     cx, cy = rng.uniform(-300e-9, 300e-9, 2)
     geom = FrameGeometry(float(cx), float(cy), width, width, 0.0, pixels, pixels, True)
     sign = lambda: 1.0 if rng.random() < 0.5 else -1.0  # noqa: E731

@@ -127,12 +127,16 @@ _T = {
         "dip_deep": {S.BLURRY: 0.3, S.DIMERS: 0.3, S.ATOMS: 0.05, S.ROWS: 0.15, S.MULTIPLE: 0.2},
     },
 }
-TRANSITIONS = MappingProxyType({s: MappingProxyType({b: MappingProxyType(row) for b, row in bins.items()}) for s, bins in _T.items()})
+TRANSITIONS = MappingProxyType(
+    {s: MappingProxyType({b: MappingProxyType(row) for b, row in bins.items()}) for s, bins in _T.items()}
+)
 
 # per 64-line frame of scanning: where each state drifts by itself (adsorbates picked up or lost)
 SCAN_TRANSITIONS = MappingProxyType({
     S.ATOMS: MappingProxyType({S.ATOMS: 0.97, S.DIMERS: 0.015, S.BLURRY: 0.005, S.DOUBLE: 0.005, S.ROWS: 0.005}),
-    S.DIMERS: MappingProxyType({S.DIMERS: 0.975, S.ATOMS: 0.005, S.ASYMMETRIC: 0.005, S.ROWS: 0.005, S.BLURRY: 0.005, S.DOUBLE: 0.005}),
+    S.DIMERS: MappingProxyType(
+        {S.DIMERS: 0.975, S.ATOMS: 0.005, S.ASYMMETRIC: 0.005, S.ROWS: 0.005, S.BLURRY: 0.005, S.DOUBLE: 0.005}
+    ),
     S.ASYMMETRIC: MappingProxyType({S.ASYMMETRIC: 0.96, S.DIMERS: 0.03, S.BLURRY: 0.005, S.DOUBLE: 0.005}),
     S.ROWS: MappingProxyType({S.ROWS: 0.96, S.DIMERS: 0.02, S.BLURRY: 0.02}),
     S.DOUBLE: MappingProxyType({S.DOUBLE: 0.97, S.DIMERS: 0.01, S.BLURRY: 0.01, S.MULTIPLE: 0.01}),

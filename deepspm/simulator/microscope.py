@@ -452,7 +452,9 @@ class SimulatedMicroscope:
     def scan_buffer(self) -> tuple[list[int], int, int]:
         return list(self._channels), self._pixels, self._lines
 
-    def set_scan_frame(self, centre_x_m: float, centre_y_m: float, width_m: float, height_m: float, angle_deg: float = 0.0) -> None:
+    def set_scan_frame(
+        self, centre_x_m: float, centre_y_m: float, width_m: float, height_m: float, angle_deg: float = 0.0
+    ) -> None:
         self._update()
         if width_m <= 0 or height_m <= 0:
             raise MicroscopeError(f"frame size must be positive, got {width_m} x {height_m}")
@@ -588,7 +590,8 @@ class SimulatedMicroscope:
             return
         c = self.config
         decay = math.exp(-max(now - self._creep_t0, 0.0) / c.xy_creep_tau_s) if c.xy_creep_tau_s > 0 else 0.0
-        self._creep_vec = (self._creep_vec[0] * decay + c.xy_creep_fraction * dx, self._creep_vec[1] * decay + c.xy_creep_fraction * dy)
+        self._creep_vec = (self._creep_vec[0] * decay + c.xy_creep_fraction * dx,
+                           self._creep_vec[1] * decay + c.xy_creep_fraction * dy)
         self._creep_t0 = now
         self._tip_xy = (x, y)
 
@@ -891,7 +894,8 @@ class SimulatedMicroscope:
             self._area_index = (int(round(self._coarse_m[0] / AREA_PITCH_M)), int(round(self._coarse_m[1] / AREA_PITCH_M)))
             new_area = self.area
             jitter = float(rng.normal(0.0, c.area_height_jitter_per_step_m * math.sqrt(steps)))
-            self._surface.rebase(now, new_area.base_z_m - old_area.base_z_m + jitter, float(rng.normal(0.0, 0.3 * c.z_creep_amplitude_m)))
+            self._surface.rebase(now, new_area.base_z_m - old_area.base_z_m + jitter,
+                                 float(rng.normal(0.0, 0.3 * c.z_creep_amplitude_m)))
         self._check_contact(now)
         return steps / c.motor_frequency_hz
 

@@ -70,7 +70,8 @@ class SurfaceZ:
         creep = self.creep_m * (1.0 - math.exp(-dt / self.creep_tau_s)) if self.creep_tau_s > 0 else 0.0
         jumps = 0.0
         if self._jump_t:
-            jumps = self._jump_cum[bisect.bisect_right(self._jump_t, t_s)] - self._jump_cum[bisect.bisect_right(self._jump_t, self.t0_s)]
+            cum, times = self._jump_cum, self._jump_t
+            jumps = cum[bisect.bisect_right(times, t_s)] - cum[bisect.bisect_right(times, self.t0_s)]
         return self.base_m + creep + self.rate_m_per_s * dt + jumps
 
     def rebase(self, t_s: float, delta_m: float = 0.0, new_creep_m: float = 0.0) -> None:

@@ -104,7 +104,9 @@ class _SingleThreadBlas:
 _single_thread_blas = _SingleThreadBlas()
 
 
-def _gaussian_layers(comps: np.ndarray, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _gaussian_layers(
+    comps: np.ndarray, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray
+) -> np.ndarray:
     """Gaussian part of the topography seen by each apex, (apices, lines, len(u)) float32 in Angstrom.
 
     Runs in float32 with nanometre/Angstrom units (values near 1, no denormals): for every apex the blurred
@@ -141,7 +143,9 @@ def _gauss_table(inv: np.ndarray, centre: np.ndarray, axis: np.ndarray) -> np.nd
     return arg
 
 
-def _steps(area: SampleArea | HsiSampleArea, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray) -> list[np.ndarray | float]:
+def _steps(
+    area: SampleArea | HsiSampleArea, apices: tuple[Apex, ...], geom: FrameGeometry, u: np.ndarray, v: np.ndarray
+) -> list[np.ndarray | float]:
     """Terrace height seen by each apex (metres): a constant where no step crosses, error-function edges otherwise."""
     (ux, uy), (vx, vy) = geom.axes()
     ox = np.array([geom.centre_x_m + a.dx_m for a in apices])
@@ -284,7 +288,10 @@ class ScanPlan:
         (ux, uy), (vx, vy) = self.geometry.axes()
         t_first, t_last = self.pixel_times(forward)
         t_mid = 0.5 * (t_first + t_last)
-        decay = np.exp(-np.maximum(t_mid - self.creep_t0_s, 0.0) / self.creep_tau_s) if self.creep_tau_s > 0 else np.zeros_like(t_mid)
+        if self.creep_tau_s > 0:
+            decay = np.exp(-np.maximum(t_mid - self.creep_t0_s, 0.0) / self.creep_tau_s)
+        else:
+            decay = np.zeros_like(t_mid)
         du = -(cx * ux + cy * uy) * decay
         dv = -(cx * vx + cy * vy) * decay
         if not forward:

@@ -92,7 +92,8 @@ class Step:
 
     def signed_distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         along = -self.ny * x + self.nx * y
-        return self.nx * x + self.ny * y - self.offset_m - self.meander_amp_m * np.sin(self.meander_k_per_m * along + self.meander_phase)
+        meander = self.meander_amp_m * np.sin(self.meander_k_per_m * along + self.meander_phase)
+        return self.nx * x + self.ny * y - self.offset_m - meander
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ class SampleArea:
         self.config = config
         rng = area_rng(seed, _PURPOSE["layout"], *self.index)
         c = config
-        self.molecule_density_per_m2 = c.molecule_density_per_nm2 * math.exp(c.molecule_density_spread * float(rng.normal())) / NM**2
+        spread = math.exp(c.molecule_density_spread * float(rng.normal()))
+        self.molecule_density_per_m2 = c.molecule_density_per_nm2 * spread / NM**2
         self.tilt = (float(rng.normal(0.0, c.tilt_rms)), float(rng.normal(0.0, c.tilt_rms)))
         self.base_z_m = float(rng.normal(0.0, 60e-9))  # macroscopic height of this area relative to its neighbours
         # Matern-II thinning keeps a fraction (1 - exp(-x)) / x of candidates, x = candidate density * core area
@@ -142,7 +144,8 @@ class SampleArea:
         self.steps = self._make_steps(rng)
         # (n, 7) columns nx, ny, offset, height, meander amplitude, meander k, phase (vectorised step queries)
         self.step_table = np.array(
-            [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase) for st in self.steps]
+            [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase)
+             for st in self.steps]
         ).reshape(-1, 7)
         self.patches = self._make_patches(rng)
         self._raw_tiles: dict[tuple[int, int], np.ndarray] = {}
@@ -177,7 +180,8 @@ class SampleArea:
         patches = []
         for _ in range(n):
             x, y = rng.uniform(-HALF_AREA_M, HALF_AREA_M, 2)
-            patches.append(Patch(float(x), float(y), float(rng.uniform(*c.bad_patch_radius_m)), float(rng.uniform(*c.bad_patch_roughness_m))))
+            patches.append(Patch(float(x), float(y), float(rng.uniform(*c.bad_patch_radius_m)),
+                                 float(rng.uniform(*c.bad_patch_roughness_m))))
         return tuple(patches)
 
     # --- tiles --------------------------------------------------------------------------------------------
