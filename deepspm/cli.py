@@ -157,7 +157,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
                              val_fraction=args.val_fraction, good_weight=args.good_weight,
                              multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep, init=args.init,
                              freeze_epochs=args.freeze_epochs, patience=args.patience,
-                             finetune_learning_rate=args.finetune_lr, max_train=args.max_train)
+                             finetune_learning_rate=args.finetune_lr, max_train=args.max_train,
+                             lines=args.lines, min_lines=args.min_lines)
     return 0
 
 
@@ -165,7 +166,7 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
     from deepspm.controller.training import evaluate_classifier_command
 
     evaluate_classifier_command(args.checkpoint, args.data, out_json=args.json, threshold=args.threshold,
-                                seed=args.seed, split=args.split, min_responses=args.min_responses)
+                                seed=args.seed, split=args.split, min_responses=args.min_responses, lines=args.lines)
     return 0
 
 
@@ -360,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--max-train", dest="max_train", type=int, metavar="N",
                     help="train on at most N images (a stratified subset of the training split; validation unchanged)")
     tc.add_argument("--multiclass", action="store_true", help="H:Si set: one output per crowd-voted class")
+    tc.add_argument("--lines", action="store_true",
+                    help="train a line-window net that judges a frame from its first n scan lines (random truncation "
+                         "of every training image to n lines, n uniform in --min-lines..64; metadata lines=true)")
+    tc.add_argument("--min-lines", dest="min_lines", type=check.int_range(1, 64), default=4, metavar="N",
+                    help="with --lines: the fewest visible scan lines (rows) a training image keeps (default 4)")
     tc.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     tc.set_defaults(func=_train_classifier)
     ta = train_sub.add_parser("agent", help="train the double-DQN agent in simulation",
@@ -387,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--seed", type=check.seed, default=0, help="RANSAC seed for levelling raw frames (default 0)")
     ec.add_argument("--min-responses", dest="min_responses", type=check.int_range(1, 1000), default=1,
                     help="H:Si set: keep images with at least this many crowd votes (default 1)")
+    ec.add_argument("--lines", type=check.int_range(1, 64), nargs="+", metavar="N",
+                    help="evaluate with only the first N scan lines (rows 0..N-1, 64 = full frame) of each image "
+                         "visible, the rest NaN as a partial frame grab, levelled from those rows; one metrics row "
+                         "per N (e.g. --lines 8 16 32 64)")
     ec.set_defaults(func=_evaluate_classifier)
     ea = eval_sub.add_parser("agent", help="the agent versus random actions in simulation, interleaved",
                              description="Episodes alternate between the agent and uniform random actions on one "

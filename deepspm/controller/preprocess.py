@@ -189,6 +189,83 @@ def preprocess(
     return Preprocessed(plane_m=plane, levelled_m=levelled, normalised=normalised, valid=valid)
 
 
+UNSCANNED_FILL = -1.0  # normalised units: the plane; equals deepspm.nets.linewindow.UNSCANNED_FILL (a test pins it)
+
+
+class PartialFrameError(ValueError):
+    """A partial frame cannot be judged: no complete scan line at its start, or not a 2-D image."""
+
+
+def scan_order(data_m: np.ndarray, scan_up: bool) -> np.ndarray:
+    """A `Frame`'s heights (row 0 = top edge, whatever the scan direction) in the line-window net's orientation:
+    row 0 = the first line scanned. An up-scan starts at the bottom edge, so its rows are reversed; a down-scan's
+    are already in order. A view, not a copy. Its own inverse: `scan_order(scan_order(d, up), up)` is `d`."""
+    data = np.asarray(data_m)
+    if data.ndim != 2:
+        raise PartialFrameError(f"expected a 2-D height image, got shape {data.shape}")
+    return data[::-1] if scan_up else data
+
+
+def scanned_lines(frame_m: np.ndarray) -> int:
+    """How many complete scan lines a frame in scan order holds: its leading rows without NaN. A line being
+    scanned (some pixels still NaN) does not count."""
+    z = np.asarray(frame_m)
+    if z.ndim != 2:
+        raise PartialFrameError(f"expected a 2-D height image, got shape {z.shape}")
+    complete = np.isfinite(z).all(axis=1)
+    return int(z.shape[0]) if complete.all() else int(np.argmin(complete))
+
+
+def preprocess_partial(
+    frame_m: np.ndarray,
+    seed: int,
+    *,
+    residual_threshold_m: float = RANSAC_RESIDUAL_THRESHOLD_M,
+    max_trials: int = RANSAC_MAX_TRIALS,
+    stop_probability: float = 0.99,
+) -> tuple[np.ndarray, int]:
+    """A partial raw frame (m) in scan order (see `scan_order`) -> (the nets' input float32, visible lines n).
+
+    The first n rows are the complete scanned lines (`scanned_lines`); everything after them (NaN rows, and a
+    line still being scanned) is unscanned. The RANSAC plane is fitted on the n scanned rows only (the same
+    estimator and settings as `preprocess`), they are levelled and normalised as `preprocess` does
+    (h / 1 Å - 1, clipped to [-1.5, 1.5]), and the unscanned rows are set to `UNSCANNED_FILL` (-1, the plane:
+    what `preprocess` puts where a frame has no data). A complete frame gives exactly `preprocess`'s
+    `normalised` image and n = rows. `PartialFrameError` when no complete line is at the start (for example a
+    frame of an up-scan passed top row first: map it with `scan_order`), or finite data after the first gap.
+    """
+    z = np.asarray(frame_m, dtype=np.float64)
+    n = scanned_lines(z)
+    if n == 0:
+        raise PartialFrameError("no complete scan line at row 0: is the frame in scan order (see scan_order)?")
+    if np.isfinite(z[n + 1 :]).any():
+        raise PartialFrameError(f"finite data after the first unscanned row ({n}): the rows are not in scan order")
+    scanned = z[:n]
+    plane = fit_plane_ransac(scanned, seed, residual_threshold_m, max_trials, stop_probability)
+    image = np.full(z.shape, np.float32(UNSCANNED_FILL), np.float32)
+    image[:n] = normalise(scanned - plane)
+    return image, n
+
+
+def truncate_rows(frame_m: np.ndarray, lines: int) -> np.ndarray:
+    """A copy of a full raw frame (m, scan order) as a partial `Scan.FrameDataGrab` returns it after `lines` lines:
+    rows 0..lines-1 kept, the rest NaN."""
+    z = np.array(frame_m, dtype=np.float64, copy=True)
+    if z.ndim != 2:
+        raise PartialFrameError(f"expected a 2-D height image, got shape {z.shape}")
+    if not 1 <= lines <= z.shape[0]:
+        raise PartialFrameError(f"visible lines must be in 1..{z.shape[0]}, got {lines}")
+    z[lines:] = np.nan
+    return z
+
+
+def preprocess_truncated(frame_m: np.ndarray, lines: int, seed: int) -> np.ndarray:
+    """The nets' input for a full raw frame (scan order) of which only the first `lines` lines are visible:
+    `preprocess_partial(truncate_rows(frame_m, lines), seed)`'s image (the evaluation by lines; picklable for a
+    process pool). The frame's own NaN, if any, still count: fewer lines may be visible."""
+    return preprocess_partial(truncate_rows(frame_m, lines), seed)[0]
+
+
 class RoughnessMeasure(str, Enum):
     """What the bad-sample rule measures the peak-to-peak height of.
 

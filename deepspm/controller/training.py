@@ -33,7 +33,8 @@ from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.classifier import ClassifierConfig, evaluate, train_classifier
 from deepspm.nets.data import DataError, load_deepspm_folders, load_hsi100_npz
 from deepspm.nets.inference import Predictor
-from deepspm.nets.metrics import DEFAULT_THRESHOLD, format_metrics
+from deepspm.nets.linewindow import DEFAULT_MIN_LINES, LINE_WINDOW_KEY, LineWindowSpec, is_line_window, mask_rows
+from deepspm.nets.metrics import DEFAULT_THRESHOLD, binary_metrics, format_metrics
 from deepspm.simulator.dataset import gallery, synth_dataset
 
 METRICS_FILE = "metrics.json"
@@ -215,7 +216,8 @@ def train_classifier_command(
     good_weight: float = 8.0, threshold: float = DEFAULT_THRESHOLD, multiclass: bool = False,
     min_responses: int = 1, workers: int | None = None, overwrite: bool = False, progress: bool = True,
     keep: str = "last", init: Path | str | None = None, freeze_epochs: int | None = None, patience: int | None = None,
-    finetune_learning_rate: float | None = None, max_train: int | None = None,
+    finetune_learning_rate: float | None = None, max_train: int | None = None, lines: bool = False,
+    min_lines: int = DEFAULT_MIN_LINES,
 ) -> dict[str, Any]:
     """Train a probe classifier (from scratch, or fine-tuned from `init`) and save it as a checkpoint directory
     `out` (kind "classifier").
@@ -233,6 +235,11 @@ def train_classifier_command(
     Prints and returns the validation metrics (at `threshold`, at 0.5 and at the ROC point closest to
     (0, 1)); writes `out/metrics.json` (metrics, per-epoch history, data, options, split sizes) and
     `out/split.json` (the validation rows). The checkpoint's metadata repeats the options and the metrics.
+
+    `lines`: train a line-window net (`deepspm.nets.linewindow`): random truncation to the first n rows, n uniform
+    in `min_lines`..64 per image and step; the metadata says `{"lines": true, "line_window": {...}}`. Its
+    validation metrics are on seeded random truncations; `by_lines` adds them at 8, 16, 32 and 64 visible lines
+    (the validation images levelled as full frames, then masked; `evaluate --lines` re-levels each partial frame).
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -252,7 +259,8 @@ def train_classifier_command(
         "learning_rate": learning_rate, "l2": l2, "good_weight": good_weight, "threshold": threshold,
         "multiclass": multiclass, "min_responses": min_responses, "keep": keep,
         "init": None if init is None else str(init), "freeze_epochs": freeze_epochs or 0, "patience": patience or 0,
-        "finetune_learning_rate": finetune_learning_rate, "max_train": max_train,
+        "finetune_learning_rate": finetune_learning_rate, "max_train": max_train, "lines": lines,
+        "min_lines": min_lines if lines else None,
     }
     images, labels, info = load_labelled_sets(
         list(data), multiclass=multiclass, min_responses=min_responses, seed=seed, workers=workers, progress=progress
@@ -260,7 +268,8 @@ def train_classifier_command(
     config = ClassifierConfig(batch_size=batch_size, learning_rate=learning_rate, l2=l2, good_weight=good_weight,
                               val_fraction=val_fraction, threshold=threshold, keep=keep,
                               freeze_epochs=freeze_epochs or 0, patience=patience or 0,
-                              finetune_learning_rate=finetune_learning_rate, max_train=max_train)
+                              finetune_learning_rate=finetune_learning_rate, max_train=max_train,
+                              line_window_min_lines=min_lines if lines else 0)
     start = time.perf_counter()
     result = train_classifier(images, labels, preset, epochs, seed, config=config,
                               class_names=info["class_names"], progress=progress, init=start_from)
@@ -270,22 +279,34 @@ def train_classifier_command(
         val = result.val_indices
         scores = result.predictor().predict_batched(images[val], config.eval_batch_size)
         metrics = {**metrics, "by_kind": accuracy_by_kind([info["kinds"][i] for i in val], labels[val], scores, threshold)}
+    by_lines = None
+    if lines and labels.ndim == 1 and result.val_indices.size:
+        predictor = result.predictor()
+        by_lines = [{"lines": n, "metrics": binary_metrics(labels[result.val_indices], predictor.predict_batched(
+            mask_rows(images[result.val_indices], n), config.eval_batch_size), threshold)} for n in (8, 16, 32, 64)]
     summary = {
         "kind": "classifier", "options": options, "data": _without_kinds(info), "n_train": int(result.train_indices.size),
         "n_val": int(result.val_indices.size), "train_seconds": round(seconds, 1), "epoch": result.epoch,
         "metrics": metrics, "history": result.history,
     }
+    if lines:
+        summary.update({LINE_WINDOW_KEY: True, "line_window": LineWindowSpec(min_lines=min_lines).to_dict(),
+                        "by_lines": by_lines})
     save_net(out, result.net, result.variables, kind="classifier", overwrite=overwrite,
              metadata={k: v for k, v in summary.items() if k != "history"})
     _write_json(out / METRICS_FILE, summary)
     _write_json(out / "split.json", {"val_indices": result.val_indices.tolist(), "data": [str(p) for p in data]})
     origin = "from scratch" if init is None else f"fine-tuned from {init}"
-    print(f"classifier ({preset}, seed {seed}, {origin}) trained on {summary['n_train']} images in {seconds:.0f} s; "
+    kind = f"line-window classifier (min {min_lines} lines)" if lines else "classifier"
+    print(f"{kind} ({preset}, seed {seed}, {origin}) trained on {summary['n_train']} images in {seconds:.0f} s; "
           f"kept epoch {result.epoch} of {epochs} ({keep})"
           f"{'' if len(result.history) == epochs else f', stopped early after {len(result.history)}'}; "
           f"validation on {summary['n_val']}:")
     if metrics:
         print(format_metrics(metrics))
+    if by_lines:
+        print("by visible lines (validation frames levelled whole, then masked):")
+        print(format_lines_table(by_lines))
     print(f"saved {out}")
     return summary
 
@@ -294,6 +315,7 @@ def evaluate_classifier_command(
     checkpoint: Path | str, data: Sequence[Path | str] | Path | str, *, out_json: Path | str | None = None,
     threshold: float = DEFAULT_THRESHOLD, multiclass: bool | None = None, min_responses: int = 1, seed: int = 0,
     split: Path | str | None = None, workers: int | None = None, progress: bool = True,
+    lines: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a saved classifier on any labelled set(s), printed and returned (and written to `out_json`).
 
@@ -301,11 +323,20 @@ def evaluate_classifier_command(
     synthetic sets the accuracy per probe kind is added (`by_kind`). Frames are levelled as in training
     (pass the training `seed` to get the very same frames). `split`: a training run's `split.json`, to
     evaluate only its validation rows (the same data, options and order as in training are needed).
+
+    `lines` (a list of visible-line counts N): one evaluation each, with only rows 0..N-1 of every image
+    visible (the rest NaN, as a partial `Scan.FrameDataGrab` returns them), levelled from those rows
+    (`controller.partial_data`); the summary's `by_lines` holds one metrics dict per N. Any classifier works:
+    a full-frame one is the comparison for a line-window one.
     """
     ckpt = load_net(checkpoint, expect_kind="classifier")
     if multiclass is None:
         multiclass = ckpt.net.n_outputs > 1
     paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if lines:
+        return _evaluate_by_lines(ckpt, checkpoint, paths, list(lines), out_json=out_json, threshold=threshold,
+                                  multiclass=multiclass, min_responses=min_responses, seed=seed, split=split,
+                                  workers=workers, progress=progress)
     images, labels, info = load_labelled_sets(
         paths, multiclass=multiclass, min_responses=min_responses, seed=seed, workers=workers, progress=progress
     )
@@ -330,6 +361,60 @@ def evaluate_classifier_command(
     if out_json is not None:
         _write_json(Path(out_json), summary)
     return summary
+
+
+def _split_rows(split: Path | str) -> np.ndarray:
+    return np.asarray(json.loads(Path(split).read_text())["val_indices"], dtype=int)
+
+
+def _evaluate_by_lines(
+    ckpt: Any, checkpoint: Path | str, paths: list[Path | str], lines: list[int], *, out_json: Path | str | None,
+    threshold: float, multiclass: bool, min_responses: int, seed: int, split: Path | str | None,
+    workers: int | None, progress: bool,
+) -> dict[str, Any]:
+    """`evaluate_classifier_command` with `lines`: one metrics dict (and printed row) per visible-line count."""
+    from deepspm.controller.partial_data import load_partial_sets
+    from deepspm.nets.classifier import evaluate as evaluate_predictor
+
+    rows = None if split is None else _split_rows(split)
+    by_n, labels, info = load_partial_sets(paths, lines, rows=rows, multiclass=multiclass,
+                                           min_responses=min_responses, seed=seed, workers=workers, progress=progress)
+    predictor = Predictor(ckpt.net, ckpt.variables, "probability")
+    by_lines = []
+    for n, images in by_n.items():
+        metrics = evaluate_predictor(predictor, images, labels, threshold, info["class_names"])
+        if info.get("kinds") is not None and labels.ndim == 1:
+            metrics["by_kind"] = accuracy_by_kind(info["kinds"], labels, predictor.predict_batched(images), threshold)
+        by_lines.append({"lines": n, "metrics": metrics})
+    summary = {"kind": "classifier_evaluation", "checkpoint": str(checkpoint), "data": _without_kinds(info),
+               "split": None if split is None else str(split), "line_window_net": is_line_window(ckpt.metadata),
+               "lines": [r["lines"] for r in by_lines], "by_lines": by_lines}
+    kind = "line-window classifier" if summary["line_window_net"] else "full-frame classifier"
+    print(f"{kind} {checkpoint} on {', '.join(map(str, paths))}"
+          f"{'' if split is None else f' (the {labels.shape[0]} validation rows of {split})'}, "
+          f"rows 0..N-1 visible:")
+    print(format_lines_table(by_lines))
+    if out_json is not None:
+        _write_json(Path(out_json), summary)
+    return summary
+
+
+def format_lines_table(by_lines: Sequence[dict[str, Any]]) -> str:
+    """One row per visible-line count: the binary metrics at the threshold, or the macro AUC (multi-label)."""
+    out = []
+    for row in by_lines:
+        m = row["metrics"]
+        if "per_class" in m:
+            auc = m["macro_roc_auc"]
+            out.append(f"  lines={row['lines']:<3} n={m['n']:<6} macro auc={'n/a' if auc is None else f'{auc:.3f}'} "
+                       f"exact={m['exact_match']:.3f}")
+            continue
+        auc = "n/a" if m.get("roc_auc") is None else f"{m['roc_auc']:.3f}"
+        cm = m["confusion_matrix"]
+        out.append(f"  lines={row['lines']:<3} n={m['n']:<6} acc={m['accuracy']:.3f} prec={m['precision']:.3f} "
+                   f"rec={m['recall']:.3f} spec={m['specificity']:.3f} auc={auc} "
+                   f"(t={m['threshold']:.2f}; TN FP / FN TP = {cm[0][0]} {cm[0][1]} / {cm[1][0]} {cm[1][1]})")
+    return "\n".join(out)
 
 
 __all__ = [

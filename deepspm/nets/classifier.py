@@ -23,6 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from deepspm.nets.inference import Predictor, TraceCounter, as_image_batch
+from deepspm.nets.linewindow import mask_rows, random_truncation, seeded_line_counts
 from deepspm.nets.losses import l2_on_kernels, random_flips, weighted_sigmoid_cross_entropy
 from deepspm.nets.metrics import DEFAULT_THRESHOLD, binary_metrics, multilabel_metrics
 from deepspm.nets.model import NetDef, NetVars, apply_eval, apply_train
@@ -61,6 +62,10 @@ class ClassifierConfig:
     finetune_learning_rate: float | None = None
     patience: int = 0
     max_train: int | None = None  # use at most this many training images (a stratified, seeded subset)
+    # > 0: train a line-window net (`deepspm.nets.linewindow`): after the flips, each training image keeps its
+    # first n rows, n uniform in line_window_min_lines..64, the rest set to the unscanned fill; validation
+    # sees each image truncated to a seeded count from the same range (the same every epoch)
+    line_window_min_lines: int = 0
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP_CHOICES:
@@ -69,6 +74,8 @@ class ClassifierConfig:
             raise ValueError("freeze_epochs and patience must be >= 0")
         if self.max_train is not None and self.max_train < 1:
             raise ValueError(f"max_train must be >= 1, got {self.max_train}")
+        if self.line_window_min_lines < 0:
+            raise ValueError(f"line_window_min_lines must be >= 0, got {self.line_window_min_lines}")
 
 
 FEATURE_LAYERS = ("convs",)
@@ -166,6 +173,8 @@ def make_train_step(
         flip_key, dropout_key = jax.random.split(key)
         if config.flips:
             images = random_flips(images, flip_key)
+        if config.line_window_min_lines:  # after the flips: the scanned rows stay at the top
+            images = random_truncation(images, jax.random.fold_in(flip_key, 1), config.line_window_min_lines)
 
         def loss_of(params: Any) -> tuple[jax.Array, NetVars]:
             return classifier_loss(net, NetVars(params, variables.batch_stats), images, labels, dropout_key, config)
@@ -263,6 +272,8 @@ def train_classifier(
         raise ValueError(f"{batch.shape[0]} images but {labels.shape[0]} labels")
     if not np.all(np.isfinite(batch)):
         raise ValueError("images contain NaN or inf")
+    if config.line_window_min_lines > batch.shape[1]:
+        raise ValueError(f"line_window_min_lines {config.line_window_min_lines} exceeds the image side {batch.shape[1]}")
 
     train_idx, val_idx = stratified_split(labels, config.val_fraction, seed)
     if config.max_train is not None:
@@ -294,11 +305,16 @@ def train_classifier(
     predictor = Predictor(net, variables, "probability")
     shuffle_rng = np.random.default_rng([seed, 0x5A1F])
 
+    val_images = batch[val_idx]
+    if config.line_window_min_lines and val_idx.size:
+        counts = seeded_line_counts(val_idx.size, config.line_window_min_lines, batch.shape[1], seed)
+        val_images = mask_rows(val_images[..., 0], counts)[..., None]
+
     def validation_metrics(current: NetVars) -> dict[str, Any]:
         if val_idx.size == 0:
             return {}
         predictor.set_variables(current)
-        return evaluate(predictor, batch[val_idx], labels[val_idx], config.threshold, class_names,
+        return evaluate(predictor, val_images, labels[val_idx], config.threshold, class_names,
                         config.eval_batch_size)
 
     history: list[dict[str, Any]] = []
