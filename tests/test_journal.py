@@ -20,9 +20,7 @@ import numpy as np
 import pytest
 
 from deepspm.controller import journal as journal_module
-from deepspm.controller.runlock import RunDirInUse, RunDirLock
 from deepspm.controller.journal import (
-    time_spent_s,
     JOURNAL_FILE,
     SCHEMA_VERSION,
     Journal,
@@ -38,8 +36,10 @@ from deepspm.controller.journal import (
     load_state,
     read_journal,
     scan_journal,
+    time_spent_s,
     to_jsonable,
 )
+from deepspm.controller.runlock import RunDirInUse, RunDirLock
 
 
 class Colour(str, Enum):
@@ -203,7 +203,9 @@ async def test_a_stalled_disk_never_blocks_the_event_loop(tmp_path: Path) -> Non
     assert check_journal(read_journal(tmp_path), require_stop=True) == []
 
 
-async def test_a_failed_write_surfaces_in_flush_and_close_but_not_in_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failed_write_surfaces_in_flush_and_close_but_not_in_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     journal = new_journal(tmp_path)
     journal.start({})
 

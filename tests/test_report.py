@@ -22,18 +22,44 @@ import pytest
 
 from deepspm.controller.brain import ActionDecision
 from deepspm.controller.commands import (
-    ApproachRunning, Command, GrabFrame, MotorMove, ReadZ, Settle, StartApproach, StartScan, WaitScanEnd, Withdraw,
+    ApproachRunning,
+    Command,
+    GrabFrame,
+    MotorMove,
+    ReadZ,
+    Settle,
+    StartApproach,
+    StartScan,
+    WaitScanEnd,
+    Withdraw,
 )
 from deepspm.controller.config import load_config
 from deepspm.controller.documents import (
-    ActionChosen, Classification, Failure, Note, Reply, ResetActionChosen, SampleVerdict, Start, TransitionRecord,
+    ActionChosen,
+    Classification,
+    Failure,
+    Note,
+    Reply,
+    ResetActionChosen,
+    SampleVerdict,
+    Start,
+    TransitionRecord,
     ZCheck,
 )
 from deepspm.controller.executor import digest, result_to_record
 from deepspm.controller.journal import Journal, ManualClock, TornJournalWarning, read_journal
-from deepspm.controller.report import (
-    BAD, BAD_SAMPLE, CONTACT_LOST, CRASHED, GOOD, PLOT_FILES, UNJUDGED, read_history, write_report)
 from deepspm.controller.plans import action_command
+from deepspm.controller.report import (
+    BAD,
+    BAD_SAMPLE,
+    CONTACT_LOST,
+    CRASHED,
+    GOOD,
+    PLOT_FILES,
+    UNJUDGED,
+    read_history,
+    write_report,
+)
 from deepspm.controller.session import SimulatorOptions, run_session
 from deepspm.io.actions import N_ACTIONS
 from deepspm.io.instrument import Frame, ZState

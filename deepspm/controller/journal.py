@@ -594,7 +594,7 @@ class Journal:
                 raise JournalError("journal writing failed earlier") from self._failure
             try:
                 if self._file is None:
-                    self._file = open(self.path, "ab")
+                    self._file = open(self.path, "ab")  # noqa: SIM115  # held open across batches, closed by close()
                 self._file.write(b"".join(line for _, line in batch))
                 self._file.flush()
                 if self.fsync:

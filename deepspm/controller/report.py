@@ -32,16 +32,31 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.collections import PatchCollection
 from matplotlib.patches import Circle, Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from deepspm.controller.journal import JournalError, TornJournalWarning, load_frame
 from deepspm.controller.runfold import (
-    BAD, BAD_SAMPLE, CONTACT_LOST, CRASHED, DEFAULT_FRAME_SIZE_M, GOOD, OPEN, SUCCEEDED, TRUNCATED, UNJUDGED,
-    ClassifiedFrame, Episode, History, RunFold, ScannedRegion, TakenAction, read_fold,
+    BAD,
+    BAD_SAMPLE,
+    CONTACT_LOST,
+    CRASHED,
+    DEFAULT_FRAME_SIZE_M,
+    GOOD,
+    OPEN,
+    SUCCEEDED,
+    TRUNCATED,
+    UNJUDGED,
+    ClassifiedFrame,
+    Episode,
+    History,
+    RunFold,
+    ScannedRegion,
+    TakenAction,
+    read_fold,
 )
 from deepspm.controller.status import format_duration
 from deepspm.io.actions import ACTIONS, ActionKind
