@@ -206,12 +206,16 @@ def _bn_state(index: int, arr: Callable[[str], np.ndarray], name: str, tensor: C
     }
 
 
-def torch_forward(module: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """(B, 64, 64, 1) float32 numpy -> numpy outputs: the PyTorch counterpart of `Predictor.__call__`."""
+def torch_forward(module: Any, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """(B, 64, 64, 1) float32 numpy -> numpy outputs: the PyTorch counterpart of `Predictor.__call__`.
+
+    `device`: where `module` lives ("cpu", "cuda"); the batch is copied there and the outputs back (which
+    waits for the device), as a run hands numpy images in and reads numpy outputs."""
 
     def forward(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():  # a single input channel: NHWC and NCHW share one memory layout
-            return module(torch.from_numpy(batch).reshape(batch.shape[0], 1, *batch.shape[1:3])).numpy()
+            images = torch.from_numpy(batch).reshape(batch.shape[0], 1, *batch.shape[1:3]).to(device)
+            return module(images).cpu().numpy()
 
     return forward
 

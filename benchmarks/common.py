@@ -20,9 +20,9 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
             print("  " + "  ".join("-" * w for w in widths))
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     payload = {"machine": platform.platform(), "python": platform.python_version(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=float))
     return path

@@ -98,3 +98,65 @@ def test_controller_smoke() -> None:
     from deepspm.io.instrument import NanonisInstrument
 
     assert session.RunLoop is RunLoop and session.NanonisInstrument is NanonisInstrument
+
+
+# --- bench_gpu_serving: the serving form against a plain jit of apply_eval and PyTorch eager, per backend ------
+
+
+def test_gpu_serving_quick_run_writes_every_row(tmp_path) -> None:
+    import json
+
+    from benchmarks import bench_gpu_serving as bench
+
+    payload = bench.main(["--quick", "--out", str(tmp_path)])
+    rows = payload["rows"]
+    assert {(r["preset"], r["batch"]) for r in rows} == {(p, b) for p in ("tiny", "compact") for b in (1, 8)}
+    for r in rows:
+        assert not r["skipped"] and set(r["median_s"]) == set(bench.FORMS)
+        for form in bench.JAX_FORMS:  # every JAX form measured, reps samples each, the same function as the reference
+            assert len(r["samples_s"][form]) == 3 and 0 < r["best_s"][form] <= r["median_s"][form] < math.inf
+            assert r["max_abs_diff"][form] < 1e-4 * max(1.0, r["output_scale"])
+        assert r["max_abs_diff"]["plain"] == 0.0
+        if HAS_TORCH:
+            assert r["median_s"]["eager"] > 0 and r["max_abs_diff"]["eager"] < 1e-4 * max(1.0, r["output_scale"])
+        else:
+            assert r["median_s"]["eager"] is None and r["errors"]["eager"] == "torch not installed"
+        assert r["serving_over_plain"] == pytest.approx(r["median_s"]["serving"] / r["median_s"]["plain"])
+        timed = {f: t for f, t in r["median_s"].items() if t is not None}
+        assert r["fastest"] == min(timed, key=timed.get) and r["jax_pick"] in bench.JAX_FORMS
+    written = json.loads((tmp_path / "gpu_serving.json").read_text())
+    assert written["rows"] == json.loads(json.dumps(rows)) and written["backend"]["jax_backend"] == "cpu"
+    assert sum(len(presets) for by_form in written["picks_by_batch"].values() for presets in by_form.values()) == 4
+
+
+def test_gpu_serving_deadline_skips_rows_not_begun(tmp_path) -> None:
+    from benchmarks import bench_gpu_serving as bench
+
+    payload = bench.main(["--presets", "tiny", "--batches", "1,2", "--deadline", "1e-9", "--out", str(tmp_path)])
+    assert [(r["preset"], r["batch"], r["skipped"]) for r in payload["rows"]] == [("tiny", 1, "deadline"),
+                                                                                ("tiny", 2, "deadline")]
+    assert payload["picks_by_batch"] == {} and all(r["fastest"] is None for r in payload["rows"])
+
+
+def test_gpu_serving_picks_the_fastest_form() -> None:
+    from benchmarks.bench_gpu_serving import Row, picks_by_batch, table_rows
+
+    a = Row("a", 64, median_s={"serving": 4.0, "direct": 2.0, "plain": 2.5, "eager": 1.0})
+    b = Row("b", 64, median_s={"serving": 1.0, "direct": None, "plain": 3.0, "eager": None},
+            first_call_s=dict.fromkeys(("serving", "direct", "plain", "eager")), max_abs_diff={})
+    assert (a.fastest, a.jax_pick, a.ratio("serving", "plain")) == ("eager", "direct", 1.6)
+    assert (b.fastest, b.jax_pick, b.ratio("plain", "eager")) == ("serving", "serving", None)
+    assert picks_by_batch([a, b]) == {64: {"serving": ["b"], "direct": ["a"], "plain": []}}
+    (cells,) = table_rows([b])
+    assert cells[:6] == ("b", 64, "1e+03", "n/a", "3e+03", "n/a") and "n/a" in cells[-1]
+
+
+@pytest.mark.parametrize("argv", [["--batches", "0"], ["--batches", ","], ["--presets", "huge"], ["--reps", "-1"],
+                                  ["--deadline", "0"], ["--warmup", "x"]])
+def test_gpu_serving_refuses_bad_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_gpu_serving as bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
