@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from benchmarks import bench_controller, bench_nets, bench_sim
+from benchmarks import bench_controller, bench_linewindow, bench_nets, bench_sim
 from deepspm.nets.model import NetDef
 from deepspm.nets.presets import get_preset
 
@@ -160,3 +160,10 @@ def test_gpu_serving_refuses_bad_options(argv: list[str], capsys: pytest.Capture
         bench.main(argv)
     assert exit_info.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+def test_linewindow_smoke() -> None:
+    result = bench_linewindow.main(smoke=True)
+    assert [r["lines"] for r in result["rows"]] == list(bench_linewindow.LINE_COUNTS)
+    assert result["line_time_s"] == pytest.approx(0.1875)
+    assert all(r["judgements"] > 0 and 0 < r["total_median_s"] <= r["total_p95_s"] for r in result["rows"])
