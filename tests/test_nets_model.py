@@ -146,6 +146,7 @@ def test_winograd_runs_where_the_work_hides_its_transforms() -> None:
     assert serving.winograd_plan(WINOGRAD_SPEC) == (False, True)  # 1 -> 16 maps at 64 px: 1.2 MFLOP; 16 -> 64: 75
     assert serving.winograd_plan(get_preset("paper")) == (False,) + (True,) * 11
     assert not any(serving.winograd_plan(get_preset("compact")))
+    assert not any(serving.winograd_plan(get_preset("paper"), backend="gpu"))  # measured slower there
 
 
 def test_gemv_layout_holds_dense_kernels_transposed_and_only_serves_batch_one() -> None:

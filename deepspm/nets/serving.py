@@ -67,8 +67,12 @@ WINOGRAD_MIN_MFLOP = 32.0
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)  # kernel transform
 
 
-def winograd_plan(spec: NetSpec) -> tuple[bool, ...]:
-    """For each conv layer in order: whether it runs as Winograd (even side, >= WINOGRAD_MIN_MFLOP)."""
+def winograd_plan(spec: NetSpec, backend: str | None = None) -> tuple[bool, ...]:
+    """For each conv layer in order: whether it runs as Winograd (even side, >= WINOGRAD_MIN_MFLOP). Only on the
+    CPU backend (`backend`, default JAX's): on a GPU the direct convs won at every preset and batch (one H200,
+    docs/decisions.md), while folded BN and the per-batch dense layout still help there."""
+    if (backend or jax.default_backend()) != "cpu":
+        return tuple(False for _ in spec.conv_shapes())
     return tuple(side % 2 == 0 and 2 * side * side * 9 * maps_in * maps_out / 1e6 >= WINOGRAD_MIN_MFLOP
                  for side, maps_in, maps_out in spec.conv_shapes())
 
