@@ -200,6 +200,7 @@ class Classification(Decision):
     episode_truncated: bool = False
     episode_actions: int = 0
     labels: list[list[Any]] = field(default_factory=list)  # [frame ref, good image?] decided by this frame
+    sxm: str | None = None  # the frame's .sxm file, relative to the run directory (written by the engine)
 
 
 @dataclass(frozen=True)

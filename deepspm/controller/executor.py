@@ -75,6 +75,7 @@ class Executor:
         self.journal = journal
         self.sleep = sleep
         self.last_frame_ref: str | None = None  # the content hash of the last frame saved
+        self.last_reply_seq: int | None = None
 
     async def execute(self, command: Command) -> Any:
         seq = self.journal.write(command)
@@ -100,6 +101,6 @@ class Executor:
         if ref is not None:
             self.last_frame_ref = ref
         record = result_to_record(result, ref)
-        self.journal.write(Reply(of=seq, op=command.op, result=record, digest=digest(record)))
+        self.last_reply_seq = self.journal.write(Reply(of=seq, op=command.op, result=record, digest=digest(record)))
         return result
 

@@ -11,6 +11,7 @@ before the error leaves the loop, and the journal's stop record is written from 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any, Awaitable, Callable
 
 import structlog
@@ -21,6 +22,7 @@ from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import Classification, Document, Note, OperatorRequestRecord, TransitionRecord
 from deepspm.controller.executor import Executor, JournalSink
 from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned
+from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.plans import RunCounters, RunFailed, RunState, plan_for
 from deepspm.controller.runcontrol import OperatorRequest, RunControl
 from deepspm.fsm.machine import RunModel, build_machine
@@ -50,8 +52,10 @@ class RunLoop:
         control: RunControl | None = None,
         progress: Callable[["RunLoop"], None] | None = None,
         time_spent_s: float = 0.0,
+        outputs: SxmOutput | None = None,
     ) -> None:
-        """`time_spent_s`: run time of the processes before a resume, which the time budget counts too."""
+        """`time_spent_s`: run time of the processes before a resume, which the time budget counts too.
+        `outputs`: files for people (.sxm frames), written live only."""
         self.config = config
         self.journal = journal
         self.brain = brain
@@ -64,6 +68,7 @@ class RunLoop:
         self._monotonic = monotonic or asyncio.get_running_loop().time
         self._started = self._monotonic() - time_spent_s
         self._consecutive_faults = 0
+        self.outputs = outputs
 
     @property
     def state(self) -> State:
@@ -183,11 +188,15 @@ class RunLoop:
         if isinstance(message, Command):
             result = await self.executor.execute(message)
             if isinstance(result, Frame):  # saved by the executor; the plan gets it with its journal reference
-                ref = self.executor.last_frame_ref
-                if ref is None:
+                ref, seq = self.executor.last_frame_ref, self.executor.last_reply_seq
+                if ref is None or seq is None:
                     raise RuntimeError("a grabbed frame was not saved")
+                if self.outputs is not None and not self.journal.replaying:
+                    await self.outputs.grabbed(result, ref, seq)
                 return Scanned(result, ref)
             return result
+        if isinstance(message, Classification) and self.outputs is not None and not self.journal.replaying:
+            message = dataclasses.replace(message, sxm=await self.outputs.judged(message))
         if isinstance(message, Document):
             self.journal.write(message)
             if isinstance(message, Classification) and self._progress is not None:

@@ -261,6 +261,10 @@ class ReplayBrain:
     _pos: int = 0
 
     def _next(self, kind: type[Classification] | type[ActionChosen]) -> Entry | None:
+        # an interleaved evaluation's random episodes chose without the nets: nothing to answer there
+        while (self._pos < len(self.decisions) and isinstance(self.decisions[self._pos].doc, ActionChosen)
+               and self.decisions[self._pos].doc.agent == "random"):
+            self._pos += 1
         if self._pos >= len(self.decisions):
             return None
         entry = self.decisions[self._pos]

@@ -28,6 +28,7 @@ from deepspm.controller.config import RunConfig, config_from_dict, config_to_dic
 from deepspm.controller.documents import Start, record_of
 from deepspm.controller.journal import JOURNAL_FILE, Journal, RunClock, check_schema, load_frame, scan_journal
 from deepspm.controller.loop import RunLoop
+from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.runcontrol import RunControl
 from deepspm.controller.runfold import Relived, RunFold, fold_records
 from deepspm.controller.runlock import RunDirLock
@@ -312,7 +313,8 @@ async def _locked_session(
                         "piezo_range_m": [r.x_m, r.y_m, r.z_m],
                     }))
                     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
-                                   progress=progress, sleep=sleep, monotonic=monotonic)
+                                   progress=progress, sleep=sleep, monotonic=monotonic,
+                                   outputs=SxmOutput(run_dir, run_dir.name, cfg))
                 else:
                     loop = _fast_forward_loop(recorded, run_dir, instrument, journal, brain, cfg, control, progress,
                                               sleep, monotonic)
@@ -381,6 +383,7 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
         control=ReplayControl(replay_journal, relived, live=control),
         progress=progress, sleep=sleep, monotonic=monotonic,
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
+        outputs=SxmOutput(run_dir, recorded.run_id or run_dir.name, cfg),
     )
 
 
