@@ -31,6 +31,7 @@ than PyTorch eager; `compact` >= 20x faster than `paper`.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -300,7 +301,7 @@ def measure_machine(smoke: bool, probes: StreamProbes) -> MachineRates:
     size = probes.nbytes
     src = np.ones(size // 4, np.float32)
     dst = np.empty_like(src)
-    rates.bytes_per_s["numpy copy (read+write)"] = 2 * size / best_seconds(lambda: np.copyto(dst, src), reps)
+    rates.bytes_per_s["numpy copy (read+write)"] = 2 * size / best_seconds(functools.partial(np.copyto, dst, src), reps)
     del dst
     jsrc = jnp.asarray(src)
     total = jax.jit(jnp.sum)
@@ -404,7 +405,8 @@ def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: Machine
         start_floor = roofline_floor(layers, batch, rates.compute_flops, rates.bandwidth_bytes)
         row = LatencyRow(name, batch, batch * sum(layer.flops for layer in layers) / 1e9, nbytes / 1e6,
                          start_floor.layered_s, start_floor.overlapped_s, start_floor.bound, jax_s=math.nan)
-        calls: dict[str, Callable[[], Any]] = {"jax": lambda: predictor(images)}
+        # partials bind this batch's arrays
+        calls: dict[str, Callable[[], Any]] = {"jax": functools.partial(predictor, images)}
         if module is not None:
             forward = torch_forward(module)
             reference = predictor(images)
@@ -412,7 +414,7 @@ def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: Machine
             scale = float(np.max(np.abs(reference))) + 1e-6
             if row.max_abs_diff > 1e-3 * scale:
                 print(f"WARNING {name}: PyTorch and JAX outputs differ by {row.max_abs_diff:.3g} (scale {scale:.3g})")
-            calls["eager"] = lambda: forward(images)
+            calls["eager"] = functools.partial(forward, images)
             if compiled is not None and compile_spent > COMPILE_BUDGET_S:
                 row.compiled_note = f"n/a (an earlier compile took {compile_spent:.0f} s)"
             elif compiled is not None:
@@ -422,7 +424,7 @@ def bench_preset(preset: NetSpec | str, batches: tuple[int, ...], rates: Machine
                     compiled_forward(images)
                     row.compile_s = time.perf_counter() - start
                     compile_spent = max(compile_spent, row.compile_s)
-                    calls["compiled"] = lambda: compiled_forward(images)
+                    calls["compiled"] = functools.partial(compiled_forward, images)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure reads "n/a"
                     row.compiled_note = f"n/a ({type(exc).__name__})"
             elif not with_compile:
@@ -563,7 +565,8 @@ def main(smoke: bool = False, presets: tuple[NetSpec | str, ...] | None = None) 
         "machine_flops": rates.flops, "machine_bytes_per_s": rates.bytes_per_s,
         "compute_flops": rates.compute_flops, "bandwidth_bytes_per_s": rates.bandwidth_bytes,
         "torch": None if torch is None else torch.__version__, "jax": jax.__version__,
-        "latency": [asdict(r) for r in rows], "goals": [dict(zip(("measure", "goal", "medians", "best_rounds"), g)) for g in goals],
+        "latency": [asdict(r) for r in rows],
+        "goals": [dict(zip(("measure", "goal", "medians", "best_rounds"), g)) for g in goals],
         "dqn": [asdict(d) for d in dqn],
     }
     if not smoke:

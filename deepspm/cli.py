@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deepspm.controller import validate as check
 
@@ -58,7 +59,6 @@ def _run(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from deepspm.controller.diagnostics import configure_logging
     from deepspm.simulator.fake_nanonis import serve_forever
-
     from deepspm.simulator.microscope import SimConfig
 
     configure_logging("info")
@@ -171,8 +171,8 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
 
 
 def _train_agent(args: argparse.Namespace) -> int:
-    from deepspm.controller.session import checkpoint_path
     from deepspm.controller.agent_sim import train_agent_sim
+    from deepspm.controller.session import checkpoint_path
 
     classifier = args.classifier or checkpoint_path("shipped", "classifier")
     train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
@@ -180,8 +180,8 @@ def _train_agent(args: argparse.Namespace) -> int:
 
 
 def _evaluate_agent(args: argparse.Namespace) -> int:
-    from deepspm.controller.session import checkpoint_path
     from deepspm.controller.agent_sim import evaluate_agent_sim
+    from deepspm.controller.session import checkpoint_path
 
     agent = args.checkpoint or checkpoint_path("shipped", "agent")
     classifier = args.classifier or checkpoint_path("shipped", "classifier")

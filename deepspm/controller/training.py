@@ -1,7 +1,7 @@
 """Training and evaluation workflows: the functions behind `deepspm dataset|train|evaluate`.
 
-They compose the simulator (synthetic data), the controller's pre-processing and the nets. Every argument is a plain keyword with a
-default where one makes sense, so the CLI maps options onto them one to one; every function prints a short
+They compose the simulator (synthetic data), the controller's pre-processing and the nets. Every argument is a plain keyword
+with a default where one makes sense, so the CLI maps options onto them one to one; every function prints a short
 summary, shows a tqdm progress bar (`progress=False` silences it) and returns a JSON-able dict.
 
 Data (`load_labelled`): a folder in the original DeepSPM layout (`good/`, `bad/` with raw heights in
