@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -50,7 +51,7 @@ class RunLoop:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] | None = None,
         control: RunControl | None = None,
-        progress: Callable[["RunLoop"], None] | None = None,
+        progress: Callable[[RunLoop], None] | None = None,
         time_spent_s: float = 0.0,
         outputs: SxmOutput | None = None,
     ) -> None:

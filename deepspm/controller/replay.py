@@ -17,20 +17,29 @@ duplicate. A command the journal has no outcome for (the run was killed during i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from deepspm.controller.brain import ActionDecision, Brain
 from deepspm.controller.documents import (
-    ActionChosen, Classification, Entry, Failure, OperatorRequestRecord, Reply, Written, record_kind, record_of,
+    ActionChosen,
+    Classification,
+    Entry,
+    Failure,
+    OperatorRequestRecord,
+    Reply,
+    Written,
+    record_kind,
+    record_of,
 )
 from deepspm.controller.executor import digest, result_from_record
 from deepspm.controller.journal import Journal, frame_ref
-from deepspm.controller.runfold import RecordedCall, Relived, fold_records
 from deepspm.controller.runcontrol import OperatorRequest, RequestKind, RequestSource, RunControl
+from deepspm.controller.runfold import RecordedCall, Relived, fold_records
 from deepspm.io import errors as io_errors
 from deepspm.io import instrument as io_instrument
 from deepspm.io.errors import Interrupted

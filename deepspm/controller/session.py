@@ -16,9 +16,10 @@ import importlib.metadata
 import platform
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import structlog
@@ -33,14 +34,14 @@ from deepspm.controller.runcontrol import RunControl
 from deepspm.controller.runfold import Relived, RunFold, fold_records
 from deepspm.controller.runlock import RunDirLock
 from deepspm.fsm.table import table_as_records, table_hash
+from deepspm.io.actions import N_ACTIONS
 from deepspm.io.client import NanonisClient
 from deepspm.io.commands import Release
 from deepspm.io.connection import NanonisConnection
 from deepspm.io.instrument import NanonisInstrument
 from deepspm.io.safety import SafetyEnvelope
-from deepspm.nets.checkpoints import load_net
-from deepspm.io.actions import N_ACTIONS
 from deepspm.nets.checkpoint_info import CheckpointError
+from deepspm.nets.checkpoints import load_net
 from deepspm.nets.dqn import DQNConfig, Learner, agent_from_classifier
 from deepspm.nets.inference import Predictor
 
