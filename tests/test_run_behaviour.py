@@ -11,6 +11,7 @@ import pytest
 
 from deepspm.cli import main
 from deepspm.controller.journal import read_journal
+from deepspm.controller.report import write_report
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,3 +99,11 @@ def test_interleaved_evaluation_alternates_agent_and_random_episodes(tmp_path: P
     assert len(policies) >= 3, policies
     assert all(p == {"random" if n % 2 == 0 else "agent"} for n, p in policies.items()), policies
     assert main(["replay", str(tmp_path / "run")]) == 0
+    summary = write_report(tmp_path / "run", tmp_path / "report")  # both distributions, side by side
+    comparison = summary.interleaved
+    assert comparison is not None and comparison["agent"]["episodes"] >= 1 and comparison["random"]["episodes"] >= 1
+    low, high = comparison["ratio_ci95"]
+    assert low <= comparison["ratio_mean"] <= high
+    assert (tmp_path / "report" / "agent_vs_random.png").stat().st_size > 0
+    labels = [label for r in records if r["kind"] == "decision" and r["decision"] == "classify" for label in r["labels"]]
+    assert summary.good_images + summary.not_good_images == len(labels) > 0  # the episode logic's labels, journaled

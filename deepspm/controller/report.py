@@ -38,6 +38,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from deepspm.controller.compare import bootstrap_ratio
 from deepspm.controller.journal import JournalError, TornJournalWarning, load_frame
 from deepspm.controller.runfold import (
     BAD,
@@ -68,6 +69,7 @@ MAX_AREA_PANELS = 12  # the latest approach areas; older ones are left out (and 
 DPI = 110
 
 PLOT_FILES = ("approach_areas.png", "p_good.png", "actions_per_episode.png", "frames_montage.png")
+INTERLEAVED_PLOT = "agent_vs_random.png"  # only for an interleaved evaluation
 
 VERDICT_COLOURS = {
     GOOD: "#2ca02c",
@@ -155,6 +157,9 @@ class ReportSummary:
     crash_recoveries: int
     failures: int  # "failure" records: command timeouts, disconnects, error replies
     resumes: int
+    good_images: int  # "good image" labels decided by the episode logic
+    not_good_images: int
+    interleaved: dict[str, Any] | None  # agent versus random episodes (run --evaluate-interleaved), else None
     uptime_s: float  # wall time from the first to the last record
     started_wall: float | None
     ended_wall: float | None
@@ -191,6 +196,9 @@ def summarise(history: RunHistory) -> ReportSummary:
         reset_actions=h.reset_actions,
         mean_actions_per_episode=h.mean_actions_per_episode(),
         mean_actions_per_successful_episode=h.mean_actions_per_successful_episode(),
+        good_images=h.good_images,
+        not_good_images=h.not_good_images,
+        interleaved=interleaved_comparison(history),
         moves=h.moves,
         approach_areas=h.area if h.records else 0,
         contact_recoveries=h.recoveries["contact"],
@@ -203,6 +211,58 @@ def summarise(history: RunHistory) -> ReportSummary:
         records=h.records,
         torn_tail_bytes=history.torn_tail_bytes,
     )
+
+
+def interleaved_comparison(history: RunHistory) -> dict[str, Any] | None:
+    """Actions per ended episode of the agent and of uniform random choice (an interleaved evaluation), their means
+    and the ratio of means with a 95 % bootstrap interval; None when the run had no random episode."""
+    lengths: dict[str, list[int]] = {"agent": [], "random": []}
+    for e in history.episodes.values():
+        if e.outcome != OPEN and e.actions > 0:
+            lengths[e.policy].append(e.actions)
+    if not lengths["random"]:
+        return None
+    out: dict[str, Any] = {name: {"episodes": len(v), "mean": float(np.mean(v)) if v else None, "lengths": v}
+                           for name, v in lengths.items()}
+    if lengths["agent"]:
+        a, r = np.array(lengths["agent"], float), np.array(lengths["random"], float)
+        out["ratio_mean"] = float(a.mean() / r.mean())
+        out["ratio_ci95"] = list(bootstrap_ratio(a, r, seed=0))
+    return out
+
+
+def _interleaved_rows(c: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if c is None:
+        return []
+    def mean(name: str) -> str:
+        return "–" if c[name]["mean"] is None else f"{c[name]['mean']:.2f}"
+    rows = [("interleaved: actions per episode, agent / random",
+             f"{mean('agent')} ({c['agent']['episodes']} episodes) / {mean('random')} ({c['random']['episodes']})")]
+    if "ratio_mean" in c:
+        low, high = c["ratio_ci95"]
+        rows.append(("interleaved: agent / random, mean (95 % CI)", f"{c['ratio_mean']:.2f} ({low:.2f}-{high:.2f})"))
+    return rows
+
+
+def plot_agent_vs_random(comparison: dict[str, Any], run_id: str, path: Path) -> Path:
+    """The two distributions of actions per episode side by side (interleaved evaluation)."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    data = [comparison[name]["lengths"] or [np.nan] for name in ("agent", "random")]
+    ax.boxplot(data, tick_labels=[f"agent ({comparison['agent']['episodes']})",
+                                  f"random ({comparison['random']['episodes']})"], showmeans=True)
+    for i, values in enumerate(data, start=1):
+        jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(len(values))
+        ax.scatter(i + jitter, values, s=12, alpha=0.6, color="#1f77b4" if i == 1 else "#aec7e8", zorder=3)
+    title = f"Actions per episode, agent versus random, run {run_id}"
+    if "ratio_mean" in comparison:
+        low, high = comparison["ratio_ci95"]
+        title += f"\nratio of means {comparison['ratio_mean']:.2f} (95 % CI {low:.2f}-{high:.2f})"
+    ax.set_title(title, fontsize=11)
+    ax.set_ylabel("conditioning actions per ended episode")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, axis="y", lw=0.3, alpha=0.5)
+    return _save(fig, path)
 
 
 def summary_rows(s: ReportSummary) -> list[tuple[str, str]]:
@@ -229,6 +289,8 @@ def summary_rows(s: ReportSummary) -> list[tuple[str, str]]:
         ("mean actions per ended episode", num(s.mean_actions_per_episode)),
         ("mean actions per successful episode", num(s.mean_actions_per_successful_episode)),
         ("reset actions (training)", str(s.reset_actions)),
+        ("good images (labels decided)", f"{s.good_images} of {s.good_images + s.not_good_images}"),
+        *_interleaved_rows(s.interleaved),
         ("approach-area moves", f"{s.moves} ({s.approach_areas} areas)"),
         ("recoveries: contact lost / crash", f"{s.recoveries} ({s.contact_recoveries} / {s.crash_recoveries})"),
         ("command failures (timeouts, disconnects, errors)", str(s.failures)),
@@ -571,6 +633,7 @@ def plot_frames_montage(history: RunHistory, run_dir: Path, path: Path, per_row:
 
 
 PLOT_CAPTIONS = {
+    INTERLEAVED_PLOT: "Interleaved evaluation: actions per ended episode of the agent and of uniform random choice",
     "approach_areas.png": "Approach areas: scanned regions by verdict, forbidden circles and action sites.",
     "p_good.png": "p(good) of every classified frame; conditioning episodes shaded.",
     "actions_per_episode.png": "Conditioning actions per episode (agent vs random picks) and their distribution.",
@@ -617,7 +680,11 @@ def write_report(run_dir: Path, out_dir: Path) -> ReportSummary:
     plot_p_good(history, out_dir / "p_good.png")
     plot_actions_per_episode(history, out_dir / "actions_per_episode.png")
     plot_frames_montage(history, run_dir, out_dir / "frames_montage.png")
-    data = {**dataclasses.asdict(summary), "recoveries": summary.recoveries, "plots": list(PLOT_FILES)}
+    plots = list(PLOT_FILES)
+    if summary.interleaved is not None:
+        plot_agent_vs_random(summary.interleaved, summary.run_id, out_dir / INTERLEAVED_PLOT)
+        plots.append(INTERLEAVED_PLOT)
+    data = {**dataclasses.asdict(summary), "recoveries": summary.recoveries, "plots": plots}
     (out_dir / "summary.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    (out_dir / "index.html").write_text(render_html(summary, list(PLOT_FILES)), encoding="utf-8")
+    (out_dir / "index.html").write_text(render_html(summary, plots), encoding="utf-8")
     return summary

@@ -88,6 +88,7 @@ class Episode:
     outcome: str = OPEN
     agent_actions: int = 0
     random_actions: int = 0
+    policy: str = "agent"  # "random" for an interleaved evaluation's uniformly random episode
 
     @property
     def actions(self) -> int:
@@ -220,6 +221,8 @@ class RunFold:
     agent_actions: int = 0  # conditioning actions (ActionChosen), greedy and random picks
     random_actions: int = 0
     reset_actions: int = 0
+    good_images: int = 0  # "good image" labels the episode logic decided (reference 1.1 step 10)
+    not_good_images: int = 0
     moves: int = 0
     area: int = 1
     failures: int = 0
@@ -399,6 +402,9 @@ class RunFold:
 
     def _classify(self, e: Entry, c: Classification) -> None:
         self.frames_classified += 1
+        for _, good_image in c.labels:
+            self.good_images += bool(good_image)
+            self.not_good_images += not good_image
         self.good_frames += c.good
         self.bad_probe_count = c.bad_probe_count
         self.in_episode = c.in_episode
@@ -432,6 +438,8 @@ class RunFold:
         else:
             self.agent_actions += 1
         if self._episode_open and self.episode is not None:
+            if a.agent == "random":
+                self.episode.policy = "random"
             if a.explored:
                 self.episode.random_actions += 1
             else:
