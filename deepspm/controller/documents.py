@@ -47,9 +47,12 @@ class Document:
                 if not (f.default is None and getattr(self, f.name) is None)}
 
     @classmethod
-    def from_record(cls, data: dict[str, Any]) -> Document:
+    def from_record(cls, data: dict[str, Any]) -> typing.Self:
         """The document of a record's fields (header keys removed); ValueError naming the problem."""
-        return _build(cls, data, f"a {cls.kind} record")
+        doc = _build(cls, data, f"a {cls.kind} record")
+        if not isinstance(doc, cls):
+            raise TypeError(f"built a {type(doc).__name__} for a {cls.__name__} record")
+        return doc
 
 
 # -- run bracket --------------------------------------------------------------------------------------------------
@@ -344,10 +347,10 @@ def _document(kind: Any, data: dict[str, Any], schema: int) -> Written:
         args = {k: v for k, v in data.items() if k != "op"}
         if schema == 1 and op in LEGACY_OPS:
             return LegacyCommand(str(op), args)
-        cls = COMMANDS.get(op) if isinstance(op, str) else None
-        if cls is None:
+        command_cls = COMMANDS.get(op) if isinstance(op, str) else None
+        if command_cls is None:
             raise ValueError(f"a command record with the unknown op {op!r}")
-        return _build(cls, args, f"a {op} command")
+        return _build(command_cls, args, f"a {op} command")
     if kind == "decision":
         name = data.get("decision")
         args = {k: v for k, v in data.items() if k != "decision"}

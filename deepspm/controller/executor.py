@@ -21,7 +21,10 @@ from deepspm.io.instrument import Frame, Instrument, ZState
 
 
 class JournalSink(Protocol):
-    replaying: bool  # True while a resume or replay re-lives recorded records (no live time passes)
+    @property
+    def replaying(self) -> bool:
+        """True while a resume or replay re-lives recorded records (no live time passes)."""
+        ...
 
     def write(self, doc: Written) -> int: ...
     async def flush(self) -> None: ...

@@ -517,14 +517,16 @@ class Journal:
 
         if self._started:
             raise JournalError("the journal already has a start record")
-        if not isinstance(record, Start):
+        if isinstance(record, Start):
+            start = record
+        else:
             self._check_data(record)
             try:
-                record = Start.from_record({"schema": SCHEMA_VERSION, **record})
+                start = Start.from_record({"schema": SCHEMA_VERSION, **record})
             except ValueError as e:
                 raise ValueError(f"start record: {e}") from None
         self._started = True
-        return self._enqueue(START, record.to_record())
+        return self._enqueue(START, start.to_record())
 
     def write(self, doc: Written) -> int:
         """Enqueue a typed document (a decision, note, transition, operator request, command, reply or

@@ -271,8 +271,10 @@ class ReplayBrain:
 
     def _next(self, kind: type[Classification] | type[ActionChosen]) -> Entry | None:
         # an interleaved evaluation's random episodes chose without the nets: nothing to answer there
-        while (self._pos < len(self.decisions) and isinstance(self.decisions[self._pos].doc, ActionChosen)
-               and self.decisions[self._pos].doc.agent == "random"):
+        while self._pos < len(self.decisions):
+            doc = self.decisions[self._pos].doc
+            if not (isinstance(doc, ActionChosen) and doc.agent == "random"):
+                break
             self._pos += 1
         if self._pos >= len(self.decisions):
             return None

@@ -306,6 +306,13 @@ def _nm(x_m: float) -> float:
     return x_m * 1e9
 
 
+def _site_nm(a: TakenAction) -> tuple[float, float]:
+    """An action's site in nm (the maps draw only actions whose site the journal names)."""
+    if a.x_m is None or a.y_m is None:
+        raise ValueError(f"the action at seq {a.seq} has no known site")
+    return _nm(a.x_m), _nm(a.y_m)
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, format="png")
     return path
@@ -362,7 +369,7 @@ def _draw_area(ax: Axes, history: RunHistory, area: int) -> None:
                       if r.verdict == BAD_SAMPLE and r.radius_m > 0]
     ax.add_collection(PatchCollection(sample_circles, fc=VERDICT_COLOURS[BAD_SAMPLE], alpha=0.12,
                                       ec=VERDICT_COLOURS[BAD_SAMPLE], lw=0.8, ls="--"))
-    action_circles = [Circle((_nm(a.x_m), _nm(a.y_m)), _nm(ACTIONS[a.action].forbidden_radius_m)) for a in actions]
+    action_circles = [Circle(_site_nm(a), _nm(ACTIONS[a.action].forbidden_radius_m)) for a in actions]
     ax.add_collection(PatchCollection(action_circles, fc="none", lw=0.7, alpha=0.6,
                                       ec=[KIND_COLOURS[ACTIONS[a.action].kind] for a in actions]))
     # scans in journal order, so a later verdict on the same region is drawn on top; a discarded scan
@@ -375,8 +382,8 @@ def _draw_area(ax: Axes, history: RunHistory, area: int) -> None:
             ax.add_patch(_scan_patch(r))
     for index in sorted({a.action for a in actions}):
         marker, colour = _action_marker(index)
-        xs = [_nm(a.x_m) for a in actions if a.action == index]
-        ys = [_nm(a.y_m) for a in actions if a.action == index]
+        xs = [_site_nm(a)[0] for a in actions if a.action == index]
+        ys = [_site_nm(a)[1] for a in actions if a.action == index]
         ax.scatter(xs, ys, marker=marker, s=30, c=colour, edgecolors="white", linewidths=0.5, zorder=7)
     counts = {v: sum(r.verdict == v for r in regions) for v in (GOOD, BAD, BAD_SAMPLE)}
     ax.set_title(f"area {area}: {len(regions)} scans ({counts[GOOD]} good, {counts[BAD]} bad probe, "
@@ -404,8 +411,8 @@ def _frame_view(ax: Axes, regions: list[ScannedRegion], actions: list[TakenActio
                 half_range_nm: tuple[float, float]) -> bool:
     """Zoom onto what happened (a short run fills a small part of an 850 nm range), never beyond the piezo
     range; the square view keeps circles round. Returns whether the view shows less than the whole range."""
-    xs = [_nm(r.x_m) for r in regions] + [_nm(a.x_m) for a in actions]
-    ys = [_nm(r.y_m) for r in regions] + [_nm(a.y_m) for a in actions]
+    xs = [_nm(r.x_m) for r in regions] + [_site_nm(a)[0] for a in actions]
+    ys = [_nm(r.y_m) for r in regions] + [_site_nm(a)[1] for a in actions]
     rx, ry = half_range_nm
     whole = max(rx, ry) * 1.05
     half = whole
@@ -516,7 +523,8 @@ def _elapsed_axis(ax: Axes, index: np.ndarray, t_wall: np.ndarray) -> None:
     unit, scale = _time_unit(float(elapsed[-1]))
     # strictly increasing copies, so both directions interpolate
     t = elapsed / scale + np.arange(len(elapsed)) * 1e-12
-    top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, index, t), lambda v: np.interp(v, t, index)))
+    top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(np.asarray(x, float), index, t),
+                                               lambda v: np.interp(np.asarray(v, float), t, index)))
     top.set_xlabel(f"wall time since the first frame ({unit})")
 
 
@@ -581,12 +589,13 @@ def plot_actions_per_episode(history: RunHistory, path: Path) -> Path:
 def _display_image(data_m: np.ndarray) -> np.ndarray:
     """Height minus its least-squares plane, in picometres (NaN lines of an incomplete scan kept as NaN)."""
     z = np.asarray(data_m, dtype=float)
-    rows, cols = np.indices(z.shape)
+    grid = np.indices(z.shape)
+    rows, cols = grid[0], grid[1]
     ok = np.isfinite(z)
     if ok.sum() < 3:
         return np.full(z.shape, np.nan)
     design = np.column_stack([rows[ok], cols[ok], np.ones(ok.sum())])
-    coef, *_ = np.linalg.lstsq(design, z[ok], rcond=None)
+    coef = np.linalg.lstsq(design, z[ok], rcond=None)[0]
     return (z - (coef[0] * rows + coef[1] * cols + coef[2])) * 1e12
 
 
