@@ -91,6 +91,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deepspm.controller.webapp import serve_command
+
+    return serve_command(args.run_dirs, label=args.label, host=args.host, port=args.port, order=args.order)
+
+
 def _status(args: argparse.Namespace) -> int:
     from deepspm.controller.status import follow, status_text
 
@@ -276,6 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=check.journaled_run, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
     report.add_argument("--out", type=check.output_dir, required=True, metavar="DIR", help="where to write the PNGs and index.html")
     report.set_defaults(func=_report)
+
+    serve = sub.add_parser(
+        "serve", help="a live web page of runs (frames, plots, pause/stop), or a labelling page",
+        description="A local web app that only reads the run directories: the run's state, newest frames, the "
+                    "report's plots, updated live, and Pause/Resume/Stop buttons (through RUN_DIR/PAUSE and STOP, "
+                    "journaled as operator requests). --label serves a page to label frames by keyboard. A random "
+                    "token is printed in the URL; writes need it, and every page does off loopback.")
+    serve.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR",
+                       help="run directories to show (default: every run under ./runs)")
+    serve.add_argument("--label", type=Path, metavar="DATASET_OR_RUN_DIR",
+                       help="serve the labelling page for a run directory or an imported .sxm set instead; labels "
+                            "go to its labels.csv (file,class) and labelled/good|bad/")
+    serve.add_argument("--order", choices=("uncertainty", "time"), default="uncertainty",
+                       help="labelling order: p(good) nearest the classifier's threshold first (default; time order "
+                            "when p(good) is unknown), or recording time")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1, this machine only; another address makes every "
+                            "page need the token)")
+    serve.add_argument("--port", type=check.int_range(0, 65535), default=8765,
+                       help="TCP port (default 8765; 0 picks a free one)")
+    serve.set_defaults(func=_serve)
 
     status = sub.add_parser("status", help="the state of a (running) run, read from its journal",
                             description="Show a run's state, counters and last frame from its journal; usable over SSH.")
