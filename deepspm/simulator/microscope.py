@@ -777,6 +777,11 @@ class SimulatedMicroscope:
         self._check_contact(now)
         return max(self._z_high - z, 0.0) / self.config.withdraw_rate_m_per_s
 
+    def withdrawn(self) -> bool:
+        """Ground truth for audits: the z-controller is off, no approach runs, and the tip is held at (or on its
+        way to) the top of the z range. Reads state only: no time passes, no random number is drawn."""
+        return not self._z_on and self._approach is None and self._z_hold_m >= self._z_high - 1e-12
+
     def home_props(self) -> tuple[bool, float]:
         """(relative, z_m)."""
         return self._home

@@ -194,6 +194,9 @@ class FakeNanonisServer:
         self.version = version or (DEFAULT_PRODUCT, DEFAULT_VERSION_NAME, int(release), int(release))
         self.record = record
         self.refuse_connections = False
+        # called with every framed request as it arrives (before its faults act or its handler runs), even
+        # with record=False: for audits that watch a long run without keeping its log
+        self.on_request: Callable[[LoggedRequest], None] | None = None
 
         self.requests: list[LoggedRequest] = []
         self.replies: list[LoggedReply] = []
@@ -466,6 +469,8 @@ class FakeNanonisServer:
                                 error, self._faults.take(key, call, self._request_count))
         if self.record:
             self.requests.append(request)
+        if self.on_request is not None:
+            self.on_request(request)
         return _Pending(request, spec, unsupported)
 
     async def _process_loop(self, conn: _Connection) -> str:
