@@ -706,10 +706,7 @@ async def serve(app: web.Application, host: str, port: int, *, ready: Callable[[
             await site.start()
         except OSError as e:
             raise ServeError("--port", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        bound = port
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            bound = server.sockets[0].getsockname()[1]
+        bound = int(runner.addresses[0][1]) if runner.addresses else port  # --port 0: the one picked
         url = url_of(host, bound, app[TOKEN_KEY])
         (ready or print)(url)
         await (until.wait() if until is not None else asyncio.Event().wait())
