@@ -43,11 +43,11 @@ def workspace(tmp_path_factory) -> Path:
     (w / "notes.toml").write_text("this is [not toml\n")
     run = w / "run"
     run.mkdir()
-    (run / "journal.jsonl").write_text(json.dumps({"kind": "start", "run_id": "run", "config": {}}) + "\n")
+    (run / "journal.jsonl").write_text(json.dumps({"kind": "start", "schema": 2, "run_id": "run", "config": {}}) + "\n")
     failed = w / "failed"  # what a run that could not connect leaves: a start record and a stop record
     failed.mkdir()
     (failed / "journal.jsonl").write_text(
-        json.dumps({"kind": "start", "run_id": "failed", "config": {}, "failed_before_start": True}) + "\n"
+        json.dumps({"kind": "start", "schema": 2, "run_id": "failed", "config": {}, "failed_before_start": True}) + "\n"
         + json.dumps({"kind": "stop", "status": "fault", "reason": "ConnectionLost: cannot connect"}) + "\n")
     (w / "emptyjournal").mkdir()
     (w / "emptyjournal" / "journal.jsonl").write_text("")

@@ -194,8 +194,9 @@ def test_a_killed_schema_1_run_is_not_resumed_and_its_journal_is_untouched(v1_ru
     with pytest.raises(JournalError, match="journal schema 1 .* cannot be resumed by this version \\(schema 2\\)"):
         asyncio.run(run_session(load_config(None, {}), v1_run, resume=True))
     assert main(["run", "--quiet", "--resume", str(v1_run)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("deepspm: error: journal schema 1 (written by deepspm 0.1.0") and "Traceback" not in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]  # refused at the edge, before "resuming ..." is printed
+    assert err[0].startswith("deepspm run: error: argument --resume: ") and "journal schema 1 (written by deepspm 0.1.0" in err[0]
     assert main(["replay", str(v1_run)]) == 2
     assert "cannot be replayed by this version (schema 2)" in capsys.readouterr().err
     assert path.read_bytes() == before  # no resume record, no cut

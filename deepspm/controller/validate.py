@@ -254,11 +254,22 @@ def _last_record(path: Path, tail_bytes: int = 1 << 20) -> dict[str, Any] | None
     return record if isinstance(record, dict) else None
 
 
+def _schema_for(path: Path, verb: str) -> None:
+    """The journal's layout must be this version's to be replayed or resumed (report and status read older ones)."""
+    from deepspm.controller.journal import JournalError, check_schema
+
+    try:
+        check_schema(_start_record(path), verb)
+    except JournalError as e:
+        _refuse(f"{path}: {e}")
+
+
 def replayable_run(text: str) -> Path:
     """A run directory whose run started (a run that failed while connecting has nothing to replay)."""
     path = journaled_run(text)
     if _start_record(path).get("failed_before_start"):
         _refuse(f"{path}: the run failed before it started, so there is nothing to replay (see deepspm status {path})")
+    _schema_for(path, "replayed")
     return path
 
 
@@ -268,6 +279,7 @@ def resumable_run(text: str) -> Path:
     last = _last_record(path)
     if last is not None and last.get("kind") == "stop":
         _refuse(f"{path}: the run has stopped ({last.get('status')}: {last.get('reason')}); nothing to resume")
+    _schema_for(path, "resumed")
     return path
 
 
