@@ -113,7 +113,7 @@ def load_partial_sets(
             if normalised[i] is not None:
                 out[n][k] = mask_rows(normalised[i], n)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    bar = tqdm(total=len(jobs), desc="levelling partial frames (RANSAC)", unit="frame", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="levelling partial frames (RANSAC)", unit="frame", disable=not progress or not jobs)
     frames = (raw[keep[k]] for _, k in jobs)
     job_lines = (n for n, _ in jobs)
     job_seeds = (int(seeds[keep[k]]) for _, k in jobs)
