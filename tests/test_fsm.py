@@ -61,6 +61,7 @@ EXPECTED_EDGES = {
     ("area_exhausted", S.selecting, S.moving, None),
     ("moved", S.moving, S.approaching, None),
     ("frame_recorded", S.scanning, S.classifying, None),
+    ("scan_aborted", S.scanning, S.classifying, None),
     ("contact_lost", S.scanning, S.recovering, None),
     ("contact_lost", S.classifying, S.recovering, None),
     ("crashed", S.scanning, S.recovering, None),
@@ -148,7 +149,7 @@ def test_rows_are_frozen_and_triggers_listed_in_table_order() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         TABLE[0].dest = S.fault  # type: ignore[misc]
     assert TRIGGERS[:3] == ("start", "approached", "settled")
-    assert set(TRIGGERS) == {row.trigger for row in TABLE} and len(TRIGGERS) == 20
+    assert set(TRIGGERS) == {row.trigger for row in TABLE} and len(TRIGGERS) == 21
 
 
 def test_every_guard_named_in_the_table_exists() -> None:

@@ -54,6 +54,9 @@ class SimNets:
     def classify(self, image: np.ndarray) -> float:
         return float(self.classifier(image)[0])
 
+    def classify_lines(self, image: np.ndarray) -> float:
+        raise RuntimeError("training in simulation judges whole frames (classifier.lines_checkpoint = \"none\")")
+
     def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:
         return self.choice(image, mask, rng)
 
@@ -82,7 +85,7 @@ class EpisodeRecord:
 def sim_config(seed: int, max_episode_actions: int) -> RunConfig:
     """The run's configuration for training in simulation (training mode; the microscope's piezo range)."""
     return load_config(None, {
-        "run.seed": seed, "run.train": True,
+        "run.seed": seed, "run.train": True, "classifier.lines_checkpoint": "none",
         "episode.max_episode_actions": max_episode_actions,
         "planner.piezo_range_xy_m": [ENV_CONFIG.piezo_xy_range_m, ENV_CONFIG.piezo_xy_range_m],
     })

@@ -25,6 +25,8 @@ class Brain(Protocol):
 
     async def classify(self, image: np.ndarray) -> float: ...
 
+    async def classify_lines(self, image: np.ndarray) -> float: ...
+
     async def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision: ...
 
     def store(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, terminal: bool,
@@ -46,8 +48,12 @@ class NetBrain:
         epsilon: float | None,
         learn_online: bool,
         checkpoint_paths: dict[str, str] | None = None,
+        lines: Predictor | None = None,
+        lines_version: str | None = None,
     ) -> None:
         self.classifier = classifier
+        self.lines = lines  # the line-window classifier (judges partial frames while they are scanned)
+        self.lines_version = lines_version
         self.learner = learner
         self.actor = Actor(learner, compile_now=False)
         self.classifier_version = classifier_version
@@ -60,9 +66,16 @@ class NetBrain:
         """Compile both nets for batch 1 before the run starts (the first frame must not pay for tracing)."""
         self.classifier.compile([1])
         self.actor.predictor.compile([1])
+        if self.lines is not None:
+            self.lines.compile([1])
 
     async def classify(self, image: np.ndarray) -> float:
         return float((await predict_async(self.classifier, image))[0])
+
+    async def classify_lines(self, image: np.ndarray) -> float:
+        if self.lines is None:
+            raise RuntimeError("no line-window classifier is loaded (classifier.lines_checkpoint = \"none\")")
+        return float((await predict_async(self.lines, image))[0])
 
     async def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:
         epsilon = self.epsilon if self.epsilon is not None else epsilon_at(self.learner.env_steps, self.learner.config)

@@ -106,7 +106,7 @@ class ScanConfig(ScanSettings):
     # (5.6 s, 47 % of a frame), 0.3 px after a whole creep frame: 30 lines halves the time thrown away.
     creep_lines: int = 30
     creep_skip_below_m: float = 0.0  # moves shorter than this scan no creep frame (0 = always one; ours)
-    z_check_lines: int = 16  # the z extension is read every this many lines during a frame
+    z_check_lines: int = 16  # the z extension is read (and the partial frame judged) every this many lines
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,11 @@ class DetectionSettings:
 class ClassifierSettings:
     checkpoint: str = "shipped"  # a checkpoint directory, or "shipped" for the package's weights
     threshold: float = 0.9  # p(good probe) above this is a good probe
+    # line by line: the line-window net judges each frame every scan.z_check_lines lines while it is scanned
+    lines_checkpoint: str = "none"  # a line-window checkpoint, "shipped", or "none" (whole frames only)
+    early_abort: bool = True  # stop a scan once the line-window net is confident the probe is bad
+    abort_below: float = 0.1  # ... that is, p(good) below this
+    abort_min_lines: int = 16  # ... after at least this many lines
 
 
 @dataclass(frozen=True)
@@ -381,6 +386,8 @@ RANGES: dict[str, Bounds | Choices] = {
     "detection.bad_sample_base_radius_m": _closed(0, 1e-6),
     "detection.bad_sample_accept_after": _closed(1, _STEP_MAX),
     "classifier.threshold": _fraction_open(),
+    "classifier.abort_below": _fraction_open(),
+    "classifier.abort_min_lines": _closed(1, 1024),
     "agent.epsilon": _closed(0, 1),
     "agent.updates_per_action": _closed(0, 1000),
     "logging.level": Choices(("debug", "info", "warning", "error", "critical")),
@@ -446,7 +453,8 @@ NOTES: dict[str, str] = {
     "scan.creep_lines": "lines of the partial creep frame recorded and discarded after each move, then stopped "
                         "(>= pixels: a whole frame) [ours: 30 of 64 from the simulator's creep]",
     "scan.creep_skip_below_m": "moves shorter than this skip the creep frame; 0 = never skip [ours]",
-    "scan.z_check_lines": "the z extension is checked every this many lines while a frame is scanned [ours]",
+    "scan.z_check_lines": "every this many lines while a frame is scanned, the z extension is checked (and, with a "
+                          "line-window net, the partial frame judged) [ours]",
     "approach.timeout_s": "deadline of one auto-approach (ours: the original's 180 s is too short)",
     "approach.poll_s": "poll period while the auto-approach runs",
     "approach.target_extension": "z piezo extension to reach after an approach, ~80 % [paper]",
@@ -505,6 +513,12 @@ NOTES: dict[str, str] = {
     "detection.bad_sample_accept_after": "consecutive bad-sample rejections after which a frame is accepted [code]",
     "classifier.checkpoint": "classifier checkpoint directory, or \"shipped\"",
     "classifier.threshold": "p(good probe) above this is a good probe, 0.9 [paper]",
+    "classifier.lines_checkpoint": "line-window classifier judging frames while they are scanned: a checkpoint "
+                                   "directory, \"shipped\", or \"none\" (judge whole frames only) [ours]",
+    "classifier.early_abort": "stop a scan early when the line-window net is confident the probe is bad; a good "
+                              "judgement never shortens a frame [ours]",
+    "classifier.abort_below": "the line-window p(good) below which a scan is stopped early [ours]",
+    "classifier.abort_min_lines": "scan lines seen before a scan may be stopped early [ours]",
     "agent.checkpoint": "agent checkpoint directory, \"shipped\", \"new\" (a new agent from the classifier) or "
                         "\"auto\" (new when training, shipped otherwise)",
     "agent.epsilon": "exploration rate during operation, 0.05 [paper]",

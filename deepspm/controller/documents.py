@@ -163,6 +163,18 @@ class Decision(Document):
 
 
 @dataclass(frozen=True)
+class LineJudgement(Decision):
+    """The line-window net's p(good) for a frame's first `lines` scan lines, judged while it is scanned;
+    `abort` when it stopped the scan early (a confident bad probe)."""
+
+    name = "lines"
+    frame: str  # the partial frame grabbed (its content hash in frames/)
+    lines: int
+    p_good: float
+    abort: bool = False
+
+
+@dataclass(frozen=True)
 class ZCheck(Decision):
     """Lost contact or crash, judged from the z extension after a scan."""
 
@@ -204,6 +216,8 @@ class Classification(Decision):
     episode_actions: int = 0
     labels: list[list[Any]] = field(default_factory=list)  # [frame ref, good image?] decided by this frame
     sxm: str | None = None  # the frame's .sxm file, relative to the run directory (written by the engine)
+    lines: int | None = None  # an early-aborted frame: judged on this many scanned lines (by the line-window net)
+    changed_at_line: int | None = None  # the line-window judgement changed (good <-> bad) after this many lines
 
 
 @dataclass(frozen=True)
@@ -240,7 +254,9 @@ class ResetActionChosen(Decision):
     action: int
 
 
-DECISIONS: tuple[type[Decision], ...] = (ZCheck, SampleVerdict, Classification, ActionChosen, NoRoom, ResetActionChosen)
+DECISIONS: tuple[type[Decision], ...] = (
+    LineJudgement, ZCheck, SampleVerdict, Classification, ActionChosen, NoRoom, ResetActionChosen,
+)
 
 
 # -- the engine and the operator ------------------------------------------------------------------------------------

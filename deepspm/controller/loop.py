@@ -22,7 +22,17 @@ from deepspm.controller.commands import Command, Withdraw
 from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import Classification, Document, Note, OperatorRequestRecord, TransitionRecord
 from deepspm.controller.executor import Executor, JournalSink
-from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Plan, Scanned
+from deepspm.controller.messages import (
+    Choose,
+    Classify,
+    ClassifyLines,
+    Compute,
+    Experience,
+    Fire,
+    Learn,
+    Plan,
+    Scanned,
+)
 from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.plans import RunCounters, RunFailed, RunState, plan_for
 from deepspm.controller.runcontrol import OperatorRequest, RunControl
@@ -210,6 +220,8 @@ class RunLoop:
             return await asyncio.to_thread(message.fn, *message.args)
         if isinstance(message, Classify):
             return await self.brain.classify(message.image)
+        if isinstance(message, ClassifyLines):
+            return await self.brain.classify_lines(message.image)
         if isinstance(message, Choose):
             return await self.brain.choose(message.image, message.mask, message.rng)
         if isinstance(message, Experience):

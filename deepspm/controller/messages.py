@@ -41,6 +41,13 @@ class Classify:
 
 
 @dataclass(frozen=True, eq=False)
+class ClassifyLines:
+    """p(good probe) of a partial frame's normalised image (unscanned rows filled) by the line-window net -> float."""
+
+    image: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
 class Choose:
     """A conditioning action for `image` among the allowed ones (`mask`) -> `brain.ActionDecision`; `rng`
     draws the exploration (the run's agent stream, so a replay draws the same)."""

@@ -47,6 +47,7 @@ from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import (
     ActionChosen,
     Classification,
+    LineJudgement,
     NoRoom,
     Note,
     ResetActionChosen,
@@ -59,6 +60,7 @@ from deepspm.controller.messages import (
     ActionDecision,
     Choose,
     Classify,
+    ClassifyLines,
     Compute,
     Experience,
     Fire,
@@ -67,7 +69,7 @@ from deepspm.controller.messages import (
     Scanned,
 )
 from deepspm.controller.planner import RegionPlanner, bad_sample_radius_m
-from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess
+from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess, preprocess_partial, scan_order
 from deepspm.controller.seeds import derived_seed
 from deepspm.fsm.states import State
 from deepspm.io.actions import ACTIONS, ActionKind
@@ -88,6 +90,7 @@ class RunCounters:
     frames: int = 0  # recorded images: judged frames, not creep frames, not bad samples (the frame budget counts these)
     scanned_frames: int = 0  # every non-creep frame scanned, bad samples included
     creep_frames: int = 0
+    aborted_frames: int = 0  # judged frames stopped early by the line-window net (counted in `frames` too)
     good_probe_frames: int = 0
     bad_samples: int = 0
     episodes: int = 0
@@ -134,6 +137,7 @@ class RunState:
     position: Position = field(default_factory=Position)
     last: JudgedFrame | None = None
     pending: Scanned | None = None  # recorded in scanning, judged in classifying
+    pending_scan: ScanResult | None = None  # how it was scanned (line judgements, an early abort)
     images: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ref -> (image, mask), recent
     reset_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     agent_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
@@ -243,16 +247,30 @@ def selecting(rs: RunState) -> Plan:
     yield Fire("region_selected")
 
 
+@dataclass
+class ScanResult:
+    """A scanned frame (`Scanned`: whole, partial, or stopped early) and what was seen while it was scanned."""
+
+    scanned: Scanned
+    trouble: float | None = None  # the z extension of a mid-frame reading in trouble (lost contact, crash)
+    judgements: list[tuple[int, float]] = field(default_factory=list)  # (lines, p(good)) by the line-window net
+    aborted_at: int | None = None  # lines scanned when a confident bad judgement stopped the scan
+
+
 def scan_frame(rs: RunState, x: float, y: float, size: float, lines: int, purpose: str) -> Plan:
-    """Scan the first `lines` lines of the frame at (x, y) and grab it (NaN where not scanned): started, the z
-    extension read every `scan.z_check_lines` lines (lost contact or a crash mid-frame stops the scan at once),
-    then waited to its end (a whole frame) or stopped (a partial one). Returns (`Scanned`, the z extension of a
-    mid-frame reading in trouble, or None)."""
-    sc = rs.config.scan
+    """Scan the first `lines` lines of the frame at (x, y) and grab it (NaN where not scanned). Every
+    `scan.z_check_lines` lines the z extension is checked (lost contact or a crash mid-frame stops the scan at
+    once); with a line-window net (`classifier.lines_checkpoint`) a judged frame's partial data is grabbed
+    instead and judged, and a confident bad judgement stops the scan early (`classifier.early_abort`; a good
+    one never shortens a frame). The frame is then waited to its end (whole) or stopped (partial). Returns a
+    `ScanResult`."""
+    sc, cl = rs.config.scan, rs.config.classifier
     lines = min(lines, sc.pixels)
     seconds_per_line = line_time_s(sc, size)
+    judge = purpose == "frame" and cl.lines_checkpoint != "none"
     yield StartScan(x, y, size, purpose)
-    scanned_lines, trouble = 0, None
+    result: ScanResult | None = None
+    scanned_lines, trouble, judgements = 0, None, []
     while True:
         remaining = lines - scanned_lines
         if remaining <= sc.z_check_lines:
@@ -264,13 +282,49 @@ def scan_frame(rs: RunState, x: float, y: float, size: float, lines: int, purpos
             break
         yield Wait(sc.z_check_lines * seconds_per_line)
         scanned_lines += sc.z_check_lines
-        z: ZState = yield ReadZ()
-        if z_verdict(rs, z.extension) is not None:
-            trouble = z.extension
+        if judge:
+            partial: Scanned = yield GrabFrame()
+            extension = partial.frame.z_after.extension
+        else:
+            z: ZState = yield ReadZ()
+            extension = z.extension
+        if z_verdict(rs, extension) is not None:
+            trouble = extension
             yield StopScan()
             break
+        if judge:
+            seen, p_good = yield from judge_lines(rs, partial)
+            judgements.append((seen, p_good))
+            if cl.early_abort and seen >= cl.abort_min_lines and p_good < cl.abort_below:
+                yield StopScan()
+                yield LineJudgement(frame=partial.ref, lines=seen, p_good=p_good, abort=True)
+                result = ScanResult(partial, None, judgements, seen)
+                break
+            yield LineJudgement(frame=partial.ref, lines=seen, p_good=p_good)
+    if result is not None:
+        return result
     scanned: Scanned = yield GrabFrame()
-    return scanned, trouble
+    return ScanResult(scanned, trouble, judgements)
+
+
+def judge_lines(rs: RunState, partial: Scanned) -> Plan:
+    """The line-window net's p(good) for a partial frame: levelled on its scanned lines, in scan order.
+    Returns (lines seen, p(good))."""
+    frame = partial.frame
+    seed = derived_seed(rs.config.run.seed, rs.counters.scanned_frames, "lines", partial.ref)
+    image, seen = yield Compute(preprocess_partial, (scan_order(frame.data_m, frame.scan_up), seed))
+    p_good: float = yield ClassifyLines(image)
+    return seen, p_good
+
+
+def changed_at_line(judgements: list[tuple[int, float]], threshold: float, final_good: bool) -> int | None:
+    """The line after which the judgement of a frame changed (good <-> bad) while it was scanned, the whole
+    frame's judgement counting as the last; None when it never changed."""
+    verdicts = [(lines, p > threshold) for lines, p in judgements]
+    for (_, before), (lines, after) in zip(verdicts, verdicts[1:] + [(-1, final_good)]):
+        if before != after:
+            return judgements[-1][0] if lines == -1 else lines
+    return None
 
 
 def z_verdict(rs: RunState, extension: float) -> str | None:
@@ -288,16 +342,17 @@ def scanning(rs: RunState) -> Plan:
     size = sc.frame_size_m
     x, y = pos.target_xy_m
     if pos.new_region:
-        creep, trouble = yield from scan_frame(rs, x, y, size, sc.creep_lines, "creep")
+        creep = yield from scan_frame(rs, x, y, size, sc.creep_lines, "creep")
         rs.counters.creep_frames += 1
-        if (yield from z_trouble(rs, creep, trouble)):
+        if (yield from z_trouble(rs, creep.scanned, creep.trouble)):
             return
         pos.new_region = pos.after_approach = False
-    scanned, trouble = yield from scan_frame(rs, x, y, size, sc.pixels, "frame")
-    if (yield from z_trouble(rs, scanned, trouble)):
+    result = yield from scan_frame(rs, x, y, size, sc.pixels, "frame")
+    scanned = result.scanned
+    if (yield from z_trouble(rs, scanned, result.trouble)):
         return
     pos.consecutive_crashes = pos.consecutive_lost_contacts = 0
-    if not scanned.frame.complete:  # never judged as if it were data: the same region is scanned again
+    if result.aborted_at is None and not scanned.frame.complete:  # never judged as data: scanned again
         pos.consecutive_incomplete += 1
         missing = int(np.isnan(scanned.frame.data_m).all(axis=1).sum())
         yield Note(f"frame {scanned.ref} came back incomplete ({missing} of {sc.pixels} lines missing); rescanned",
@@ -310,6 +365,11 @@ def scanning(rs: RunState) -> Plan:
     pos.previous_xy_m = pos.target_xy_m
     rs.counters.scanned_frames += 1
     rs.pending = scanned
+    rs.pending_scan = result
+    if result.aborted_at is not None:
+        rs.counters.aborted_frames += 1
+        yield Fire("scan_aborted")
+        return
     yield Fire("frame_recorded")
 
 
@@ -381,7 +441,11 @@ def classifying(rs: RunState) -> Plan:
     site = locate_action(pre.normalised, pos.target_xy_m, cfg.scan.frame_size_m, valid=pre.valid)
     mask = action_mask(site.free_side_m)
     rs.remember(ref, pre.normalised, mask)
-    p_good: float = yield Classify(pre.normalised)
+    how = rs.pending_scan or ScanResult(scanned)
+    if how.aborted_at is not None:  # stopped early: the line-window net's confident judgement is the verdict
+        p_good = how.judgements[-1][1]
+    else:
+        p_good = yield Classify(pre.normalised)
     outcome = rs.tracker.observe(p_good, ref)
     rs.last = JudgedFrame(ref, pre, site, mask)
     if outcome.probe_good:
@@ -403,6 +467,9 @@ def classifying(rs: RunState) -> Plan:
         episode_ended=outcome.episode_ended, reward=outcome.reward, free_side_m=site.free_side_m,
         episode_truncated=outcome.episode_truncated, episode_actions=rs.tracker.episode_actions,
         labels=[[label.frame_ref, label.good_image] for label in outcome.labels],
+        lines=how.aborted_at,
+        changed_at_line=None if how.aborted_at is not None else changed_at_line(
+            how.judgements, rs.tracker.config.good_threshold, outcome.probe_good),
     )
     yield Fire(trigger, ctx)
 

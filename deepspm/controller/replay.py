@@ -30,6 +30,7 @@ from deepspm.controller.documents import (
     Classification,
     Entry,
     Failure,
+    LineJudgement,
     OperatorRequestRecord,
     Reply,
     Written,
@@ -269,11 +270,13 @@ class ReplayBrain:
     max_p_difference: float = 0.0
     _pos: int = 0
 
-    def _next(self, kind: type[Classification] | type[ActionChosen]) -> Entry | None:
-        # an interleaved evaluation's random episodes chose without the nets: nothing to answer there
+    def _next(self, kind: type[Classification] | type[ActionChosen] | type[LineJudgement]) -> Entry | None:
+        # decisions no net answered: an interleaved evaluation's random choices, and the verdict on a frame stopped
+        # early (the line-window judgement that stopped it was the answer)
         while self._pos < len(self.decisions):
             doc = self.decisions[self._pos].doc
-            if not (isinstance(doc, ActionChosen) and doc.agent == "random"):
+            if not ((isinstance(doc, ActionChosen) and doc.agent == "random")
+                    or (isinstance(doc, Classification) and doc.lines is not None)):
                 break
             self._pos += 1
         if self._pos >= len(self.decisions):
@@ -306,6 +309,23 @@ class ReplayBrain:
         self.points.append(DecisionPoint(entry.seq, rec.frame, "classify", rec.good, good))
         if good != rec.good or (self.mode == "recompute" and abs(p - rec.p_good) > self.tolerance):
             raise Divergence(entry.seq, {"p_good": rec.p_good, "good": rec.good}, {"p_good": p, "good": good})
+        return p
+
+    async def classify_lines(self, image: np.ndarray) -> float:
+        entry = self._next(LineJudgement)
+        if entry is None:
+            if self.live is None:
+                raise Divergence(None, "the end of the recorded decisions", "a line-window judgement")
+            return await self.live.classify_lines(image)
+        rec = entry.doc
+        if not isinstance(rec, LineJudgement):  # _next checked it
+            raise TypeError(rec)
+        if self.mode == "recorded":
+            return rec.p_good
+        p = await self._nets().classify_lines(image)
+        self.max_p_difference = max(self.max_p_difference, abs(p - rec.p_good))
+        if self.mode == "recompute" and abs(p - rec.p_good) > self.tolerance:
+            raise Divergence(entry.seq, {"lines p_good": rec.p_good}, {"lines p_good": p})
         return p
 
     async def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:

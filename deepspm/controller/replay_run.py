@@ -25,7 +25,7 @@ from deepspm.controller.replay import (
     ReplayJournal,
 )
 from deepspm.controller.runfold import read_relived
-from deepspm.controller.session import check_recorded_nets, load_brain, recorded_checkpoint
+from deepspm.controller.session import LINES, check_recorded_nets, load_brain, recorded_checkpoint
 
 MODES = ("recorded", "recompute")
 
@@ -90,9 +90,10 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
         learn_online = False if what_if else None
         nets = await asyncio.to_thread(
             load_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
-            Path(agent) if agent else recorded_checkpoint(start, "agent"), learn_online)
-        check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent))
-                                               if given is None))
+            Path(agent) if agent else recorded_checkpoint(start, "agent"), learn_online,
+            recorded_checkpoint(start, LINES))
+        check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent),
+                                                                         (LINES, None)) if given is None))
     decisions = relived.decisions
     brain = ReplayBrain(decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
                         classifier_version=(fold.start.checkpoints or {}).get("classifier", "journal"))

@@ -38,6 +38,7 @@ from deepspm.controller.documents import (
     Entry,
     Failure,
     LegacyCommand,
+    LineJudgement,
     Note,
     OperatorRequestRecord,
     Reply,
@@ -171,7 +172,7 @@ class Relived:
 
     entries: list[Entry] = field(default_factory=list)  # every record the loop writes (no start, stop, resume)
     calls: list[RecordedCall] = field(default_factory=list)  # commands that reach the instrument
-    decisions: list[Entry] = field(default_factory=list)  # Classification and ActionChosen: what the nets gave
+    decisions: list[Entry] = field(default_factory=list)  # Classification, ActionChosen, LineJudgement: the nets'
     operator: dict[int, OperatorRequestRecord] = field(default_factory=dict)  # by seq
     stop_point: int | None = None  # where the loop decided to stop at a safe point (budget or operator)
     _open_calls: dict[int, int] = field(default_factory=dict)  # command seq -> index in `calls`
@@ -462,7 +463,7 @@ def _relive(r: Relived, e: Entry) -> None:
     elif isinstance(doc, (Reply, Failure)) and doc.of in r._open_calls:
         index = r._open_calls.pop(doc.of)
         r.calls[index] = RecordedCall(doc.of, r.calls[index].command, e)
-    elif isinstance(doc, (Classification, ActionChosen)):
+    elif isinstance(doc, (Classification, ActionChosen, LineJudgement)):
         r.decisions.append(e)
     elif isinstance(doc, OperatorRequestRecord):
         r.operator[e.seq] = doc

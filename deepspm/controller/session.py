@@ -101,7 +101,8 @@ def recorded_checkpoint(start: Mapping[str, Any], name: str) -> Path | None:
         return None
     path = Path(recorded)
     if not path.exists():
-        if ((start.get("config") or {}).get(name) or {}).get("checkpoint") not in ("shipped", "auto"):
+        section, key = ("classifier", "lines_checkpoint") if name == LINES else (name, "checkpoint")
+        if ((start.get("config") or {}).get(section) or {}).get(key) not in ("shipped", "auto"):
             raise FileNotFoundError(f"the run's {name} checkpoint {recorded} is not on this machine")
         path = WEIGHTS_DIR / name
     return path
@@ -110,7 +111,7 @@ def recorded_checkpoint(start: Mapping[str, Any], name: str) -> Path | None:
 def check_recorded_nets(start: Mapping[str, Any], brain: NetBrain, names: tuple[str, ...]) -> None:
     """`CheckpointMismatch` unless the loaded `names` nets are the ones the start record names (content ids,
     computed once by `load_brain`)."""
-    versions = {"classifier": brain.classifier_version, "agent": brain.agent_version}
+    versions = {"classifier": brain.classifier_version, "agent": brain.agent_version, LINES: brain.lines_version}
     for name in names:
         expected = (start.get("checkpoints") or {}).get(name)
         if expected is not None and versions[name] != expected:
@@ -121,6 +122,7 @@ def check_recorded_nets(start: Mapping[str, Any], brain: NetBrain, names: tuple[
 
 
 NEW_AGENT = "new"  # agent.checkpoint: a new agent initialised from the classifier (training from scratch)
+LINES = "classifier_lines"  # the line-window classifier's name in checkpoint records and under weights/
 
 
 def agent_setting(cfg: RunConfig) -> str:
@@ -132,7 +134,7 @@ def agent_setting(cfg: RunConfig) -> str:
 
 
 def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: Path | None = None,
-               learn_online: bool | None = None) -> NetBrain:
+               learn_online: bool | None = None, lines_path: Path | None = None) -> NetBrain:
     """The classifier and the agent (named by the config unless given), compiled for batch 1.
 
     A new agent (`agent.checkpoint = "new"`, or "auto" in training) is built from the classifier as `train agent
@@ -166,6 +168,16 @@ def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: 
     else:  # a trained agent: no random phase, fixed exploration
         dqn = DQNConfig(random_steps=0, updates_per_step=cfg.agent.updates_per_action)
     learner = Learner(net, variables, dqn, seed=cfg.run.seed)
+    lines, lines_version = None, None
+    if cfg.classifier.lines_checkpoint != "none":
+        lines_path = lines_path or checkpoint_path(cfg.classifier.lines_checkpoint, LINES)
+        lines_net = load_net(lines_path, expect_kind="classifier")
+        if lines_net.net.n_outputs != 1:
+            raise CheckpointError(f"{lines_path}: the line-window classifier has {lines_net.net.n_outputs} outputs; "
+                                  f"the run needs one, p(good)")
+        lines = Predictor(lines_net.net, lines_net.variables, "probability")
+        lines_version = checkpoint_id(Path(lines_path))
+        paths[LINES] = str(lines_path)
     brain = NetBrain(
         Predictor(classifier.net, classifier.variables, "probability"),
         learner,
@@ -174,6 +186,8 @@ def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: 
         epsilon=None if cfg.run.train else cfg.agent.epsilon,
         learn_online=(cfg.agent.learn_online or cfg.run.train) if learn_online is None else learn_online,
         checkpoint_paths=paths,
+        lines=lines,
+        lines_version=lines_version,
     )
     brain.compile()
     return brain
@@ -207,7 +221,8 @@ def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dic
         versions=package_versions(),
         fsm_table=table_as_records(),
         fsm_hash=table_hash(),
-        checkpoints={"classifier": brain.classifier_version, "agent": brain.agent_version},
+        checkpoints={"classifier": brain.classifier_version, "agent": brain.agent_version,
+                     **({LINES: brain.lines_version} if brain.lines_version else {})},
         checkpoint_paths=getattr(brain, "checkpoint_paths", {}),  # an injected test brain has none
         instrument=instrument,
         argv=list(sys.argv),
@@ -343,8 +358,9 @@ async def _locked_session(
 
 def _load_recorded_brain(cfg: RunConfig, start: Mapping[str, Any]) -> NetBrain:
     """The nets of the config, or those a journaled run used (`start`: its start record; {} for a new run)."""
-    brain = load_brain(cfg, recorded_checkpoint(start, "classifier"), recorded_checkpoint(start, "agent"))
-    check_recorded_nets(start, brain, ("classifier", "agent"))
+    brain = load_brain(cfg, recorded_checkpoint(start, "classifier"), recorded_checkpoint(start, "agent"),
+                       lines_path=recorded_checkpoint(start, LINES))
+    check_recorded_nets(start, brain, ("classifier", "agent", LINES))
     return brain
 
 

@@ -17,7 +17,7 @@ from deepspm.controller.brain import ActionDecision
 from deepspm.controller.commands import Command, Settle, Wait
 from deepspm.controller.documents import Document
 from deepspm.controller.journal import frame_ref
-from deepspm.controller.messages import Choose, Classify, Compute, Experience, Fire, Learn, Scanned
+from deepspm.controller.messages import Choose, Classify, ClassifyLines, Compute, Experience, Fire, Learn, Scanned
 from deepspm.controller.plans import RunState, plan_for
 from deepspm.fsm.machine import next_state
 from deepspm.fsm.states import State
@@ -29,6 +29,7 @@ class SyncNets(Protocol):
     """What the plans ask of the nets, answered at once."""
 
     def classify(self, image: np.ndarray) -> float: ...
+    def classify_lines(self, image: np.ndarray) -> float: ...
     def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision: ...
     def store(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, terminal: bool,
               next_mask: np.ndarray) -> None: ...
@@ -84,6 +85,8 @@ class SyncEngine:
             return message.fn(*message.args)
         if isinstance(message, Classify):
             return self.nets.classify(message.image)
+        if isinstance(message, ClassifyLines):
+            return self.nets.classify_lines(message.image)
         if isinstance(message, Choose):
             return self.nets.choose(message.image, message.mask, message.rng)
         if isinstance(message, Experience):

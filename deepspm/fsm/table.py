@@ -45,6 +45,7 @@ TABLE: tuple[Transition, ...] = (
     Transition("area_exhausted", (S.selecting,), S.moving, None, "piezo range full, or next region > 500 nm away"),
     Transition("moved", (S.moving,), S.approaching, None, "coarse move to a new approach area done"),
     Transition("frame_recorded", (S.scanning,), S.classifying, None, "creep frame discarded, real frame recorded"),
+    Transition("scan_aborted", (S.scanning,), S.classifying, None, "line-window net sure the probe is bad: scan stopped"),
     Transition("contact_lost", (S.scanning, S.classifying), S.recovering, None, "z extension beyond the lost-contact threshold"),
     Transition("crashed", (S.scanning, S.classifying), S.recovering, None, "z retraction beyond the crash threshold"),
     Transition("recovered", (S.recovering,), S.scanning, None, "re-approach / retract done; rescan the same position"),
