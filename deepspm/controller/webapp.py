@@ -724,7 +724,7 @@ def serve_command(run_dirs: Sequence[Path], *, label: Path | None, host: str, po
     def ready(url: str) -> None:
         what = f"labelling {label}" if label is not None else f"{len(app[RUNS_KEY])} run(s)"
         note = "" if loopback else " (not loopback: every page needs the token)"
-        print(f"deepspm serve: {what} at {url}{note}; Ctrl-C to stop", flush=True)
+        print(f"deepspm serve: {what}{note}, Ctrl-C to stop: {url}", flush=True)
 
     try:
         asyncio.run(serve(app, host, port, ready=ready))
@@ -860,24 +860,26 @@ async function setLabel(i, cls) {
   document.getElementById("error").textContent = "";
   return true;
 }
-let busy = false;
-document.addEventListener("keydown", async ev => {
-  if (busy || !items.length) return;
-  busy = true;
-  try {
-    const k = ev.key;
-    if ((k === "g" || k === "b") && pos < items.length) {
-      const prev = items[pos].label || null;
-      if (await setLabel(pos, k === "g" ? "good" : "bad")) { undo.push([pos, prev]); pos++; }
-    } else if ((k === "s" || k === " ") && pos < items.length) { undo.push([pos, undefined]); pos++; ev.preventDefault(); }
-    else if (k === "u" || k === "Backspace") {
-      const last = undo.pop();
-      if (last) { if (last[1] !== undefined) await setLabel(last[0], last[1]); pos = last[0]; }
-      ev.preventDefault();
-    } else if (k === "ArrowRight") pos = Math.min(items.length, pos + 1);
-    else if (k === "ArrowLeft") pos = Math.max(0, pos - 1);
-    render();
-  } finally { busy = false; document.body.dataset.busy = "0"; }
+let chain = Promise.resolve(), pending = 0;  // keys are handled in order, none dropped while a label is saved
+async function handle(k) {
+  if ((k === "g" || k === "b") && pos < items.length) {
+    const prev = items[pos].label || null;
+    if (await setLabel(pos, k === "g" ? "good" : "bad")) { undo.push([pos, prev]); pos++; }
+  } else if ((k === "s" || k === " ") && pos < items.length) { undo.push([pos, undefined]); pos++; }
+  else if (k === "u" || k === "Backspace") {
+    const last = undo.pop();
+    if (last) { if (last[1] !== undefined) await setLabel(last[0], last[1]); pos = last[0]; }
+  } else if (k === "ArrowRight") pos = Math.min(items.length, pos + 1);
+  else if (k === "ArrowLeft") pos = Math.max(0, pos - 1);
+  render();
+}
+document.addEventListener("keydown", ev => {
+  const k = ev.key;
+  if (!items.length || !["g", "b", "s", " ", "u", "Backspace", "ArrowLeft", "ArrowRight"].includes(k)) return;
+  ev.preventDefault();
+  pending++; document.body.dataset.pending = pending;
+  chain = chain.then(() => handle(k)).catch(e => { document.getElementById("error").textContent = String(e); })
+    .finally(() => { pending--; document.body.dataset.pending = pending; });
 });
 fetch("/label/items" + q).then(r => r.json()).then(d => {
   items = d.items; total = items.length; labelled = d.labelled;
