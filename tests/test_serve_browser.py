@@ -103,8 +103,8 @@ def test_the_run_page_shows_new_frames_within_2_s_and_stop_stops_the_run(browser
             ref = wait_for(lambda: (r := page.evaluate(first_frame)) not in seen and r, 20, "a new frame", 0.02)
             t_seen = time.time()
             seen.add(ref)
-            record = wait_for(lambda: next((r for r in journal(live_run) if r.get("decision") == "classify"
-                                            and r.get("frame") == ref), None), 5, "its journal record")
+            record = wait_for(lambda ref=ref: next((r for r in journal(live_run) if r.get("decision") == "classify"
+                                                    and r.get("frame") == ref), None), 5, "its journal record")
             lags.append(t_seen - record["t_wall"])
         assert max(lags) < 2.0, f"frames shown {lags} s after their journal records"
         assert page.evaluate("document.querySelector('#frames img').naturalWidth") > 0  # the image itself loaded
