@@ -29,7 +29,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	@command -v chromium >/dev/null 2>&1 || test -n "$$DEEPSPM_CHROMIUM" || \
+		echo "make test: no chromium found: the browser tests (tests/test_serve_browser.py) will be SKIPPED"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks
