@@ -107,3 +107,35 @@ def test_interleaved_evaluation_alternates_agent_and_random_episodes(tmp_path: P
     assert (tmp_path / "report" / "agent_vs_random.png").stat().st_size > 0
     labels = [label for r in records if r["kind"] == "decision" and r["decision"] == "classify" for label in r["labels"]]
     assert summary.good_images + summary.not_good_images == len(labels) > 0  # the episode logic's labels, journaled
+
+
+LINE_NET = Path(__file__).resolve().parents[1] / "deepspm" / "weights" / "classifier_lines"
+
+
+def test_a_confident_bad_line_judgement_stops_the_scan_early(tmp_path: Path) -> None:
+    """Line by line (issue 11): the line-window net judges each frame while it is scanned; a confident bad
+    judgement stops the scan, and the partial frame counts as a bad-probe image. Replays identically."""
+    lines_net = LINE_NET if LINE_NET.exists() else LINE_NET.parent / "classifier"  # a full-frame net also judges
+    records = run_cli(tmp_path / "run", "--frames", "30", "--seed", "9",
+                      "--set", f"classifier.lines_checkpoint={lines_net}",
+                      "--set", "simulator.degradation_per_frame=0.15")
+    triggers = [r["trigger"] for r in records if r["kind"] == "transition"]
+    judged = [r for r in records if r["kind"] == "decision" and r["decision"] == "lines"]
+    aborts = [r for r in judged if r["abort"]]
+    assert triggers.count("scan_aborted") == len(aborts) >= 1
+    by_frame = {r["frame"]: r for r in records if r["kind"] == "decision" and r["decision"] == "classify"}
+    decisions = [r for r in records if r["kind"] == "decision" and r["decision"] in ("lines", "classify", "sample")]
+    for i, r in enumerate(decisions):
+        if r["decision"] == "lines" and r["abort"]:  # the stopped frame's verdict follows at once
+            verdict = decisions[i + 1]
+            assert verdict["frame"] == r["frame"], (r, verdict)
+            if verdict["decision"] == "classify":  # (or the roughness rule found a bad sample)
+                assert verdict["lines"] == r["lines"] < 64
+                assert not verdict["good"] and verdict["p_good"] == r["p_good"] < 0.1  # a bad-probe image
+    # a good judgement never shortened a frame: every non-aborted judged frame is whole
+    assert all(r.get("lines") is None for f, r in by_frame.items() if f not in {a["frame"] for a in aborts})
+    assert all(j["lines"] % 16 == 0 and j["lines"] >= 16 for j in judged)
+    stop = records[-1]
+    assert stop["counters"]["aborted_frames"] == len(aborts)
+    assert main(["replay", str(tmp_path / "run")]) == 0
+    assert main(["replay", str(tmp_path / "run"), "--mode", "recompute"]) == 0
