@@ -62,7 +62,7 @@ TIMEOUT_RATE = 1e-4  # per call of each of TIMEOUT_COMMANDS
 TIMEOUT_COMMANDS = ("ZCtrl.ZPosGet", "Bias.Set", "Scan.FrameSet", "Scan.FrameDataGrab")
 REQUEST_HORIZON = 3_000_000  # request numbers drawn per process (more than any process serves)
 MEMORY_GROWTH_LIMIT = 0.10
-WARM_FRAMES = 200  # memory samples taken in a process's first frames are left out (imports, compilation)
+WARM_FRAMES = 25  # samples of a process's first live frames are left out (a resume re-lives without nets first)
 
 VIOLATIONS_FILE = "violations.jsonl"
 MEMORY_FILE = "memory.jsonl"
@@ -107,7 +107,11 @@ class _ChildHooks:
         self.injected: Counter[str] = Counter()
         self.violations = open(soak_dir / VIOLATIONS_FILE, "a", buffering=1)  # noqa: SIM115 (open for the process)
         self.memory = open(soak_dir / MEMORY_FILE, "a", buffering=1)  # noqa: SIM115
-        self.frames_seen: int | None = None
+        self.relived = 0  # frames a resumed process re-lives from the journal before it runs live
+
+    def count_relived(self, run_dir: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.relived = (run_dir / "journal.jsonl").read_bytes().count(b'"decision":"classify"')
 
     def on_simulator(self, sim: Any, limits: Any) -> None:
         from deepspm.simulator.audit import EnvelopeAudit
@@ -139,11 +143,9 @@ class _ChildHooks:
 
     def progress(self, loop: Any) -> None:
         frames = loop.counters.frames
-        if self.frames_seen is None:
-            self.frames_seen = frames
         if frames % self.mem_every == 0:
             self.memory.write(json.dumps({"proc": self.proc, "frame": frames, "rss_kb": rss_kb(),
-                                          "since_start": frames - self.frames_seen}) + "\n")
+                                          "live": frames - self.relived}) + "\n")
         counts = {"proc": self.proc, "frames": frames, "injected": dict(self.injected),
                   "writes_checked": sum(self.audit.writes.values()) if self.audit else 0,
                   "reads": self.audit.reads if self.audit else 0,
@@ -168,6 +170,8 @@ def child_main(spec: dict[str, Any], cli_args: list[str]) -> int:
     from deepspm import cli
 
     hooks = _ChildHooks(Path(spec["soak_dir"]), spec["proc"], spec["seed"], spec["fault_scale"], spec["mem_every"])
+    if "--resume" in cli_args:
+        hooks.count_relived(Path(cli_args[cli_args.index("--resume") + 1]))
 
     async def run_session(cfg: Any, run_dir: Path, **kw: Any) -> Any:
         kw["progress"] = hooks.progress
@@ -240,9 +244,9 @@ def _replay(run_dir: Path, soak_dir: Path) -> tuple[bool, str, float]:
 
 
 def memory_growth(samples: list[dict[str, Any]], start_frame: int = 1000) -> dict[str, Any]:
-    """Growth of resident memory from `start_frame` to the end, over warm samples (a process's first
-    WARM_FRAMES frames left out): mean of the last fifth of samples over the mean of those near start_frame."""
-    warm = [s for s in samples if s["since_start"] >= WARM_FRAMES]
+    """Growth of resident memory from `start_frame` to the end, over warm samples (taken after a process's
+    first WARM_FRAMES live frames): mean of the last fifth of them over the mean of the first fifth."""
+    warm = [s for s in samples if s["live"] >= WARM_FRAMES]
     if len(warm) < 4:
         warm = samples
     if not warm:
@@ -305,7 +309,7 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
         "faults_injected": dict(sorted(injected.items())),
         "failures_in_journal_by_error": dict(failures_by_error.most_common()),
         "failures_in_journal_by_op": dict(failures.most_common(30)),
-        "memory": memory_growth(samples),
+        "memory": memory_growth(samples, min(args.memory_from, args.frames // 5)),
         "journal_bytes": journal_bytes, "journal_bytes_per_frame": journal_bytes / max(frames, 1),
         "journal_records": len(records),
         "run_wall_s": driven["run_wall_s"], "last_exit": driven["last_exit"],
@@ -344,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the client's deadline for a non-blocking command, wall seconds (default 1)")
     p.add_argument("--seed", type=int, default=17, help="the run's seed, the fault draws and the kill points (default 17)")
     p.add_argument("--mem-every", type=int, default=50, help="sample resident memory every N frames (default 50)")
+    p.add_argument("--memory-from", type=int, default=1000,
+                   help="memory growth is measured from this frame to the end (default 1000; at most frames / 5)")
     p.add_argument("--out", type=Path, default=None, help="soak folder (run/ and the soak's files; default a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the summary here (default bench-results/soak.json)")
     p.add_argument("--no-replay", action="store_true", help="skip the replay of the whole journal")
