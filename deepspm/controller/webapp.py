@@ -814,7 +814,7 @@ LABEL_PAGE = """<!DOCTYPE html>
 .neighbour img { width: 112px; height: 112px; opacity: 0.8; }
 .keys span { display: inline-block; border: 1px solid #888; border-radius: 4px; padding: 0.1em 0.5em; margin: 0 0.2em;
   background: #fff; font-family: monospace; }
-#strip { display: flex; align-items: center; gap: 1em; }
+#strip { display: flex; align-items: center; gap: 1em; } #before, #after { display: flex; gap: 0.5em; }
 </style></head>
 <body>
 <h1>__TITLE__</h1>
