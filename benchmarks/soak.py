@@ -178,7 +178,7 @@ def child_main(spec: dict[str, Any], cli_args: list[str]) -> int:
         kw["on_simulator"] = functools.partial(hooks.on_simulator, limits=cfg.safety)
         return await session.run_session(cfg, run_dir, **kw)
 
-    runner.run_session = run_session  # type: ignore[assignment]  # this process only
+    runner.run_session = run_session  # this process only
     return cli.main(["run", "--quiet", *cli_args])
 
 
@@ -213,7 +213,6 @@ def drive(args: argparse.Namespace, run_dir: Path, soak_dir: Path) -> dict[str, 
     started = time.monotonic()
     proc = _start(soak_dir, proc_n, args, first, log)
     kills: list[dict[str, Any]] = []
-    exits: list[int] = []
     for target in targets:
         while proc.poll() is None and _progress(soak_dir) < target:
             time.sleep(0.02)
@@ -228,7 +227,6 @@ def drive(args: argparse.Namespace, run_dir: Path, soak_dir: Path) -> dict[str, 
         proc_n += 1
         proc = _start(soak_dir, proc_n, args, ["--resume", str(run_dir)], log)
     code = proc.wait()
-    exits.append(code)
     # a run that ends early (a fault it could not recover from) is not resumed: that is a finding, not noise
     log.close()
     return {"kills": kills, "processes": proc_n + 1, "last_exit": code, "run_wall_s": time.monotonic() - started}

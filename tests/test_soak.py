@@ -1,0 +1,77 @@
+"""The CI-sized fault soak (issue 17): `python -m benchmarks.soak` with few frames and 5 kill -9 resumes, the same
+checks as `make soak` (no lost frame, a sound journal, replay identical, no write outside the envelope in the
+independent audit, memory not growing), and the audit itself on a write it must catch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepspm.io.codec import encode_request
+from deepspm.io.commands import lookup
+from deepspm.io.safety import SafetyLimits
+from deepspm.simulator.audit import EnvelopeAudit
+from deepspm.simulator.clock import SimClock
+from deepspm.simulator.microscope import SimulatedMicroscope
+from deepspm.simulator.server import LoggedRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_FRAMES = 200  # 1000 frames take minutes on 2 shared cores; the full soak is `make soak`
+CI_KILLS = 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_ci_soak_passes(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--frames", str(CI_FRAMES), "--kills", str(CI_KILLS),
+                          "--fault-scale", "10", "--z-jump-rate", "2e-3", "--mem-every", "10", "--out",
+                          str(tmp_path / "soak"), "--json", str(tmp_path / "soak.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=580)
+    lines = out.stdout.strip().splitlines()
+    assert lines and lines[-1] == "soak verdict: PASS", out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0
+    r = json.loads((tmp_path / "soak.json").read_text())
+    assert r["frames_judged"] == CI_FRAMES and r["lost_frames"] == 0 and r["journal_problem_count"] == 0
+    assert r["kills"] == CI_KILLS and r["resumes"] == CI_KILLS
+    assert r["replay_identical"] and r["audit"]["violations"] == 0 and r["audit"]["writes_checked"] > 10 * CI_FRAMES
+    assert sum(r["faults_injected"].values()) > 0
+
+
+def test_a_failing_soak_says_so_in_its_exit_status_and_last_line() -> None:
+    from benchmarks.soak import verdict
+
+    sound = {"lost_frames": 0, "frames_judged_twice": 0, "frames_missing_on_disk": 0, "journal_problem_count": 0,
+             "audit": {"violations": 0}, "replay_identical": True, "replay_verdict": "identical",
+             "stop": {"status": "completed", "reason": ""}, "memory": {"growth": 0.01}}
+    assert verdict(sound) == []
+    assert verdict({**sound, "lost_frames": 2}) == ["lost_frames = 2"]
+    assert verdict({**sound, "audit": {"violations": 1}}) == ["audit violations = 1"]
+    assert verdict({**sound, "memory": {"growth": 0.1}}) == ["memory growth 0.1"]
+
+
+def request(name: str, **args: object) -> LoggedRequest:
+    lookup(name)  # a typo in a test is a KeyError here, not a silent read
+    return LoggedRequest(1, 7, name, encode_request(name, b""), True, 1, dict(args), None, ())
+
+
+def test_the_audit_catches_writes_outside_the_envelope_by_itself() -> None:
+    """The audit judges from the limits' values and the microscope's truth, not from the client's envelope."""
+    microscope = SimulatedMicroscope(0, SimClock(0.0))
+    audit = EnvelopeAudit(SafetyLimits(), microscope)
+    audit(request("Bias.Set", bias_V=0.5))
+    audit(request("Bias.Get"))
+    assert audit.violations == [] and audit.reads == 1
+    audit(request("Bias.Set", bias_V=9.0))
+    audit(request("Scan.FrameSet", x_m=400e-9, y_m=0.0, width_m=50e-9, height_m=50e-9, angle_deg=0.0))
+    audit(request("Motor.StartMove", direction=0, steps=10, group=0, wait=1))  # the tip is not withdrawn
+    audit(request("ZCtrl.GainSet", p_gain=1.0, time_constant_s=1e-3, i_gain=1.0))
+    problems = [(v.command, v.problem) for v in audit.violations]
+    assert [c for c, _ in problems] == ["Bias.Set", "Scan.FrameSet", "Motor.StartMove", "ZCtrl.GainSet"]
+    assert "9 V outside 0.019..8.2 V" in problems[0][1] and "withdrawn" in problems[2][1]
+    microscope.withdraw()
+    audit(request("Motor.StartMove", direction=0, steps=10, group=0, wait=1))
+    assert len(audit.violations) == 4 and sum(audit.writes.values()) == 6
