@@ -137,5 +137,7 @@ def test_a_confident_bad_line_judgement_stops_the_scan_early(tmp_path: Path) -> 
     assert all(j["lines"] % 16 == 0 and j["lines"] >= 16 for j in judged)
     stop = records[-1]
     assert stop["counters"]["aborted_frames"] == len(aborts)
+    summary = write_report(tmp_path / "run", tmp_path / "report")  # the partial images and p(good) by line
+    assert summary.frames_aborted == len(aborts) and (tmp_path / "report" / "line_by_line.png").stat().st_size > 0
     assert main(["replay", str(tmp_path / "run")]) == 0
     assert main(["replay", str(tmp_path / "run"), "--mode", "recompute"]) == 0

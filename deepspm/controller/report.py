@@ -54,6 +54,7 @@ from deepspm.controller.runfold import (
     ClassifiedFrame,
     Episode,
     History,
+    LineCurve,
     RunFold,
     ScannedRegion,
     TakenAction,
@@ -70,6 +71,7 @@ DPI = 110
 
 PLOT_FILES = ("approach_areas.png", "p_good.png", "actions_per_episode.png", "frames_montage.png")
 INTERLEAVED_PLOT = "agent_vs_random.png"  # only for an interleaved evaluation
+LINES_PLOT = "line_by_line.png"  # only when frames were stopped early or changed judgement mid-scan
 
 VERDICT_COLOURS = {
     GOOD: "#2ca02c",
@@ -99,6 +101,7 @@ class RunHistory:
     episodes: dict[int, Episode]
     move_after_frame: list[int]
     torn_tail_bytes: int = 0
+    line_curves: list[LineCurve] = dataclasses.field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -121,7 +124,8 @@ def read_history(run_dir: Path) -> RunHistory:
     """Fold a run directory's journal, keeping its history (a torn last line is left out and counted)."""
     read = read_fold(Path(run_dir), history=True)
     h = read.fold.history or History()  # kept: asked for above
-    return RunHistory(read.fold, h.regions, h.frames, h.actions, h.episodes, h.move_after_frame, read.torn_tail_bytes)
+    return RunHistory(read.fold, h.regions, h.frames, h.actions, h.episodes, h.move_after_frame, read.torn_tail_bytes,
+                      h.line_curves)
 
 
 # -- the summary ------------------------------------------------------------------------------------------
@@ -157,6 +161,7 @@ class ReportSummary:
     crash_recoveries: int
     failures: int  # "failure" records: command timeouts, disconnects, error replies
     resumes: int
+    frames_aborted: int  # recorded frames stopped early by a confident bad line-window judgement
     good_images: int  # "good image" labels decided by the episode logic
     not_good_images: int
     interleaved: dict[str, Any] | None  # agent versus random episodes (run --evaluate-interleaved), else None
@@ -196,6 +201,7 @@ def summarise(history: RunHistory) -> ReportSummary:
         reset_actions=h.reset_actions,
         mean_actions_per_episode=h.mean_actions_per_episode(),
         mean_actions_per_successful_episode=h.mean_actions_per_successful_episode(),
+        frames_aborted=h.frames_aborted,
         good_images=h.good_images,
         not_good_images=h.not_good_images,
         interleaved=interleaved_comparison(history),
@@ -290,6 +296,7 @@ def summary_rows(s: ReportSummary) -> list[tuple[str, str]]:
         ("mean actions per successful episode", num(s.mean_actions_per_successful_episode)),
         ("reset actions (training)", str(s.reset_actions)),
         ("good images (labels decided)", f"{s.good_images} of {s.good_images + s.not_good_images}"),
+        ("frames stopped early (line by line)", str(s.frames_aborted)),
         *_interleaved_rows(s.interleaved),
         ("approach-area moves", f"{s.moves} ({s.approach_areas} areas)"),
         ("recoveries: contact lost / crash", f"{s.recoveries} ({s.contact_recoveries} / {s.crash_recoveries})"),
@@ -626,7 +633,7 @@ def plot_frames_montage(history: RunHistory, run_dir: Path, path: Path, per_row:
                 ax.text(0.5, 0.5, "frame file\nmissing", ha="center", va="center", transform=ax.transAxes)
                 continue
             lo, hi = (np.nanpercentile(image, (1, 99)) if np.isfinite(image).any() else (0.0, 1.0))
-            ax.imshow(image, cmap="afmhot", vmin=lo, vmax=max(hi, lo + 1e-3), origin="lower",
+            ax.imshow(image, cmap="afmhot", vmin=lo, vmax=max(hi, lo + 1e-3), origin="upper",
                       extent=(0, size_nm, 0, size_nm), interpolation="nearest")
             colour = VERDICT_COLOURS[GOOD] if f.good else VERDICT_COLOURS[BAD]
             ax.set_title(f"#{f.index}  p = {f.p_good:.2f}", fontsize=9, color=colour)
@@ -638,10 +645,55 @@ def plot_frames_montage(history: RunHistory, run_dir: Path, path: Path, per_row:
     return _save(fig, path)
 
 
+def plot_line_by_line(history: RunHistory, run_dir: Path, path: Path, per_row: int = MONTAGE_FRAMES) -> Path:
+    """Frames judged line by line: the latest early-aborted frames (the partial image when the scan was stopped)
+    and frames whose judgement changed mid-scan, each above its p(good) against the number of lines scanned."""
+    curves: list[LineCurve] = history.line_curves[-per_row:]
+    fig = Figure(figsize=(2.2 * per_row + 0.8, 5.2), layout="constrained")
+    axes = fig.subplots(2, per_row, squeeze=False, height_ratios=[1.2, 1])
+    size_nm = _nm(history.regions[0].size_m) if history.regions else _nm(DEFAULT_FRAME_SIZE_M)
+    for col in range(per_row):
+        top, bottom = axes[0, col], axes[1, col]
+        top.set_xticks([])
+        top.set_yticks([])
+        if col >= len(curves):
+            top.set_frame_on(False)
+            bottom.set_frame_on(False)
+            bottom.set_xticks([])
+            bottom.set_yticks([])
+            continue
+        c = curves[col]
+        try:
+            image = _display_image(load_frame(run_dir, c.frame, verify=False))
+            lo, hi = (np.nanpercentile(image, (1, 99)) if np.isfinite(image).any() else (0.0, 1.0))
+            top.imshow(image, cmap="afmhot", vmin=lo, vmax=max(hi, lo + 1e-3), origin="upper",
+                       extent=(0, size_nm, 0, size_nm), interpolation="nearest")
+        except JournalError:
+            top.text(0.5, 0.5, "frame file\nmissing", ha="center", va="center", transform=top.transAxes)
+        last = c.judgements[-1][0] if c.judgements else 0
+        what = f"stopped at line {last}" if c.aborted else f"changed after line {c.changed_at_line}"
+        top.set_title(f"seq {c.seq}: {what}", fontsize=9, color=VERDICT_COLOURS[BAD] if c.aborted else "#333333")
+        lines = [n for n, _ in c.judgements]
+        bottom.plot(lines, [p for _, p in c.judgements], "o-", color="#1f77b4", ms=4)
+        bottom.axhline(history.threshold, color=VERDICT_COLOURS[GOOD], ls="--", lw=0.8)
+        bottom.set_ylim(-0.03, 1.03)
+        bottom.set_xlim(0, max(64, last))
+        bottom.set_xlabel("lines scanned", fontsize=9)
+        if col == 0:
+            bottom.set_ylabel("p(good), line-window net", fontsize=9)
+        bottom.grid(True, lw=0.3, alpha=0.5)
+    if not curves:
+        _empty(axes[0, 0], "no frame was stopped early\nor changed mid-scan")
+    fig.suptitle(f"Line by line, run {history.run_id}: frames stopped early by a confident bad judgement, and tip "
+                 f"changes during a scan (dashed: the good threshold)", fontsize=11)
+    return _save(fig, path)
+
+
 # -- the page ---------------------------------------------------------------------------------------------
 
 
 PLOT_CAPTIONS = {
+    LINES_PLOT: "Line by line: frames stopped early, and tip changes during a scan, with p(good) against lines scanned",
     INTERLEAVED_PLOT: "Interleaved evaluation: actions per ended episode of the agent and of uniform random choice",
     "approach_areas.png": "Approach areas: scanned regions by verdict, forbidden circles and action sites.",
     "p_good.png": "p(good) of every classified frame; conditioning episodes shaded.",
@@ -693,6 +745,9 @@ def write_report(run_dir: Path, out_dir: Path) -> ReportSummary:
     if summary.interleaved is not None:
         plot_agent_vs_random(summary.interleaved, summary.run_id, out_dir / INTERLEAVED_PLOT)
         plots.append(INTERLEAVED_PLOT)
+    if history.line_curves:
+        plot_line_by_line(history, run_dir, out_dir / LINES_PLOT)
+        plots.append(LINES_PLOT)
     data = {**dataclasses.asdict(summary), "recoveries": summary.recoveries, "plots": plots}
     (out_dir / "summary.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     (out_dir / "index.html").write_text(render_html(summary, plots), encoding="utf-8")

@@ -135,6 +135,18 @@ class TakenAction:
 
 
 @dataclass
+class LineCurve:
+    """A frame judged line by line while it was scanned: p(good) after each number of lines, the partial frame
+    last judged (the aborted frame's data, for an early abort), and why it is kept."""
+
+    seq: int
+    frame: str
+    judgements: list[tuple[int, float]]
+    aborted: bool
+    changed_at_line: int | None = None
+
+
+@dataclass
 class History:
     """Everything the report draws (kept only when asked: it grows with the run)."""
 
@@ -143,6 +155,7 @@ class History:
     actions: list[TakenAction] = field(default_factory=list)
     episodes: dict[int, Episode] = field(default_factory=dict)
     move_after_frame: list[int] = field(default_factory=list)  # classified frames before each move
+    line_curves: list[LineCurve] = field(default_factory=list)  # early-aborted frames and mid-scan tip changes
     _unjudged: int | None = None  # index in `regions` of a recorded frame not judged yet
     _awaiting_site: int | None = None  # index in `actions` of a reset action whose site is not known yet
 
@@ -209,6 +222,7 @@ class RunFold:
     state: str = "not started"  # the last transition's destination
     frames_recorded: int = 0
     frames_classified: int = 0
+    frames_aborted: int = 0  # recorded frames stopped early by a confident bad line-window judgement
     good_frames: int = 0
     bad_samples: int = 0
     discarded_contact_lost: int = 0
@@ -239,6 +253,7 @@ class RunFold:
     last_scan: Command | LegacyCommand | None = None
     _trouble: str = "contact"
     _episode_open: bool = False  # actions now belong to `episode`
+    _lines: list[tuple[int, float]] = field(default_factory=list)  # line judgements of the frame being scanned
 
     @classmethod
     def new(cls, run_id: str = "", *, history: bool = False, replay: bool = False) -> RunFold:
@@ -328,6 +343,10 @@ class RunFold:
             self.last_frame = LastFrame(self.frames_classified, verdict, None, e.t_wall)
             if self.history is not None:
                 self.history.regions.append(self._region(e.seq, verdict))
+        elif isinstance(doc, LineJudgement):
+            self._lines.append((doc.lines, doc.p_good))
+            if doc.abort and self.history is not None:
+                self.history.line_curves.append(LineCurve(e.seq, doc.frame, list(self._lines), True))
         elif isinstance(doc, ActionChosen):
             self._action(e, doc)
         elif isinstance(doc, ResetActionChosen):
@@ -360,8 +379,9 @@ class RunFold:
             self._trouble = "contact" if t.trigger == "contact_lost" else "crash"
         elif t.trigger == "recovered":
             self.recoveries[self._trouble] += 1
-        elif t.trigger == "frame_recorded":
+        elif t.trigger in ("frame_recorded", "scan_aborted"):
             self.frames_recorded += 1
+            self.frames_aborted += t.trigger == "scan_aborted"
             if self.history is not None:
                 self.history._unjudged = len(self.history.regions)
                 self.history.regions.append(self._region(e.seq, UNJUDGED))
@@ -373,6 +393,7 @@ class RunFold:
 
     def _command(self, c: Command | LegacyCommand) -> None:
         if c.op in SCAN_OPS:
+            self._lines = []
             self.last_scan = c
         elif isinstance(c, (Pulse, Dip)) and self.history is not None and self.history._awaiting_site is not None:
             site = self.history.actions[self.history._awaiting_site]
@@ -403,6 +424,8 @@ class RunFold:
 
     def _classify(self, e: Entry, c: Classification) -> None:
         self.frames_classified += 1
+        if c.changed_at_line is not None and self.history is not None:
+            self.history.line_curves.append(LineCurve(e.seq, c.frame, list(self._lines), False, c.changed_at_line))
         for _, good_image in c.labels:
             self.good_images += bool(good_image)
             self.not_good_images += not good_image
