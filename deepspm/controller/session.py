@@ -222,7 +222,7 @@ def start_record(cfg: RunConfig, run_dir: Path, brain: NetBrain, instrument: dic
         fsm_table=table_as_records(),
         fsm_hash=table_hash(),
         checkpoints={"classifier": brain.classifier_version, "agent": brain.agent_version,
-                     **({LINES: brain.lines_version} if brain.lines_version else {})},
+                     **({LINES: lines} if (lines := getattr(brain, "lines_version", None)) else {})},
         checkpoint_paths=getattr(brain, "checkpoint_paths", {}),  # an injected test brain has none
         instrument=instrument,
         argv=list(sys.argv),
