@@ -94,7 +94,8 @@ def _report(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from deepspm.controller.webapp import serve_command
 
-    return serve_command(args.run_dirs, label=args.label, host=args.host, port=args.port, order=args.order)
+    return serve_command(args.run_dirs, label=args.label, host=args.host, port=args.port, order=args.order,
+                         classifier=args.classifier)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -295,8 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the labelling page for a run directory or an imported .sxm set instead; labels "
                             "go to its labels.csv (file,class) and labelled/good|bad/")
     serve.add_argument("--order", choices=("uncertainty", "time"), default="uncertainty",
-                       help="labelling order: p(good) nearest the classifier's threshold first (default; time order "
-                            "when p(good) is unknown), or recording time")
+                       help="labelling order: p(good) nearest the classifier's threshold first (default; a run's "
+                            "p(good) from its journal, an imported set's from --classifier), or recording time")
+    serve.add_argument("--classifier", default="shipped", metavar="CKPT",
+                       help="labelling an imported set in uncertainty order: the classifier that scores its frames "
+                            "(default: the shipped one; 'none' for recording order)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1, this machine only; another address makes every "
                             "page need the token)")

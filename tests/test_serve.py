@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from deepspm.cli import main
 from deepspm.controller.labdata import MANIFEST, MANIFEST_COLUMNS, read_labels
 from deepspm.controller.runcontrol import PAUSE_FILE, STOP_FILE
-from deepspm.controller.webapp import build_app, is_loopback
+from deepspm.controller.validate import ArgumentProblem
+from deepspm.controller.webapp import LABELS_KEY, build_app, is_loopback
 from deepspm.nets.data import load_deepspm_folders
 from tests.test_report import ScriptedRun
 
@@ -151,10 +152,10 @@ def write_dataset(root: Path, n: int = 5) -> list[str]:
 async def test_labels_are_written_as_dataset_import_and_train_classifier_read_them(tmp_path: Path) -> None:
     root = tmp_path / "lab"
     names = write_dataset(root)
-    client = await client_for(build_app(label=root, token=TOKEN))
+    client = await client_for(build_app(label=root, token=TOKEN, classifier="none"))
     try:
         items = await (await client.get("/label/items")).json()
-        assert items["order"] == "time"  # no p(good) for an imported set: recording order, said on the page
+        assert items["order"] == "time"  # no p(good) for an imported set and no classifier: recording order
         assert [i["file"] for i in items["items"]] == names
         assert (await client.post("/label/set", json={"id": 0, "class": "good"})).status == 403
         for index, cls in ((0, "good"), (1, "bad"), (2, "good"), (2, "bad"), (3, "bad"), (3, None)):
@@ -174,13 +175,26 @@ async def test_labels_are_written_as_dataset_import_and_train_classifier_read_th
         assert (await client.get("/label/image/0.png")).status == 200
     finally:
         await client.close()
-    reopened = build_app(label=root, token=TOKEN)  # the labels so far are read back at start
+    reopened = build_app(label=root, token=TOKEN, order="time")  # the labels so far are read back at start
     client = await client_for(reopened)
     try:
         items = await (await client.get("/label/items")).json()
         assert items["labelled"] == 3 and items["items"][0]["label"] == "good"
     finally:
         await client.close()
+
+
+def test_an_imported_set_is_scored_by_the_classifier_for_the_uncertainty_order(tmp_path: Path) -> None:
+    root = tmp_path / "lab"
+    write_dataset(root, n=6)
+    labels = build_app(label=root, token=TOKEN)[LABELS_KEY]  # the shipped classifier
+    assert labels.order_used == "uncertainty"
+    p = [i.p_good for i in labels.items]
+    assert all(x is not None and 0.0 <= x <= 1.0 for x in p)
+    distances = [abs(x - 0.9) for x in p]
+    assert distances == sorted(distances)
+    with pytest.raises(ArgumentProblem, match="--classifier"):
+        build_app(label=root, token=TOKEN, classifier=str(tmp_path / "no-such-checkpoint"))
 
 
 async def test_a_run_is_labelled_most_uncertain_first_by_its_sxm_names(tmp_path: Path) -> None:

@@ -575,7 +575,41 @@ def _iso_time(text: str) -> float | None:
         return None
 
 
-def open_label_set(source: Path, order: str) -> LabelSet:
+def score_items(items: list[LabelItem], classifier: str) -> None:
+    """p(good) of every frame without one, by `classifier` ("shipped" or a checkpoint directory), preprocessed as
+    `train classifier` reads a folder set (the run loop's RANSAC plane, seeded by the file's name). Loads JAX."""
+    from deepspm.controller.seeds import derived_seed
+    from deepspm.controller.session import checkpoint_path
+    from deepspm.controller.training import normalise_frames
+    from deepspm.nets.checkpoints import load_net
+    from deepspm.nets.data import LEVELLED_SUFFIX, halve_to
+    from deepspm.nets.inference import Predictor
+
+    todo = [i for i in items if i.p_good is None]
+    if not todo:
+        return
+    try:
+        ckpt = load_net(checkpoint_path(classifier, "classifier"), expect_kind="classifier")
+    except FileNotFoundError as e:
+        raise ServeError("--classifier", str(e)) from None
+    side = ckpt.net.spec.image_side_px
+    frames, keep = [], []
+    for item in todo:
+        array = np.load(item.path, allow_pickle=False)
+        if array.ndim == 2 and array.shape[0] == array.shape[1] and array.shape[0] % side == 0:
+            frames.append(halve_to(array.astype(np.float64), side).astype(np.float32))
+            keep.append(item)
+    if not frames:
+        return
+    levelled = np.array([i.path.name.endswith(LEVELLED_SUFFIX) for i in keep])
+    seeds = [derived_seed(0, f"{i.path.parent.name}/{i.path.name}") for i in keep]
+    images = normalise_frames(np.stack(frames), levelled, seeds, workers=1, progress=False)
+    scores = Predictor(ckpt.net, ckpt.variables, "probability").predict_batched(images)
+    for item, p in zip(keep, np.asarray(scores, dtype=float).reshape(len(keep), -1)[:, 0]):
+        item.p_good = float(p)
+
+
+def open_label_set(source: Path, order: str, classifier: str = "shipped") -> LabelSet:
     if not source.is_dir():
         raise ServeError("--label", f"{source} is not a folder (a run directory or an imported data set)")
     if (source / JOURNAL_FILE).is_file():
@@ -585,6 +619,8 @@ def open_label_set(source: Path, order: str) -> LabelSet:
             raise ServeError("--label", f"{source}: {e}") from None
     else:
         items, threshold = dataset_label_items(source), DEFAULT_THRESHOLD
+        if order == "uncertainty" and classifier != "none" and items:
+            score_items(items, classifier)
     if not items:
         raise ServeError("--label", f"{source}: no frames to label (a run directory with classified frames, or a "
                                     "data set from 'deepspm dataset import')")
@@ -639,7 +675,8 @@ TASKS_KEY = web.AppKey("tasks", list)
 
 
 def build_app(run_dirs: Sequence[Path] = (), *, label: Path | None = None, token: str | None = None,
-              loopback: bool = True, order: str = "uncertainty", poll_s: float = POLL_S) -> web.Application:
+              loopback: bool = True, order: str = "uncertainty", classifier: str = "shipped",
+              poll_s: float = POLL_S) -> web.Application:
     """The web app: the run pages of `run_dirs`, or the labelling page of `label`."""
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
     app[TOKEN_KEY] = token or secrets.token_urlsafe(18)
@@ -647,7 +684,7 @@ def build_app(run_dirs: Sequence[Path] = (), *, label: Path | None = None, token
     app[PNG_KEY] = PngCache()
     app[POLL_KEY] = poll_s
     if label is not None:
-        app[LABELS_KEY] = open_label_set(Path(label), order)
+        app[LABELS_KEY] = open_label_set(Path(label), order, classifier)
         app.router.add_get("/", label_page)
         app.router.add_get("/label/items", label_items)
         app.router.add_get(r"/label/image/{item:\d+}.png", label_image)
@@ -714,12 +751,14 @@ async def serve(app: web.Application, host: str, port: int, *, ready: Callable[[
         await runner.cleanup()
 
 
-def serve_command(run_dirs: Sequence[Path], *, label: Path | None, host: str, port: int, order: str) -> int:
+def serve_command(run_dirs: Sequence[Path], *, label: Path | None, host: str, port: int, order: str,
+                  classifier: str = "shipped") -> int:
     """`deepspm serve`: prints the URL (with the token) and serves until Ctrl-C."""
     loopback = is_loopback(host)
     if label is not None and run_dirs:
         raise ServeError("--label", "serves one labelling page; give no RUN_DIR with it")
-    app = build_app(check_run_dirs(run_dirs) if label is None else (), label=label, loopback=loopback, order=order)
+    app = build_app(check_run_dirs(run_dirs) if label is None else (), label=label, loopback=loopback, order=order,
+                    classifier=classifier)
 
     def ready(url: str) -> None:
         what = f"labelling {label}" if label is not None else f"{len(app[RUNS_KEY])} run(s)"
