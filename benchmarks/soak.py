@@ -153,9 +153,10 @@ class _ChildHooks:
         tmp = self.soak_dir / f".counts-{self.proc}.tmp"
         tmp.write_text(json.dumps(counts))
         os.replace(tmp, self.soak_dir / f"counts-{self.proc}.json")
-        tmp = self.soak_dir / f".{PROGRESS_FILE}.tmp"
-        tmp.write_text(str(frames))
-        os.replace(tmp, self.soak_dir / PROGRESS_FILE)
+        if frames > self.relived:  # live frames only: the kills land while the run runs, not while it re-lives
+            tmp = self.soak_dir / f".{PROGRESS_FILE}.tmp"
+            tmp.write_text(str(frames))
+            os.replace(tmp, self.soak_dir / PROGRESS_FILE)
 
 
 _KIND_NAMES = {"CloseBeforeReply": "drop", "CloseAfterHeader": "close_after_header", "CloseMidBody": "close_mid_body",
@@ -193,6 +194,8 @@ def _progress(soak_dir: Path) -> int:
 
 
 def _start(soak_dir: Path, proc: int, args: argparse.Namespace, cli_args: list[str], log: Any) -> subprocess.Popen:
+    with contextlib.suppress(FileNotFoundError):
+        (soak_dir / PROGRESS_FILE).unlink()
     spec = {"soak_dir": str(soak_dir), "proc": proc, "seed": args.seed, "fault_scale": args.fault_scale,
             "mem_every": args.mem_every}
     return subprocess.Popen([sys.executable, "-m", "benchmarks.soak", "--child", json.dumps(spec), "--", *cli_args],
