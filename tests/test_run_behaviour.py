@@ -141,3 +141,14 @@ def test_a_confident_bad_line_judgement_stops_the_scan_early(tmp_path: Path) -> 
     assert summary.frames_aborted == len(aborts) and (tmp_path / "report" / "line_by_line.png").stat().st_size > 0
     assert main(["replay", str(tmp_path / "run")]) == 0
     assert main(["replay", str(tmp_path / "run"), "--mode", "recompute"]) == 0
+
+
+def test_a_run_that_learns_online_recompute_replays_identically(tmp_path: Path) -> None:
+    """Learning happens at journal-fixed points (after each stored experience), so recomputing a run's nets,
+    updates included, reproduces every decision, the online-learned actions too (issue 18)."""
+    records = run_cli(tmp_path / "run", "--frames", "90", "--seed", "2", "--set", "episode.bad_probe_threshold=1",
+                      "--set", "classifier.threshold=0.99999", "--set", "agent.updates_per_action=1")
+    versions = [r["agent"] for r in records if r["kind"] == "decision" and r["decision"] == "action" and "agent" in r]
+    learned = [v for v in versions if not v.endswith("+0")]
+    assert learned, f"no action was chosen by online-learned weights ({len(versions)} actions)"
+    assert main(["replay", str(tmp_path / "run"), "--mode", "recompute"]) == 0

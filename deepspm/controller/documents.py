@@ -122,7 +122,8 @@ class Reply(Document):
 
 @dataclass(frozen=True)
 class Failure(Document):
-    """The command at seq `of` failed: the error's type name and message."""
+    """The command at seq `of` failed: the error's type name, message and attributes (those JSON can hold), so a
+    replay raises the same error with the same fields."""
 
     kind = "failure"
     of: int
@@ -130,6 +131,7 @@ class Failure(Document):
     error: str
     message: str
     digest: str
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,12 @@ def result_to_record(result: Any, frame_ref: str | None) -> Any:
     raise TypeError(f"cannot journal a result of type {type(result).__name__}")
 
 
+def error_attributes(exc: BaseException) -> dict[str, Any]:
+    """An error's own fields that JSON holds as they are (a command name, a code, a timeout; not raw bytes)."""
+    return {k: v for k, v in vars(exc).items()
+            if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+
+
 def digest(outcome: Any) -> str:
     """A short hash of a recorded outcome, so a replay notices a reply that was altered after the run."""
     from deepspm.controller.journal import to_jsonable
@@ -99,6 +105,7 @@ class Executor:
         except Exception as exc:
             error, message = type(exc).__name__, str(exc)
             self.journal.write(Failure(of=seq, op=command.op, error=error, message=message,
+                                       attributes=error_attributes(exc),
                                        digest=digest([error, message])))
             raise
         ref = await self.journal.save_frame(result.data_m) if isinstance(result, Frame) else None

@@ -100,11 +100,14 @@ _ERROR_TYPES: dict[str, type[Exception]] = {
 }
 
 
-def rebuild_error(name: str, message: str) -> Exception:
-    """An exception of the recorded type with the recorded message (constructor arguments are not kept)."""
+def rebuild_error(name: str, message: str, attributes: dict[str, Any] | None = None) -> Exception:
+    """An exception of the recorded type with the recorded message and attributes (its `command`, `code`,
+    `timeout_s`, ...: what code catching it may read)."""
     cls = _ERROR_TYPES.get(name, io_errors.InstrumentError)
     err = cls.__new__(cls)
     Exception.__init__(err, message)
+    for key, value in (attributes or {}).items():
+        setattr(err, key, value)
     return err
 
 
@@ -149,7 +152,7 @@ class ReplayInstrument:
             raise Interrupted(op)
         _check_digest(outcome)
         if isinstance(outcome.doc, Failure):
-            raise rebuild_error(outcome.doc.error, outcome.doc.message)
+            raise rebuild_error(outcome.doc.error, outcome.doc.message, outcome.doc.attributes)
         if not isinstance(outcome.doc, Reply):  # the fold pairs commands with replies and failures only
             raise Divergence(outcome.seq, "a reply or failure", outcome.doc)
         return result_from_record(outcome.doc.result, self._load_frame)
