@@ -50,7 +50,7 @@ import inspect
 import itertools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -379,7 +379,7 @@ class _MicroscopeHandlers:
 
     def scan_frame_get(self, args: dict[str, Any]) -> dict[str, Any]:
         f = self.m.scan_frame()
-        return {"x_m": f.centre_x_m, "y_m": f.centre_y_m, "width_m": f.width_m, "height_m": f.height_m, "angle_deg": f.angle_deg}
+        return asdict(f)  # io.client.ScanFrame: the reply's own fields
 
     def scan_buffer_set(self, args: dict[str, Any]) -> None:
         self.m.set_scan_buffer([self._rt_channel(c) for c in args["channels"]], args["pixels"], args["lines"])

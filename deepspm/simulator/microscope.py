@@ -43,6 +43,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from deepspm.io.client import ScanFrame
 from deepspm.simulator.clock import SimClock
 from deepspm.simulator.conditioning import (
     REFERENCE_GAP_M,
@@ -191,15 +192,6 @@ class TipShaperSettings:
     @property
     def duration_s(self) -> float:
         return self.switch_off_delay_s + self.lift_time1_s + self.bias_settling_s + self.lift_time2_s + self.end_wait_s
-
-
-@dataclass(frozen=True)
-class ScanFrame:
-    centre_x_m: float
-    centre_y_m: float
-    width_m: float
-    height_m: float
-    angle_deg: float
 
 
 @dataclass(frozen=True)
@@ -528,7 +520,7 @@ class SimulatedMicroscope:
         elif action is ScanAction.GO_TO_CENTRE:
             if active:
                 self._stop_scan(now)
-            self._move_tip(self._frame.centre_x_m, self._frame.centre_y_m, now)
+            self._move_tip(self._frame.x_m, self._frame.y_m, now)
 
     def scan_running(self) -> bool:
         now = self._update()
@@ -569,7 +561,7 @@ class SimulatedMicroscope:
         run.stopped_progress_s = run.progress(now)
         run.paused_since = None
         self._pending_probe = [p for p in self._pending_probe if p[0] <= now]
-        self._tip_xy = (self._frame.centre_x_m, self._frame.centre_y_m)
+        self._tip_xy = (self._frame.x_m, self._frame.y_m)
 
     def _advance_scan(self, now: float) -> None:
         """Continuous scanning: start the next frame(s) when one completes."""
@@ -598,8 +590,8 @@ class SimulatedMicroscope:
     def _start_scan(self, t0: float, scan_up: bool) -> None:
         c = self.config
         f = self._frame
-        self._move_tip(f.centre_x_m, f.centre_y_m, t0)
-        geom = FrameGeometry(f.centre_x_m, f.centre_y_m, f.width_m, f.height_m, f.angle_deg, self._pixels, self._lines, scan_up)
+        self._move_tip(f.x_m, f.y_m, t0)
+        geom = FrameGeometry(f.x_m, f.y_m, f.width_m, f.height_m, f.angle_deg, self._pixels, self._lines, scan_up)
         self._counter["scan"] += 1
         scan_id = self._counter["scan"]
         rng = area_rng(self.seed, _P_SCAN, scan_id)
