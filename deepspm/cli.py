@@ -160,6 +160,14 @@ def _export(args: argparse.Namespace) -> int:
 def _train_classifier(args: argparse.Namespace) -> int:
     from deepspm.controller.training import train_classifier_command
 
+    if args.ensemble is not None:
+        from deepspm.controller.tipstates import train_ensemble_command
+
+        train_ensemble_command(args.data, args.out, k=args.ensemble, combine=args.combine,
+                               holdout_fraction=args.holdout_fraction, preset=args.preset, epochs=args.epochs,
+                               seed=args.seed, val_fraction=args.val_fraction, good_weight=args.good_weight,
+                               multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep)
+        return 0
     train_classifier_command(args.data, args.out, preset=args.preset, epochs=args.epochs, seed=args.seed,
                              val_fraction=args.val_fraction, good_weight=args.good_weight,
                              multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep, init=args.init,
@@ -173,7 +181,8 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
     from deepspm.controller.training import evaluate_classifier_command
 
     evaluate_classifier_command(args.checkpoint, args.data, out_json=args.json, threshold=args.threshold,
-                                seed=args.seed, split=args.split, min_responses=args.min_responses, lines=args.lines)
+                                seed=args.seed, split=args.split, min_responses=args.min_responses, lines=args.lines,
+                                plots=args.plots)
     return 0
 
 
@@ -182,7 +191,8 @@ def _train_agent(args: argparse.Namespace) -> int:
     from deepspm.controller.session import checkpoint_path
 
     classifier = args.classifier or checkpoint_path("shipped", "classifier")
-    train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    init = None if args.init is None else checkpoint_path(args.init, "agent") if args.init == "shipped" else args.init
+    train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite, init=init)
     return 0
 
 
@@ -397,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "of every training image to n lines, n uniform in --min-lines..64; metadata lines=true)")
     tc.add_argument("--min-lines", dest="min_lines", type=check.int_range(1, 64), default=4, metavar="N",
                     help="with --lines: the fewest visible scan lines (rows) a training image keeps (default 4)")
+    tc.add_argument("--ensemble", type=check.int_range(1, 64), metavar="K",
+                    help="train K members (seeds SEED..SEED+K-1, each with its own split of the rows outside a "
+                         "hold-out) into ONE checkpoint, run as one batched call; metrics on the hold-out")
+    tc.add_argument("--combine", choices=("mean", "vote"), default="mean",
+                    help="with --ensemble: mean of the members' probabilities (default), or vote: the fraction "
+                         "of members with probability > 0.5")
+    tc.add_argument("--holdout-fraction", dest="holdout_fraction", type=check.float_range(0, 1, hi_open=True),
+                    default=0.2, help="with --ensemble: fraction of the rows no member sees, stratified by label "
+                                      "(default 0.2); written as split.json")
     tc.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     tc.set_defaults(func=_train_classifier)
     ta = train_sub.add_parser("agent", help="train the double-DQN agent in simulation",
@@ -407,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classifier that judges the episodes and initialises the agent (default: the shipped one)")
     ta.add_argument("--steps", type=check.int_range(1, 10**8), default=3000, help="conditioning actions to train for (default 3000)")
     ta.add_argument("--seed", type=check.seed, default=0, help="seed of the simulator and the agent (default 0)")
+    ta.add_argument("--init", type=check.shipped_or(check.checkpoint_of_kind("agent")), metavar="CKPT|shipped",
+                    help="continue an agent (its weights; a fresh replay memory, no random phase, epsilon 0.05) "
+                         "instead of a new one from the classifier")
     ta.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     ta.set_defaults(func=_train_agent)
 
@@ -428,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate with only the first N scan lines (rows 0..N-1, 64 = full frame) of each image "
                          "visible, the rest NaN as a partial frame grab, levelled from those rows; one metrics row "
                          "per N (e.g. --lines 8 16 32 64)")
+    ec.add_argument("--plots", type=check.output_dir, metavar="DIR",
+                    help="write the reliability diagram (reliability.png: observed frequency against predicted "
+                         "probability in 10 equal-width bins, per output) into DIR")
     ec.set_defaults(func=_evaluate_classifier)
     ea = eval_sub.add_parser("agent", help="the agent versus random actions in simulation, interleaved",
                              description="Episodes alternate between the agent and uniform random actions on one "

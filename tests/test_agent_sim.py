@@ -116,3 +116,17 @@ def test_the_agent_starts_from_the_classifier_unless_a_preset_is_named(tiny_clas
         assert trunk and set(trunk) <= set(classifier)
         same = [np.array_equal(agent[name], classifier[name]) for name in trunk]
         assert all(same) if preset is None else not all(same)
+
+
+def test_train_agent_init_continues_an_agent(tiny_classifier: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train_agent_sim(tiny_classifier, first, steps=2, seed=0, random_steps=2, max_episode_actions=3, progress=False)
+    again = tmp_path / "again"
+    summary = train_agent_sim(tiny_classifier, again, steps=3, seed=1, init=first, max_episode_actions=3,
+                              progress=False)
+    assert summary["options"]["init"] == str(first)
+    start, continued = flatten_named(load_net(first).variables), flatten_named(load_net(again).variables)
+    assert set(start) == set(continued)  # the same net, continued (no updates yet: the weights are the start's)
+    assert all(np.array_equal(start[k], continued[k]) for k in start) == (summary["updates"] == 0)
+    with pytest.raises(ValueError, match="preset"):
+        train_agent_sim(tiny_classifier, tmp_path / "x", steps=1, init=first, preset="tiny", progress=False)

@@ -145,9 +145,12 @@ def train_agent_sim(
     classifier_checkpoint: Path | str, out: Path | str, *, steps: int = 3000, seed: int = 0,
     preset: str | None = None, updates_per_step: float = 1.0, random_steps: int = 500,
     epsilon_decay_steps: int = 500, max_episode_actions: int = 100, checkpoint_every: int = 500,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, init: Path | str | None = None, init_epsilon: float = 0.05,
 ) -> dict[str, Any]:
     """Train the double-DQN conditioning agent on the simulated microscope; save it to `out` (kind "agent").
+
+    init: an agent checkpoint to continue from (its weights; the replay memory and optimiser start afresh, with
+    no random phase and exploration `init_epsilon`); None trains a new agent.
 
     steps: conditioning actions (= stored experiences, each stored with its 4 flips) to train for.
     preset: None initialises the agent from the classifier (trunk, hidden layers and BN copied, fresh
@@ -167,16 +170,26 @@ def train_agent_sim(
         "classifier_checkpoint": str(classifier_checkpoint), "steps": steps, "seed": seed, "preset": preset,
         "updates_per_step": updates_per_step, "random_steps": random_steps,
         "epsilon_decay_steps": epsilon_decay_steps, "max_episode_actions": max_episode_actions,
+        "init": None if init is None else str(init),
     }
     classifier = load_net(classifier_checkpoint, expect_kind="classifier")
     root = jax.random.key(seed)
-    if preset is None:
-        net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS, jax.random.fold_in(root, 1))
+    if init is not None:
+        if preset is not None:
+            raise ValueError("init continues an agent of its own preset; do not name a preset as well")
+        start_from = load_net(init, expect_kind="agent")
+        net, variables = start_from.net, start_from.variables
+        config = DQNConfig(random_steps=0, epsilon_start=init_epsilon, epsilon_end=init_epsilon,
+                           updates_per_step=updates_per_step)
     else:
-        net = NetDef.of(preset, N_ACTIONS)
-        variables = net.init(jax.random.fold_in(root, 1))
-    config = DQNConfig(random_steps=random_steps, epsilon_decay_steps=epsilon_decay_steps,
-                       updates_per_step=updates_per_step)
+        if preset is None:
+            net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS,
+                                                   jax.random.fold_in(root, 1))
+        else:
+            net = NetDef.of(preset, N_ACTIONS)
+            variables = net.init(jax.random.fold_in(root, 1))
+        config = DQNConfig(random_steps=random_steps, epsilon_decay_steps=epsilon_decay_steps,
+                           updates_per_step=updates_per_step)
     learner = Learner(net, variables, config, seed=seed)
     actor = Actor(learner)
     episodes: list[EpisodeRecord] = []

@@ -191,6 +191,15 @@ def checkpoint_of_kind(kind: str) -> Callable[[str], Path]:
     return _named(f"{kind}_checkpoint", parse)
 
 
+def shipped_or(checkpoint: Callable[[str], Path]) -> Callable[[str], str | Path]:
+    """The word "shipped" (the package's weights), or what `checkpoint` accepts."""
+
+    def parse(text: str) -> str | Path:
+        return "shipped" if text == "shipped" else checkpoint(text)
+
+    return _named(getattr(checkpoint, "__name__", "checkpoint"), parse)
+
+
 def labelled_data(text: str) -> Path:
     """A labelled data set in a supported layout: the H:Si(100) .npz, or a folder with good/ and bad/ .npy files."""
     from deepspm.nets.data import DataError, check_labelled_path
