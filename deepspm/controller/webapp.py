@@ -42,6 +42,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import tempfile
 import threading
 import time
@@ -66,6 +67,7 @@ log = logging.getLogger("deepspm.serve")
 
 POLL_S = 0.5  # journal poll period of the live page (the page shows a new frame within this plus a render)
 KEEPALIVE_S = 15.0
+SHUTDOWN_S = 1.0  # open event streams are cut this long after a stop was asked
 NEWEST_FRAMES = 8
 PLOT_NAMES = {"approach_areas": report.plot_approach_areas, "p_good": report.plot_p_good,
               "actions_per_episode": report.plot_actions_per_episode}
@@ -230,6 +232,7 @@ class LiveRun:
     snapshot: dict[str, Any] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     plot_cache: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    closing: bool = False  # the server is stopping: event streams end
 
     def poll(self, now: float) -> bool:
         """Read what the journal gained; True when the page's view changed (runs in a worker thread)."""
@@ -367,7 +370,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     sent = -1
     try:
-        while True:
+        while not run.closing:
             if run.version != sent and run.snapshot:
                 sent = run.version
                 await response.write(f"data: {json.dumps(run.snapshot, allow_nan=False)}\n\n".encode())
@@ -710,7 +713,13 @@ def build_app(run_dirs: Sequence[Path] = (), *, label: Path | None = None, token
             task.cancel()
         await asyncio.gather(*app[TASKS_KEY], return_exceptions=True)
 
+    async def end_streams(app: web.Application) -> None:
+        for run in runs:
+            run.closing = True
+            run.changed.set()
+
     app.on_startup.append(start_pollers)
+    app.on_shutdown.append(end_streams)
     app.on_cleanup.append(stop_pollers)
     return app
 
@@ -734,8 +743,15 @@ def url_of(host: str, port: int, token: str) -> str:
 
 async def serve(app: web.Application, host: str, port: int, *, ready: Callable[[str], None] | None = None,
                 until: asyncio.Event | None = None) -> None:
-    """Serve until cancelled (or `until` is set); `ready(url)` once listening (the URL holds the token)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    """Serve until cancelled, `until` is set, or SIGINT/SIGTERM; `ready(url)` once listening (the URL holds the
+    token). Open event streams are closed within SHUTDOWN_S."""
+    loop = asyncio.get_running_loop()
+    if until is None:
+        until = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # no loop signal handlers here
+                loop.add_signal_handler(sig, until.set)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -746,7 +762,7 @@ async def serve(app: web.Application, host: str, port: int, *, ready: Callable[[
         bound = int(runner.addresses[0][1]) if runner.addresses else port  # --port 0: the one picked
         url = url_of(host, bound, app[TOKEN_KEY])
         (ready or print)(url)
-        await (until.wait() if until is not None else asyncio.Event().wait())
+        await until.wait()
     finally:
         await runner.cleanup()
 
