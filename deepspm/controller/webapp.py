@@ -67,6 +67,7 @@ log = logging.getLogger("deepspm.serve")
 
 POLL_S = 0.5  # journal poll period of the live page (the page shows a new frame within this plus a render)
 KEEPALIVE_S = 15.0
+SERVER_NICE = 10  # serve lowers its own priority by this: on a shared instrument PC the run has the CPU first
 SHUTDOWN_S = 1.0  # open event streams are cut this long after a stop was asked
 NEWEST_FRAMES = 8
 PLOT_NAMES = {"approach_areas": report.plot_approach_areas, "p_good": report.plot_p_good,
@@ -771,6 +772,8 @@ def serve_command(run_dirs: Sequence[Path], *, label: Path | None, host: str, po
                   classifier: str = "shipped") -> int:
     """`deepspm serve`: prints the URL (with the token) and serves until Ctrl-C."""
     loopback = is_loopback(host)
+    with contextlib.suppress(OSError, AttributeError):  # POSIX: the run comes first for the CPU
+        os.nice(SERVER_NICE)
     if label is not None and run_dirs:
         raise ServeError("--label", "serves one labelling page; give no RUN_DIR with it")
     app = build_app(check_run_dirs(run_dirs) if label is None else (), label=label, loopback=loopback, order=order,
@@ -846,8 +849,8 @@ function show(s) {
   document.getElementById("resume").style.display = s.paused ? "" : "none";
   document.body.dataset.records = s.records;
   document.body.dataset.state = s.state;
-  if (s.plots !== lastPlots) {  // redraw at most every 5 s (plots are drawn by the server)
-    const wait = 5000 - (Date.now() - lastPlotTime);
+  if (s.plots !== lastPlots) {  // redraw at most every 10 s (plots are drawn by the server)
+    const wait = 10000 - (Date.now() - lastPlotTime);
     if (wait <= 0) refreshPlots(s.plots);
     else { clearTimeout(pendingPlots); pendingPlots = setTimeout(() => refreshPlots(s.plots), wait); }
   }
