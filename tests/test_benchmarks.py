@@ -167,3 +167,11 @@ def test_linewindow_smoke() -> None:
     assert [r["lines"] for r in result["rows"]] == list(bench_linewindow.LINE_COUNTS)
     assert result["line_time_s"] == pytest.approx(0.1875)
     assert all(r["judgements"] > 0 and 0 < r["total_median_s"] <= r["total_p95_s"] for r in result["rows"])
+
+
+def test_ensemble_smoke() -> None:
+    from benchmarks import bench_ensemble
+
+    result = bench_ensemble.main(smoke=True)
+    assert result["k"] == bench_ensemble.K and len(result["rows"]) == 3
+    assert all(r["median_s"] > 0 and r["median_s"] <= r["p95_s"] for r in result["rows"])

@@ -29,9 +29,11 @@ from tqdm.auto import tqdm
 
 from deepspm.controller.preprocess import normalise, preprocess
 from deepspm.controller.seeds import derived_seed
+from deepspm.controller.tipstates import RELIABILITY_PNG, evaluation_extras, print_extras, reliability_diagram
 from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.classifier import ClassifierConfig, evaluate, train_classifier
 from deepspm.nets.data import DataError, load_deepspm_folders, load_hsi100_npz
+from deepspm.nets.ensemble import require_single
 from deepspm.nets.inference import Predictor
 from deepspm.nets.linewindow import DEFAULT_MIN_LINES, LINE_WINDOW_KEY, LineWindowSpec, is_line_window, mask_rows
 from deepspm.nets.metrics import DEFAULT_THRESHOLD, binary_metrics, format_metrics
@@ -249,7 +251,7 @@ def train_classifier_command(
         from deepspm.controller.session import checkpoint_path
 
         ckpt = load_net(checkpoint_path(str(init), "classifier"), expect_kind="classifier")
-        start_from = (ckpt.net, ckpt.variables)
+        start_from = (require_single(ckpt.net, f"fine-tuning from {init}"), ckpt.variables)
         preset = ckpt.net.spec.name
         freeze_epochs = 3 if freeze_epochs is None else freeze_epochs
         patience = 5 if patience is None else patience
@@ -315,9 +317,13 @@ def evaluate_classifier_command(
     checkpoint: Path | str, data: Sequence[Path | str] | Path | str, *, out_json: Path | str | None = None,
     threshold: float = DEFAULT_THRESHOLD, multiclass: bool | None = None, min_responses: int = 1, seed: int = 0,
     split: Path | str | None = None, workers: int | None = None, progress: bool = True,
-    lines: Sequence[int] | None = None,
+    lines: Sequence[int] | None = None, plots: Path | str | None = None,
 ) -> dict[str, Any]:
     """Metrics of a saved classifier on any labelled set(s), printed and returned (and written to `out_json`).
+
+    Calibration (expected calibration error, `tipstates.evaluation_extras`) is added for every output; a
+    six-class H:Si(100) model also gets its derived good/bad metrics and the four categories of Gordon et al.
+    2020. `plots`: a folder for the reliability diagram (`reliability.png`). Ensemble checkpoints work as any.
 
     `multiclass=None` follows the checkpoint's head (one output: binary; several: multi-label). For
     synthetic sets the accuracy per probe kind is added (`by_kind`). Frames are levelled as in training
@@ -348,16 +354,21 @@ def evaluate_classifier_command(
     images, labels = images[rows], labels[rows]
     predictor = Predictor(ckpt.net, ckpt.variables, "probability")
     metrics = evaluate(predictor, images, labels, threshold, info["class_names"])
+    scores = predictor.predict_batched(images)
+    metrics = evaluation_extras(metrics, labels, scores, class_names=info["class_names"], threshold=threshold,
+                                paths=paths, rows=rows, min_responses=min_responses)
     if info.get("kinds") is not None and labels.ndim == 1:
-        scores = predictor.predict_batched(images)
         metrics["by_kind"] = accuracy_by_kind([info["kinds"][i] for i in rows], labels, scores, threshold)
     summary = {"kind": "classifier_evaluation", "checkpoint": str(checkpoint), "data": _without_kinds(info),
                "split": None if split is None else str(split), "metrics": metrics}
     print(f"classifier {checkpoint} on {', '.join(map(str, paths))}"
           f"{'' if split is None else f' (the {rows.size} validation rows of {split})'}:")
     print(format_metrics(metrics))
+    print_extras(metrics)
     for kind, m in metrics.get("by_kind", {}).items():
         print(f"  {kind:<10} n={m['n']:<5} accuracy={m['accuracy']:.3f}")
+    if plots is not None:
+        print(f"reliability diagram: {reliability_diagram(metrics, Path(plots) / RELIABILITY_PNG, str(checkpoint))}")
     if out_json is not None:
         _write_json(Path(out_json), summary)
     return summary

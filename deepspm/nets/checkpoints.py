@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from deepspm.nets.checkpoint_info import FORMAT, KINDS, CheckpointError, read_checkpoint_meta, require_kind
 from deepspm.nets.dqn import DQNConfig, Learner, make_optimizer
+from deepspm.nets.ensemble import EnsembleDef
 from deepspm.nets.model import NetDef, NetVars
 from deepspm.nets.presets import NetSpec
 from deepspm.nets.replay_buffer import ReplayBuffer
@@ -110,7 +111,8 @@ def _read_arrays(path: Path | str, abstract: dict[str, Any]) -> dict[str, Any]:
 def _base_meta(kind: str, net: NetDef, metadata: dict[str, Any] | None) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    return {
+    extra = {"ensemble": net.to_meta()} if isinstance(net, EnsembleDef) else {}
+    return {**extra,
         "format": FORMAT,
         "kind": kind,
         "preset": net.spec.name,
@@ -125,6 +127,18 @@ def _net_from_meta(meta: dict[str, Any]) -> NetDef:
     return NetDef(NetSpec.from_dict(meta["spec"]), int(meta["n_outputs"]))
 
 
+def _any_net_from_meta(meta: dict[str, Any]) -> NetDef:
+    """The net of a checkpoint: a `NetDef`, or an `EnsembleDef` when the metadata has an `ensemble` entry."""
+    net = _net_from_meta(meta)
+    ensemble = meta.get("ensemble")
+    if ensemble is None:
+        return net
+    try:
+        return EnsembleDef.of_member(net, int(ensemble["k"]), str(ensemble.get("combine", "mean")))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"unreadable ensemble entry {ensemble!r} ({e})") from None
+
+
 def _to_device(tree: Any) -> Any:
     return jax.tree.map(jnp.asarray, tree)
 
@@ -134,7 +148,7 @@ def _to_device(tree: Any) -> Any:
 
 @dataclass
 class NetCheckpoint:
-    net: NetDef
+    net: NetDef  # an `EnsembleDef` for an ensemble; its variables are stacked on a leading member axis
     variables: NetVars
     kind: str
     metadata: dict[str, Any] = field(default_factory=dict)  # the caller's metadata (metrics, seed, data...)
@@ -158,11 +172,12 @@ async def save_net_async(
 
 
 def load_net(path: Path | str, expect_kind: str | None = None) -> NetCheckpoint:
-    """Restore a net into a fresh process: metadata first, then arrays against the abstract variables."""
+    """Restore a net into a fresh process: metadata first, then arrays against the abstract variables.
+    An ensemble checkpoint comes back as an `EnsembleDef` with stacked variables, which `Predictor` takes."""
     if expect_kind is not None:
         require_kind(path, expect_kind)
     meta = read_meta(path)
-    net = _net_from_meta(meta)
+    net = _any_net_from_meta(meta)
     abstract = net.abstract_vars()
     arrays = _read_arrays(path, flatten_named(abstract))
     return NetCheckpoint(net, _to_device(unflatten_named(abstract, arrays)), meta["kind"], meta["metadata"])

@@ -129,6 +129,42 @@ HSI100_CATEGORIES = ("Asymmetries", "Individual Atoms", "Dimers", "Rows", "Tip C
 _GOOD_CLASSES = [0, 1, 2]  # asymmetries, individual atoms, dimers: a sharp tip resolves them
 _BAD_CLASSES = [4, 5]  # tip change, bad/blurry
 
+GORDON2020_CATEGORIES = ("rows", "atoms", "dimers/asymmetries", "bad/blurry")
+"""The four tip-state categories of Gordon et al. 2020 ("Select Tip State")."""
+
+HSI100_TO_GORDON2020 = {
+    "Asymmetries": "dimers/asymmetries",
+    "Individual Atoms": "atoms",
+    "Dimers": "dimers/asymmetries",
+    "Rows": "rows",
+    "Tip Change": "bad/blurry",
+    "Bad/Blurry": "bad/blurry",
+}
+"""Each of the six crowd classes in the four categories (a category is on when any of its classes is)."""
+
+BINARY_FROM_MULTICLASS_RULE = "p(good) = max(p Asymmetries, p Individual Atoms, p Dimers) x (1 - max(p Tip Change, p Bad/Blurry))"
+"""How a six-output model gives p(good): the binary labels' own rule (`load_hsi100_npz`, mode "binary": a good
+class voted and no bad one; Rows alone is neither), read as probabilities."""
+
+
+def four_categories(six: np.ndarray) -> np.ndarray:
+    """(N, 6) multi-hot labels or probabilities of the crowd classes -> (N, 4) in `GORDON2020_CATEGORIES`
+    order: per category the max over its classes (for labels: any; for independent sigmoids: the largest)."""
+    six = np.asarray(six)
+    if six.ndim != 2 or six.shape[1] != len(HSI100_CATEGORIES):
+        raise DataError(f"expected (N, {len(HSI100_CATEGORIES)}) class columns, got shape {six.shape}")
+    columns = [[HSI100_CATEGORIES.index(c) for c, cat in HSI100_TO_GORDON2020.items() if cat == category]
+               for category in GORDON2020_CATEGORIES]
+    return np.stack([six[:, cols].max(axis=1) for cols in columns], axis=1)
+
+
+def binary_from_multiclass(probabilities: np.ndarray) -> np.ndarray:
+    """(N, 6) class probabilities -> (N,) p(good) by `BINARY_FROM_MULTICLASS_RULE`."""
+    p = np.asarray(probabilities)
+    if p.ndim != 2 or p.shape[1] != len(HSI100_CATEGORIES):
+        raise DataError(f"expected (N, {len(HSI100_CATEGORIES)}) class probabilities, got shape {p.shape}")
+    return p[:, _GOOD_CLASSES].max(axis=1) * (1.0 - p[:, _BAD_CLASSES].max(axis=1))
+
 
 @dataclass
 class NpzDataset:

@@ -75,6 +75,8 @@ class Predictor:
 
     `output="probability"`: sigmoid of the logits; shape (B,) for a 1-logit classifier, (B, K) for K labels.
     `output="values"`: raw outputs, e.g. the agent's Q-values (B, n_actions).
+    `net` may be an `EnsembleDef` (variables stacked on a leading member axis): the members run as one
+    vmapped call and are combined by the ensemble's rule (`deepspm.nets.ensemble`); the shapes are as above.
     The executables run `serving.forward` over weights prepared once per parameter snapshot (BN folded,
     dense kernels laid out for the batch size); passing the same `variables` object again reuses them.
     Thread-safe: each call reads the current snapshot once (an atomic reference read), so a concurrent
@@ -84,13 +86,26 @@ class Predictor:
     def __init__(self, net: NetDef, variables: NetVars, output: Output = "probability") -> None:
         if output not in ("probability", "values"):
             raise ValueError(f"unknown output kind {output!r}")
+        from deepspm.nets.ensemble import EnsembleDef, combine_outputs  # here: ensemble imports classifier
+
         self.net = net
         self.output: Output = output
         self.traces = TraceCounter()
         self._treedef = jax.tree.structure(variables)
         self._serving_treedefs: dict[DenseLayout, Any] = {}
+        # An ensemble (`EnsembleDef`, variables stacked on a leading member axis) runs as ONE call: prepare and
+        # forward are vmapped over the members (images shared), the outputs combined inside the same function.
+        ensemble = net if isinstance(net, EnsembleDef) else None
+        member: NetDef = ensemble.member if ensemble is not None else net
+        self._member = member
+
+        def prepare(layout: DenseLayout, variables: NetVars) -> Any:
+            one = partial(serving.prepare, member, layout=layout)
+            return jax.vmap(one)(variables) if ensemble is not None else one(variables)
+
+        self._prepare_fn = prepare
         self._prepare_jitted = {
-            layout: jax.jit(self.traces.wrap(f"prepare {layout.value}", partial(serving.prepare, net, layout=layout)))
+            layout: jax.jit(self.traces.wrap(f"prepare {layout.value}", partial(prepare, layout)))
             for layout in DenseLayout
         }
         self._current = _Prepared(variables, self._prepare)
@@ -100,11 +115,17 @@ class Predictor:
 
         def forward(layout: DenseLayout, leaves: list[jax.Array], images: jax.Array) -> jax.Array:
             weights = jax.tree.unflatten(self._serving_treedefs[layout], leaves)
-            outputs = serving.forward(net, weights, images, layout)
-            if output == "probability":
-                outputs = jax.nn.sigmoid(outputs)
-                if net.n_outputs == 1:
-                    outputs = outputs[:, 0]
+
+            def one(w: Any) -> jax.Array:
+                outputs = serving.forward(member, w, images, layout)
+                return jax.nn.sigmoid(outputs) if output == "probability" else outputs
+
+            if ensemble is not None:
+                outputs = combine_outputs(jax.vmap(one)(weights), ensemble.combine, output == "probability")
+            else:
+                outputs = one(weights)
+            if output == "probability" and net.n_outputs == 1:
+                outputs = outputs[:, 0]
             return outputs
 
         self._jitted = {layout: jax.jit(self.traces.wrap("forward", partial(forward, layout))) for layout in DenseLayout}
@@ -130,7 +151,7 @@ class Predictor:
 
     def _serving_abstract(self, layout: DenseLayout) -> list[Any]:
         """ShapeDtypeStructs of the prepared leaves (records the serving treedef of `layout`)."""
-        shapes = jax.eval_shape(partial(serving.prepare, self.net, layout=layout), abstract_like(self.variables))
+        shapes = jax.eval_shape(partial(self._prepare_fn, layout), abstract_like(self.variables))
         leaves, self._serving_treedefs[layout] = jax.tree.flatten(shapes)
         return leaves
 

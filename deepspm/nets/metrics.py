@@ -21,6 +21,39 @@ from sklearn.metrics import (
 )
 
 DEFAULT_THRESHOLD = 0.9
+CALIBRATION_BINS = 10
+"""Equal-width probability bins on [0, 1] for the expected calibration error and the reliability diagram:
+bin b holds the scores in [b/10, (b+1)/10) (the last bin includes 1.0)."""
+
+
+def calibration(labels: Any, scores: Any, n_bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Expected calibration error of probabilities `scores` for 0/1 `labels` (one output, or one class of a
+    multi-label head, or all of its outputs flattened): ECE = sum over bins of (n_b / n) x |frequency of
+    label 1 in b - mean score in b|, with `n_bins` equal-width bins (see `CALIBRATION_BINS`). Also the
+    maximum gap (MCE) and, per non-empty bin, its range, count, mean score and observed frequency (the
+    points of a reliability diagram)."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"{labels.size} labels but {scores.size} scores")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if scores.size and (scores.min() < 0.0 or scores.max() > 1.0 or not np.all(np.isfinite(scores))):
+        raise ValueError("calibration needs probabilities in [0, 1]")
+    index = np.minimum((scores * n_bins).astype(int), n_bins - 1)
+    bins, ece, mce = [], 0.0, 0.0
+    for b in range(n_bins):
+        inside = index == b
+        count = int(inside.sum())
+        if not count:
+            continue
+        confidence, frequency = float(scores[inside].mean()), float(labels[inside].mean())
+        gap = abs(frequency - confidence)
+        ece += count / scores.size * gap
+        mce = max(mce, gap)
+        bins.append({"low": b / n_bins, "high": (b + 1) / n_bins, "n": count,
+                     "mean_score": confidence, "frequency": frequency})
+    return {"n": int(scores.size), "n_bins": n_bins, "ece": float(ece), "mce": float(mce), "bins": bins}
 
 
 def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -82,9 +115,24 @@ def multilabel_metrics(
         "n": int(labels.shape[0]),
         "threshold": float(threshold),
         "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
+        "macro_precision": float(np.mean([m["precision"] for m in per_class.values()])),
+        "macro_recall": float(np.mean([m["recall"] for m in per_class.values()])),
+        "macro_f1": float(f1_score(labels, (scores > threshold).astype(int), average="macro", zero_division=0)),
         "exact_match": float(np.mean(np.all((scores > threshold) == (labels == 1), axis=1))),
         "per_class": per_class,
     }
+
+
+def with_calibration(metrics: dict[str, Any], labels: Any, scores: Any, n_bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """`metrics` (binary or multi-label) with `calibration` added: for a binary one at the top level, for a
+    multi-label one per class and over all outputs flattened (`calibration` beside `per_class`)."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    out = dict(metrics)
+    if "per_class" in out:
+        out["per_class"] = {name: {**m, "calibration": calibration(labels[:, k], scores[:, k], n_bins)}
+                            for k, (name, m) in enumerate(out["per_class"].items())}
+    out["calibration"] = calibration(labels, scores, n_bins)
+    return out
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -93,16 +141,25 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     def line(name: str, m: dict[str, Any]) -> str:
         auc = "n/a" if m.get("roc_auc") is None else f"{m['roc_auc']:.3f}"
         cm = m["confusion_matrix"]
+        ece = f" ece={m['calibration']['ece']:.3f}" if "calibration" in m else ""
         return (
             f"{name:<18} n={m['n']:<6} acc={m['accuracy']:.3f} prec={m['precision']:.3f} "
-            f"rec={m['recall']:.3f} spec={m['specificity']:.3f} auc={auc} "
+            f"rec={m['recall']:.3f} spec={m['specificity']:.3f} auc={auc}{ece} "
             f"(t={m['threshold']:.2f}; TN FP / FN TP = {cm[0][0]} {cm[0][1]} / {cm[1][0]} {cm[1][1]})"
         )
 
     if "per_class" in metrics:
         macro = metrics["macro_roc_auc"]
         head = f"multi-label: n={metrics['n']} macro AUC={'n/a' if macro is None else f'{macro:.3f}'}"
-        return "\n".join([head] + [line(name, m) for name, m in metrics["per_class"].items()])
+        if "macro_f1" in metrics:
+            head += f" macro F1={metrics['macro_f1']:.3f}"
+        if "calibration" in metrics:
+            head += f" ECE (all outputs, {metrics['calibration']['n_bins']} bins)={metrics['calibration']['ece']:.3f}"
+        lines = [head] + [line(name, m) for name, m in metrics["per_class"].items()]
+        if "binary" in metrics:
+            lines.append(f"good vs bad derived ({metrics['binary']['rule']}):")
+            lines.append(format_metrics(metrics["binary"]["metrics"]))
+        return "\n".join(lines)
     lines = [line("good vs bad", metrics)]
     if "at_0.5" in metrics:
         lines.append(line("  at 0.5", {**metrics["at_0.5"], "n": metrics["n"], "roc_auc": metrics["roc_auc"]}))

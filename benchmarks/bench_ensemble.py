@@ -1,0 +1,79 @@
+"""An ensemble of K = 5 compact classifiers at batch 1: one batched (vmapped) call against K separate calls.
+
+The ensemble `Predictor` (an `EnsembleDef` with stacked member variables) runs every member in ONE jitted
+call and combines them inside it (mean probability); the comparison is the run-time alternative, K single
+member `Predictor`s called one after another, and one member alone. Every predictor is compiled for batch 1
+before timing (as the run does); the calls are interleaved round by round so that load from other processes
+hits all three alike; the median and the 95th percentile of the per-call latency are reported. Goal: the
+batched call at most 2x one member's latency. Reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks.common import print_table, write_json
+from deepspm.nets.ensemble import EnsembleDef, stack_members
+from deepspm.nets.inference import Predictor
+from deepspm.nets.model import NetDef
+
+K = 5
+
+
+def main(smoke: bool = False) -> dict[str, Any]:
+    """`smoke` (or `--quick`): tiny members and a few rounds, nothing written (keeps the module working)."""
+    preset = "tiny" if smoke else "compact"
+    net = NetDef.of(preset, 1)
+    members = [net.init(jax.random.key(seed)) for seed in range(K)]
+    ensemble = Predictor(EnsembleDef.of_member(net, K, "mean"), stack_members(members), "probability")
+    singles = [Predictor(net, variables, "probability") for variables in members]
+    for predictor in (ensemble, *singles):
+        predictor.compile([1])
+    image = np.random.default_rng(3).uniform(-1.0, 1.0, (1, 64, 64)).astype(np.float32)
+    expected = np.mean([p(image) for p in singles], axis=0)
+    got = ensemble(image)
+    assert np.allclose(got, expected, atol=1e-5), (got, expected)
+
+    def k_calls() -> Any:
+        return np.mean([p(image) for p in singles], axis=0)
+
+    calls: dict[str, Callable[[], Any]] = {
+        "one member": lambda: singles[0](image),
+        f"ensemble of {K}, one batched call": lambda: ensemble(image),
+        f"{K} separate calls": k_calls,
+    }
+    rounds = 5 if smoke else 300
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    one = float(np.median(times["one member"]))
+    rows, payload = [], []
+    for name, samples in times.items():
+        med, p95 = float(np.median(samples)), float(np.percentile(samples, 95))
+        payload.append({"call": name, "median_s": med, "p95_s": p95, "x_one_member": med / one})
+        rows.append((name, med * 1e3, p95 * 1e3, f"{med / one:.2f}"))
+    print_table(
+        f"Ensemble inference at batch 1 ({K} x {preset}, mean probability; {rounds} interleaved rounds; "
+        f"load average {os.getloadavg()[0]:.1f}; goal: batched <= 2x one member)",
+        ("call", "median ms", "p95 ms", "x one member"), rows,
+    )
+    result = {"preset": preset, "k": K, "rounds": rounds, "rows": payload}
+    if not smoke:
+        print("wrote", write_json("ensemble", result))
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny members, a few rounds (smoke run; nothing written)")
+    main(smoke=parser.parse_args().quick)
