@@ -135,7 +135,7 @@ class ClassifierSettings:
     checkpoint: str = "shipped"  # a checkpoint directory, or "shipped" for the package's weights
     threshold: float = 0.9  # p(good probe) above this is a good probe
     # line by line: the line-window net judges each frame every scan.z_check_lines lines while it is scanned
-    lines_checkpoint: str = "none"  # a line-window checkpoint, "shipped", or "none" (whole frames only)
+    lines_checkpoint: str = "shipped"  # a line-window checkpoint, "shipped", or "none" (whole frames only)
     early_abort: bool = True  # stop a scan once the line-window net is confident the probe is bad
     abort_below: float = 0.1  # ... that is, p(good) below this
     abort_min_lines: int = 16  # ... after at least this many lines
