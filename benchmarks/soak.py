@@ -310,7 +310,7 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
         "faults_injected": dict(sorted(injected.items())),
         "failures_in_journal_by_error": dict(failures_by_error.most_common()),
         "failures_in_journal_by_op": dict(failures.most_common(30)),
-        "memory": memory_growth(samples, min(args.memory_from, args.frames // 5)),
+        "memory": memory_growth(samples, min(args.memory_from, args.frames // 2)),
         "journal_bytes": journal_bytes, "journal_bytes_per_frame": journal_bytes / max(frames, 1),
         "journal_records": len(records),
         "run_wall_s": driven["run_wall_s"], "last_exit": driven["last_exit"],
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=17, help="the run's seed, the fault draws and the kill points (default 17)")
     p.add_argument("--mem-every", type=int, default=50, help="sample resident memory every N frames (default 50)")
     p.add_argument("--memory-from", type=int, default=1000,
-                   help="memory growth is measured from this frame to the end (default 1000; at most frames / 5)")
+                   help="memory growth is measured from this frame to the end (default 1000; at most frames / 2)")
     p.add_argument("--out", type=Path, default=None, help="soak folder (run/ and the soak's files; default a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the summary here (default bench-results/soak.json)")
     p.add_argument("--no-replay", action="store_true", help="skip the replay of the whole journal")
