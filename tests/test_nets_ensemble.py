@@ -33,8 +33,6 @@ from deepspm.nets.inference import Predictor
 from deepspm.nets.metrics import calibration, multilabel_metrics, with_calibration
 from deepspm.nets.model import NetDef
 
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data" / "hsi100_tipstates_64.npz"
-
 
 def _images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1.0, 1.0, (n, 64, 64)).astype(np.float32)
@@ -159,18 +157,43 @@ def test_category_table_and_derived_good_bad() -> None:
         binary_from_multiclass(np.zeros((2, 4)))
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def _small_hsi_npz(path: Path, n: int = 48) -> Path:
+    """An H:Si(100)-layout .npz of `n` random images; every image has clear votes (good, bad or rows)."""
+    rng = np.random.default_rng(3)
+    scores = np.zeros((n, 6), np.float32)
+    scores[np.arange(n), rng.choice([0, 1, 2, 3, 4, 5], n)] = 1.0
+    np.savez(path, images=rng.integers(0, 255, (n, 64, 64)).astype(np.uint8), scores=scores,
+             n_responses=np.full(n, 2, np.int32), names=np.array([f"img{i}.png" for i in range(n)]),
+             categories=np.array(HSI100_CATEGORIES), orig_shape=np.full((n, 2), 300))
+    return path
+
+
 def test_cli_ensemble_train_and_evaluate_with_plots(tmp_path: Path) -> None:
     from deepspm.cli import main
 
+    data = _small_hsi_npz(tmp_path / "hsi.npz")
     out, plots, report = tmp_path / "ens", tmp_path / "plots", tmp_path / "eval.json"
-    assert main(["train", "classifier", "--data", str(DATA), "--out", str(out), "--preset", "tiny", "--epochs", "1",
-                 "--ensemble", "2", "--combine", "vote", "--holdout-fraction", "0.9", "--val-fraction", "0"]) == 0
+    assert main(["train", "classifier", "--data", str(data), "--out", str(out), "--preset", "tiny", "--epochs", "1",
+                 "--ensemble", "2", "--combine", "vote", "--holdout-fraction", "0.5", "--val-fraction", "0",
+                 "--multiclass"]) == 0
     meta = json.loads((out / "meta" / "metadata").read_text())
     assert meta["ensemble"] == {"k": 2, "combine": "vote"}
     assert [m["seed"] for m in meta["metadata"]["ensemble"]["members"]] == [0, 1]
-    assert main(["evaluate", "classifier", "--checkpoint", str(out), "--data", str(DATA), "--split",
+    assert main(["evaluate", "classifier", "--checkpoint", str(out), "--data", str(data), "--split",
                  str(out / "split.json"), "--plots", str(plots), "--json", str(report)]) == 0
     metrics = json.loads(report.read_text())["metrics"]
-    assert 0.0 <= metrics["calibration"]["ece"] <= 1.0
+    assert 0.0 <= metrics["calibration"]["ece"] <= 1.0 and "calibration" in metrics["per_class"]["Rows"]
+    assert metrics["binary"]["metrics"]["n"] > 0 and "calibration" in metrics["binary"]["metrics"]
+    assert set(metrics["four_categories"]["per_class"]) == set(GORDON2020_CATEGORIES)
     assert (plots / "reliability.png").stat().st_size > 1000
+
+
+def test_cli_refuses_fine_tuning_from_an_ensemble(tmp_path: Path, three, capsys: pytest.CaptureFixture[str]) -> None:
+    from deepspm.cli import main
+
+    net, members = three
+    save_net(tmp_path / "ens", EnsembleDef.of_member(net, 3), stack_members(members), kind="classifier")
+    data = _small_hsi_npz(tmp_path / "hsi.npz", 12)
+    code = main(["train", "classifier", "--data", str(data), "--out", str(tmp_path / "ft"), "--init",
+                 str(tmp_path / "ens"), "--multiclass", "--epochs", "1"])
+    assert code == 2 and "single net" in capsys.readouterr().err
