@@ -343,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kills", type=int, default=20, help="kill -9 points, each followed by a resume (default 20)")
     p.add_argument("--fault-scale", type=float, default=1.0,
                    help="multiplier of every per-request fault rate (default 1; 0 = no injected faults)")
-    p.add_argument("--z-jump-rate", type=float, default=2e-4,
-                   help="sudden z jumps per simulated second (lost contact, crashes; default 2e-4, one per ~1.4 h)")
+    p.add_argument("--z-jump-rate", type=float, default=2e-3,
+                   help="sudden z jumps per simulated second (some cause lost contact or a crash; default 2e-3, one "
+                        "per ~8 simulated minutes; the simulator's own default is 1/7200)")
     p.add_argument("--command-timeout", type=float, default=1.0,
                    help="the client's deadline for a non-blocking command, wall seconds (default 1)")
     p.add_argument("--seed", type=int, default=17, help="the run's seed, the fault draws and the kill points (default 17)")
