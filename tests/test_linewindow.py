@@ -144,14 +144,16 @@ def test_mask_rows_keeps_the_first_rows_of_each_image() -> None:
 
 
 def test_random_truncation_draws_per_image_line_counts_in_range() -> None:
-    images = jax.numpy.asarray(np.random.default_rng(0).uniform(-1, 1, (256, 64, 64, 1)).astype(np.float32))
-    out = np.asarray(lw.random_truncation(images, jax.random.key(7), min_lines=4))
+    images = np.random.default_rng(0).uniform(-1, 1, (128, 64, 64, 1)).astype(np.float32)
+    truncate = jax.jit(lw.random_truncation, static_argnums=2)
+    out = np.asarray(truncate(images, jax.random.key(7), 4))
     scanned = (out[..., 0] != lw.UNSCANNED_FILL).any(axis=2)  # (B, rows): a scanned row has data
     lines = scanned.sum(axis=1)
     assert lines.min() >= 4 and lines.max() <= 64 and len(set(lines.tolist())) > 20
-    for k in range(256):  # the kept rows are the first ones, untouched
-        np.testing.assert_array_equal(out[k, : lines[k]], np.asarray(images[k, : lines[k]]))
-    np.testing.assert_array_equal(out, np.asarray(lw.random_truncation(images, jax.random.key(7), min_lines=4)))
+    for k in range(128):  # the kept rows are the first ones, untouched; the rest all unscanned
+        np.testing.assert_array_equal(out[k, : lines[k]], images[k, : lines[k]])
+        assert np.all(out[k, lines[k] :] == lw.UNSCANNED_FILL)
+    np.testing.assert_array_equal(out, np.asarray(truncate(images, jax.random.key(7), 4)))
 
 
 def test_the_train_step_truncates_only_for_a_line_window_net() -> None:
@@ -159,16 +161,15 @@ def test_the_train_step_truncates_only_for_a_line_window_net() -> None:
     images = jax.numpy.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 64, 64, 1)).astype(np.float32))
     labels = jax.numpy.asarray(np.array([0, 1] * 4, np.float32))
 
-    def loss(min_lines: int) -> float:
-        config = ClassifierConfig(line_window_min_lines=min_lines)
-        variables = net.init(jax.random.key(0))
-        optimizer = optax.adam(1e-3)
-        step = make_train_step(net, optimizer, config, donate=False)
-        return float(step(variables, optimizer.init(variables.params), images, labels, jax.random.key(1))[2])
+    variables = net.init(jax.random.key(0))
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(variables.params)
 
-    full = loss(0)
-    assert loss(64) == full  # truncating to all 64 rows is no truncation
-    assert loss(1) != full
+    def loss(min_lines: int) -> float:
+        step = make_train_step(net, optimizer, ClassifierConfig(line_window_min_lines=min_lines), donate=False)
+        return float(step(variables, opt_state, images, labels, jax.random.key(1))[2])
+
+    assert loss(1) != loss(0)  # the same key, flips and dropout: only the truncation differs
     with pytest.raises(ValueError, match="line_window_min_lines"):
         ClassifierConfig(line_window_min_lines=-1)
 
@@ -213,7 +214,8 @@ def test_evaluate_by_lines_on_every_layout(tiny_lines: Path, synth: Path, tmp_pa
     images, labels, _ = load_labelled(npz)
     ckpt = load_net(tiny_lines)
     expected = binary_metrics(labels, Predictor(ckpt.net, ckpt.variables)(lw.mask_rows(images, 16)), 0.9)
-    assert result["by_lines"][0]["metrics"] == expected
+    got = result["by_lines"][0]["metrics"]
+    assert "calibration" in got and {k: v for k, v in got.items() if k != "calibration"} == expected
     split = evaluate_classifier_command(tiny_lines, [synth], lines=[32], seed=3, split=tiny_lines / "split.json",
                                         progress=False)
     assert split["by_lines"][0]["metrics"]["n"] == len(json.loads((tiny_lines / "split.json").read_text())["val_indices"])

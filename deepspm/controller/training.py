@@ -342,7 +342,7 @@ def evaluate_classifier_command(
     if lines:
         return _evaluate_by_lines(ckpt, checkpoint, paths, list(lines), out_json=out_json, threshold=threshold,
                                   multiclass=multiclass, min_responses=min_responses, seed=seed, split=split,
-                                  workers=workers, progress=progress)
+                                  workers=workers, progress=progress, plots=plots)
     images, labels, info = load_labelled_sets(
         paths, multiclass=multiclass, min_responses=min_responses, seed=seed, workers=workers, progress=progress
     )
@@ -381,9 +381,10 @@ def _split_rows(split: Path | str) -> np.ndarray:
 def _evaluate_by_lines(
     ckpt: Any, checkpoint: Path | str, paths: list[Path | str], lines: list[int], *, out_json: Path | str | None,
     threshold: float, multiclass: bool, min_responses: int, seed: int, split: Path | str | None,
-    workers: int | None, progress: bool,
+    workers: int | None, progress: bool, plots: Path | str | None = None,
 ) -> dict[str, Any]:
-    """`evaluate_classifier_command` with `lines`: one metrics dict (and printed row) per visible-line count."""
+    """`evaluate_classifier_command` with `lines`: one metrics dict (and printed row) per visible-line count;
+    with `plots`, one reliability diagram per count (`plots/lines-N/reliability.png`)."""
     from deepspm.controller.partial_data import load_partial_sets
     from deepspm.nets.classifier import evaluate as evaluate_predictor
 
@@ -391,11 +392,15 @@ def _evaluate_by_lines(
     by_n, labels, info = load_partial_sets(paths, lines, rows=rows, multiclass=multiclass,
                                            min_responses=min_responses, seed=seed, workers=workers, progress=progress)
     predictor = Predictor(ckpt.net, ckpt.variables, "probability")
+    kept = np.arange(info["n"]) if rows is None else rows
     by_lines = []
-    for n, images in by_n.items():
+    for n, images in by_n.items():  # the same metrics as a full-frame evaluation, per visible-line count
         metrics = evaluate_predictor(predictor, images, labels, threshold, info["class_names"])
+        scores = predictor.predict_batched(images)
+        metrics = evaluation_extras(metrics, labels, scores, class_names=info["class_names"], threshold=threshold,
+                                    paths=paths, rows=kept, min_responses=min_responses)
         if info.get("kinds") is not None and labels.ndim == 1:
-            metrics["by_kind"] = accuracy_by_kind(info["kinds"], labels, predictor.predict_batched(images), threshold)
+            metrics["by_kind"] = accuracy_by_kind(info["kinds"], labels, scores, threshold)
         by_lines.append({"lines": n, "metrics": metrics})
     summary = {"kind": "classifier_evaluation", "checkpoint": str(checkpoint), "data": _without_kinds(info),
                "split": None if split is None else str(split), "line_window_net": is_line_window(ckpt.metadata),
@@ -405,6 +410,12 @@ def _evaluate_by_lines(
           f"{'' if split is None else f' (the {labels.shape[0]} validation rows of {split})'}, "
           f"rows 0..N-1 visible:")
     print(format_lines_table(by_lines))
+    if plots is not None:
+        for row in by_lines:
+            n = row["lines"]
+            drawn = reliability_diagram(row["metrics"], Path(plots) / f"lines-{n}" / RELIABILITY_PNG,
+                                        f"{checkpoint}, {n} lines")
+            print(f"reliability diagram, {n} lines: {drawn}")
     if out_json is not None:
         _write_json(Path(out_json), summary)
     return summary
