@@ -393,7 +393,7 @@ def _evaluate_by_lines(
                                            min_responses=min_responses, seed=seed, workers=workers, progress=progress)
     predictor = Predictor(ckpt.net, ckpt.variables, "probability")
     kept = np.arange(info["n"]) if rows is None else rows
-    by_lines = []
+    by_lines: list[dict[str, Any]] = []
     for n, images in by_n.items():  # the same metrics as a full-frame evaluation, per visible-line count
         metrics = evaluate_predictor(predictor, images, labels, threshold, info["class_names"])
         scores = predictor.predict_batched(images)
