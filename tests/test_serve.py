@@ -15,6 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from deepspm.cli import main
+from deepspm.controller.commands import StartScan
+from deepspm.controller.documents import LineJudgement
 from deepspm.controller.labdata import MANIFEST, MANIFEST_COLUMNS, read_labels
 from deepspm.controller.runcontrol import PAUSE_FILE, STOP_FILE
 from deepspm.controller.validate import ArgumentProblem
@@ -25,8 +27,24 @@ from tests.test_report import ScriptedRun
 TOKEN = "test-token-123"
 
 
-async def scripted_run(run_dir: Path, frames: int = 3, *, stop: bool = True) -> ScriptedRun:
-    run = ScriptedRun(run_dir).open()
+class LineJudgedRun(ScriptedRun):
+    """A scripted run whose next frame scan is judged line by line (`lines`: (line count, p(good)) pairs), the
+    judgements journaled after the frame's start_scan, as the scanning plan does."""
+
+    lines: list[tuple[int, float]] = []
+
+    def command(self, command, result=None, ref=None) -> int:
+        seq = super().command(command, result, ref)
+        if isinstance(command, StartScan) and command.purpose == "frame":
+            for lines, p in self.lines:
+                self.journal.write(LineJudgement(frame="cd" * 32, lines=lines, p_good=p))
+            self.lines = []
+        return seq
+
+
+async def scripted_run(run_dir: Path, frames: int = 3, *, stop: bool = True) -> LineJudgedRun:
+    run = LineJudgedRun(run_dir)
+    run.open()
     run.approach()
     for k in range(frames):
         await run.frame(k * 12e-9, 0.0, p_good=0.95 if k % 2 == 0 else 0.2)
@@ -112,11 +130,13 @@ async def test_the_live_view_follows_a_growing_journal_and_controls_write_the_op
 
         first = await next_event()
         assert first["running"] and len(first["frames"]) == 1 and first["state"] == "selecting"
+        run.lines = [(16, 0.8), (32, 0.4)]  # this frame is judged line by line while it is scanned
         ref = await run.frame(12e-9, 0.0, p_good=0.3)
         await run.journal.flush()
         while (event := await next_event())["frames"][0]["ref"] != ref:
             pass
         assert event["frames"][0]["p_good"] == pytest.approx(0.3) and event["frames"][0]["verdict"] == "bad probe"
+        assert event["frames"][0]["lines"] == [[16, 0.8], [32, 0.4]] and event["frames"][1]["lines"] == []
         assert any(k == "frames" and "2 classified" in v for k, v in event["overview"])
         for name in ("p_good", "actions_per_episode", "approach_areas"):
             plot = await client.get(f"/run/0/plot/{name}.png")

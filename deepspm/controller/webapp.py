@@ -56,7 +56,8 @@ import numpy as np
 from aiohttp import web
 
 from deepspm.controller import report
-from deepspm.controller.documents import Classification
+from deepspm.controller.commands import StartScan
+from deepspm.controller.documents import Classification, LineJudgement
 from deepspm.controller.journal import FRAMES_DIR, JOURNAL_FILE, JournalError, scan_journal
 from deepspm.controller.runcontrol import PAUSE_FILE, STOP_FILE
 from deepspm.controller.runfold import BAD, DEFAULT_THRESHOLD, GOOD, History, RunFold, fold_records
@@ -199,10 +200,27 @@ def _load_npy(path: Path) -> np.ndarray:
 # -- the live run ------------------------------------------------------------------------------------------------
 
 
+@dataclass
 class LiveFold(RunFold):
-    """The fold with history (the plots) and the wall time of the last transition (time in the state)."""
+    """The fold with history (the plots), the wall time of the last transition (time in the state), and the
+    line-window judgements of the newest frames (p(good) after each checked line count while it was scanned)."""
 
     state_since: float | None = None
+    lines_of: OrderedDict[str, list[tuple[int, float]]] = field(default_factory=OrderedDict)  # by frame ref
+    _scan_lines: list[tuple[int, float]] = field(default_factory=list)  # of the scan under way
+
+    def add_entry(self, e: Any) -> None:
+        super().add_entry(e)
+        doc = e.doc
+        if isinstance(doc, LineJudgement):
+            self._scan_lines.append((doc.lines, doc.p_good))
+        elif isinstance(doc, StartScan) and doc.purpose == "frame":  # a new frame: its own judgements follow
+            self._scan_lines = []
+        elif isinstance(doc, Classification):
+            self.lines_of[doc.frame] = self._scan_lines
+            self._scan_lines = []
+            while len(self.lines_of) > 4 * NEWEST_FRAMES:
+                self.lines_of.popitem(last=False)
 
     def _transition(self, e: Any, t: Any) -> None:
         super()._transition(e, t)
@@ -258,8 +276,10 @@ class LiveRun:
         s = self.follower.status
         assert isinstance(s, LiveFold)
         h = s.history or History()
+        lines_of = s.lines_of
         frames = [{"index": f.index, "ref": f.ref, "p_good": f.p_good if math.isfinite(f.p_good) else None,
-                   "verdict": GOOD if f.good else BAD, "seq": f.seq, "t_wall": f.t_wall}
+                   "verdict": GOOD if f.good else BAD, "seq": f.seq, "t_wall": f.t_wall,
+                   "lines": [[n, p if math.isfinite(p) else None] for n, p in lines_of.get(f.ref, [])]}
                   for f in h.frames[-NEWEST_FRAMES:]][::-1]
         overview: list[tuple[str, str]] = []
         if not self.follower.exists:
@@ -799,7 +819,8 @@ h1 { font-size: 1.4em; margin: 0.2em 0 0.6em; }
 table { border-collapse: collapse; } th, td { text-align: left; padding: 0.15em 0.8em; border-bottom: 1px solid #ddd; }
 th { font-weight: normal; color: #555; }
 button { font-size: 1em; padding: 0.35em 1.1em; margin-right: 0.5em; border-radius: 4px; border: 1px solid #888; }
-.frame { display: inline-block; margin: 0 0.6em 0.6em 0; text-align: center; font-size: 0.85em; }
+.frame { display: inline-block; margin: 0 0.6em 0.6em 0; text-align: center; font-size: 0.85em; vertical-align: top;
+  max-width: 150px; } .lines { color: #666; font-size: 0.85em; }
 .frame img { width: 128px; height: 128px; image-rendering: pixelated; border: 3px solid #ccc; display: block; }
 .good img { border-color: #2ca02c; } .bad img { border-color: #d62728; }
 .plots img { max-width: 100%; display: block; margin-bottom: 1em; }
@@ -839,7 +860,9 @@ function show(s) {
     '<div class="frame ' + (f.verdict === "good probe" ? "good" : "bad") + '" data-ref="' + esc(f.ref) +
     '" data-seq="' + f.seq + '"><img src="' + base + "/frame/" + esc(f.ref) + ".png" + q + '" alt="frame ' + f.index +
     '"><span>#' + f.index + " " + esc(f.verdict) + (f.p_good === null ? "" : " p=" + f.p_good.toFixed(3)) +
-    "</span></div>").join("") || "no classified frame yet";
+    "</span>" + (f.lines.length ? '<br><span class="lines" title="line-window p(good) while scanned">lines ' +
+    f.lines.map(([n, p]) => n + ": " + (p === null ? "?" : p.toFixed(2))).join(", ") + "</span>" : "") +
+    "</div>").join("") || "no classified frame yet";
   document.getElementById("episodes").textContent = s.episodes.length ? s.episodes.map(
     e => "#" + e.index + ": " + e.actions + " actions (" + e.outcome + ")").join(", ") : "none yet";
   document.getElementById("control-state").textContent = !s.running ? "the run is not running" :
