@@ -69,7 +69,14 @@ from deepspm.controller.messages import (
     Scanned,
 )
 from deepspm.controller.planner import RegionPlanner, bad_sample_radius_m
-from deepspm.controller.preprocess import Preprocessed, is_bad_sample, preprocess, preprocess_partial, scan_order
+from deepspm.controller.preprocess import (
+    Preprocessed,
+    is_bad_sample,
+    preprocess,
+    preprocess_partial,
+    scan_order,
+    scanned_lines,
+)
 from deepspm.controller.seeds import derived_seed
 from deepspm.fsm.states import State
 from deepspm.io.actions import ACTIONS, ActionKind
@@ -292,8 +299,9 @@ def scan_frame(rs: RunState, x: float, y: float, size: float, lines: int, purpos
             trouble = extension
             yield StopScan()
             break
-        if judge:
-            seen, p_good = yield from judge_lines(rs, partial)
+        judged = (yield from judge_lines(rs, partial)) if judge else None
+        if judged is not None:
+            seen, p_good = judged
             judgements.append((seen, p_good))
             if cl.early_abort and seen >= cl.abort_min_lines and p_good < cl.abort_below:
                 yield StopScan()
@@ -309,10 +317,13 @@ def scan_frame(rs: RunState, x: float, y: float, size: float, lines: int, purpos
 
 def judge_lines(rs: RunState, partial: Scanned) -> Plan:
     """The line-window net's p(good) for a partial frame: levelled on its scanned lines, in scan order.
-    Returns (lines seen, p(good))."""
+    Returns (lines seen, p(good)), or None when no complete line has arrived yet (nothing to judge)."""
     frame = partial.frame
+    ordered = scan_order(frame.data_m, frame.scan_up)
+    if scanned_lines(ordered) == 0:
+        return None
     seed = derived_seed(rs.config.run.seed, rs.counters.scanned_frames, "lines", partial.ref)
-    image, seen = yield Compute(preprocess_partial, (scan_order(frame.data_m, frame.scan_up), seed))
+    image, seen = yield Compute(preprocess_partial, (ordered, seed))
     p_good: float = yield ClassifyLines(image)
     return seen, p_good
 
