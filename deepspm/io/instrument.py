@@ -11,6 +11,7 @@ Conventions (explicit because the original left them unchecked, reference deepsp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -218,16 +219,24 @@ class NanonisInstrument:
         await self.client.scan_start(self.scan_settings.scan_up)
         self._frame = (centre_x_m, centre_y_m, size_m)
 
-    async def wait_scan_end(self) -> None:
-        """Block until the running frame ends (its frame time plus a margin); a scan that overruns is stopped."""
+    async def wait_scan_end(self, poll_s: float = 1.0) -> None:
+        """Block until the running frame ends (its frame time plus a margin); a scan that overruns is stopped.
+
+        Scan.WaitEndOfScan waits for the *next* end when no scan runs, so a frame that ended while the run was
+        busy (levelling, judging) would look like an overrun: the scan status is checked first, and the wait is
+        made in short slices that re-check it (`poll_s`, instrument seconds)."""
         if self._frame is None:
             raise InstrumentError("wait_scan_end before start_scan")
         x, y, size = self._frame
         timeout_s = self.frame_time_s(size) + self.scan_settings.timeout_margin_s
-        timed_out, _ = await self.client.scan_wait_end(timeout_s)
-        if timed_out:
-            await self.client.scan_stop()
-            raise ScanFailed(f"scan at ({x:.3g}, {y:.3g}) m did not end within {timeout_s:.0f} s; stopped")
+        for _ in range(max(1, math.ceil(timeout_s / poll_s))):
+            if not await self.client.scan_status():
+                return
+            timed_out, _ = await self.client.scan_wait_end(poll_s)
+            if not timed_out:
+                return
+        await self.client.scan_stop()
+        raise ScanFailed(f"scan at ({x:.3g}, {y:.3g}) m did not end within {timeout_s:.0f} s; stopped")
 
     async def stop_scan(self) -> None:
         await self.client.scan_stop()
