@@ -149,7 +149,7 @@ def test_a_creep_frame_is_partial_and_not_judged() -> None:
 
 
 def test_a_crash_seen_mid_frame_stops_the_scan_and_is_reported_even_if_z_recovers() -> None:
-    rs = plans.RunState.new(load_config(None))
+    rs = plans.RunState.new(load_config(None, {"classifier.lines_checkpoint": "none"}))  # z read alone
     answer = answering(readings=iter([z(0.8), z(0.01), z(0.8)]), grab=Scanned(frame(64), "f"))
     messages, result = drive(plans.scan_frame(rs, 0, 0, 10e-9, 64, "frame"), answer)
     assert result.trouble == pytest.approx(0.01) and isinstance(messages[-2], StopScan)
