@@ -817,3 +817,22 @@ async def test_serve_forever_announces_serves_and_stops_cleanly():
     with pytest.raises(ConnectionLost):
         async with RawClient(ports[0]):
             pass
+
+
+async def test_a_resumed_process_finishes_a_scan_its_predecessor_started():
+    """After kill -9 mid-frame, the resumed run's fresh instrument waits for and grabs the scan the killed
+    process started: the frame comes from the instrument (Scan.FrameGet), not from this process's memory."""
+    async with SimulatorServer(seed=43) as sim:
+        first = NanonisInstrument(our_client(sim.port))
+        await first.connect()
+        await first.start_scan(20e-9, -10e-9, 10e-9)
+        await first.close()
+        second = NanonisInstrument(our_client(sim.port))
+        try:
+            await second.connect()
+            await second.wait_scan_end()
+            frame = await second.grab_frame()
+            assert (frame.centre_x_m, frame.centre_y_m, frame.size_m) == pytest.approx((20e-9, -10e-9, 10e-9))
+            assert frame.complete
+        finally:
+            await second.close()

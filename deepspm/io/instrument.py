@@ -225,9 +225,7 @@ class NanonisInstrument:
         Scan.WaitEndOfScan waits for the *next* end when no scan runs, so a frame that ended while the run was
         busy (levelling, judging) would look like an overrun: the scan status is checked first, and the wait is
         made in short slices that re-check it (`poll_s`, instrument seconds)."""
-        if self._frame is None:
-            raise InstrumentError("wait_scan_end before start_scan")
-        x, y, size = self._frame
+        x, y, size = await self._scan_frame()
         timeout_s = self.frame_time_s(size) + self.scan_settings.timeout_margin_s
         for _ in range(max(1, math.ceil(timeout_s / poll_s))):
             if not await self.client.scan_status():
@@ -242,12 +240,21 @@ class NanonisInstrument:
         await self.client.scan_stop()
 
     async def grab_frame(self) -> Frame:
-        """The forward z data of the last frame started, top row first (NaN where not scanned), and z now."""
-        if self._frame is None or self._z_channel is None:
-            raise InstrumentError("grab_frame before connect() and start_scan")
+        """The forward z data of the frame being scanned, top row first (NaN where not scanned), and z now."""
+        if self._z_channel is None:
+            raise InstrumentError("grab_frame before connect()")
+        where = await self._scan_frame()
         grabbed = await self.client.scan_frame_data_grab(self._z_channel, forward=True)
-        return frame_from_buffer(grabbed.data, grabbed.scan_up, grabbed.channel_name, self._frame, self.orientation,
-                      await self.z_state())
+        return frame_from_buffer(grabbed.data, grabbed.scan_up, grabbed.channel_name, where, self.orientation,
+                                 await self.z_state())
+
+    async def _scan_frame(self) -> tuple[float, float, float]:
+        """(centre x, centre y, size) of the frame being scanned: the one this process started, or, when a
+        resumed run carries on with a scan its killed predecessor started, the instrument's own (Scan.FrameGet)."""
+        if self._frame is None:
+            f = await self.client.scan_frame_get()
+            self._frame = (f.x_m, f.y_m, f.width_m)
+        return self._frame
 
     async def scan(self, centre_x_m: float, centre_y_m: float, size_m: float) -> Frame:
         """One whole frame (start, wait for its end, grab): for scripts and benchmarks. The run scans through
