@@ -136,6 +136,9 @@ class ReplayInstrument:
         return self._pos >= len(self._calls)
 
     async def _call(self, op: str, **args: Any) -> Any:
+        if self.exhausted and self.live is not None and self._calls:  # resumed: release the re-lived calls
+            self._calls.clear()
+            self._pos = 0
         if self.exhausted:
             if self.live is None:
                 raise Divergence(None, "the end of the journal", {"op": op, **args})
@@ -231,6 +234,9 @@ class ReplayJournal:
             raise Divergence(rec.seq, {k: expected.get(k) for k in ("kind", *fields_)},
                              {k: got.get(k) for k in ("kind", *fields_)})
         self._pos += 1
+        if self.live is not None and self._pos == len(self._recorded):  # resumed: the past is no longer needed
+            self._recorded.clear()
+            self._pos = 0
         return rec.seq
 
     async def flush(self) -> None:
@@ -283,6 +289,9 @@ class ReplayBrain:
                 break
             self._pos += 1
         if self._pos >= len(self.decisions):
+            if self.live is not None and self.decisions:  # resumed: release the re-lived decisions
+                self.decisions.clear()
+                self._pos = 0
             return None
         entry = self.decisions[self._pos]
         self._pos += 1
