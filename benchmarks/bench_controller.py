@@ -216,7 +216,7 @@ async def measure_overhead(preset: NetSpec | str, frames: int, learn_online: boo
         raise RuntimeError(f"the run never started: {result.reason}")
     c = loop.counters
     name = preset if isinstance(preset, str) else preset.name
-    return OverheadRow(name, learn_online, c.frames, meter.instrument_calls["scan"],
+    return OverheadRow(name, learn_online, c.frames, meter.instrument_calls["start_scan"],
                        c.actions + c.reset_actions, meter.loop_s, meter.instrument_s, meter.nets_s, frame_time_s(cfg),
                        f"{result.status}: {result.reason}", load_s)
 

@@ -58,11 +58,15 @@ class RecordedInstrument:
 
 class RecordedNets:
     def __init__(self, decisions: list[dict[str, Any]]) -> None:
-        self.p_good = [d["p_good"] for d in decisions if d["decision"] == "classify"]
+        self.p_good = [d["p_good"] for d in decisions if d["decision"] == "classify" and d.get("lines") is None]
+        self.p_lines = [d["p_good"] for d in decisions if d["decision"] == "lines"]
         self.actions = [d for d in decisions if d["decision"] == "action" and "action" in d]
 
     def classify(self, image: np.ndarray) -> float:
         return float(self.p_good.pop(0))
+
+    def classify_lines(self, image: np.ndarray) -> float:
+        return float(self.p_lines.pop(0))
 
     def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:
         d = self.actions.pop(0)

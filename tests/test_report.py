@@ -443,6 +443,9 @@ class GroundTruthBrain:
         good = self.sim.microscope.ground_truth().is_good
         return float(np.clip((0.97 if good else 0.3) + self.rng.normal(0.0, 0.03), 0.0, 1.0))
 
+    async def classify_lines(self, image: np.ndarray) -> float:  # judged while scanning, as whole frames
+        return await self.classify(image)
+
     async def choose(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> ActionDecision:
         self.choices += 1
         action = int(rng.choice(np.flatnonzero(mask)))

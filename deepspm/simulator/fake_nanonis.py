@@ -49,6 +49,7 @@ import heapq
 import inspect
 import itertools
 import math
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from typing import Any
@@ -858,7 +859,23 @@ async def serve_forever(
         where = ", ".join(f"{host}:{p}" for p in ports)
         announce(f"deepspm simulator: Nanonis TCP on {where} (seed {seed}, time scale {time_scale:g}, "
                  f"release {release.name}); Ctrl-C stops")
-        await asyncio.Event().wait()  # until cancelled
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Our own handlers: a process started in the background by a shell inherits SIGINT ignored, and a
+        # service manager stops with SIGTERM; either way Ctrl-C or a stop request ends the server cleanly.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+                pass
+        try:
+            await stop.wait()  # until a signal, or cancelled
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.remove_signal_handler(signum)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
     finally:
         await sim.close()
 
