@@ -36,6 +36,7 @@ import numpy as np
 from deepspm.simulator.sample import (
     AREA_PITCH_M,
     HALF_AREA_M,
+    AreaCache,
     Patch,
     Step,
     area_rng,
@@ -339,17 +340,10 @@ def _tile_touches_disc(key: tuple[int, int], x: float, y: float, r: float) -> bo
     return (cx - x) ** 2 + (cy - y) ** 2 <= (r + 10 * NM) ** 2
 
 
-class HsiSample:
+class HsiSample(AreaCache[HsiSampleArea]):
     """All approach areas of one H:Si(100) sample; areas are created on first use and kept."""
 
     def __init__(self, seed: int, config: HsiSampleConfig | None = None) -> None:
         self.seed = seed
         self.config = config or HsiSampleConfig()
-        self._areas: dict[tuple[int, int], HsiSampleArea] = {}
-
-    def area(self, index: tuple[int, int]) -> HsiSampleArea:
-        key = (int(index[0]), int(index[1]))
-        area = self._areas.get(key)
-        if area is None:
-            area = self._areas[key] = HsiSampleArea(self.seed, key, self.config)
-        return area
+        super().__init__(lambda key: HsiSampleArea(self.seed, key, self.config))

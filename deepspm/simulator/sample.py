@@ -19,7 +19,9 @@ What an area holds (all deterministic from (seed, area index), generated only wh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -328,17 +330,28 @@ class SampleArea:
         self.debris_sites.append((x_m, y_m, radius_m))
 
 
-class Sample:
+AreaT = TypeVar("AreaT")
+
+
+class AreaCache(Generic[AreaT]):
+    """The approach areas of one sample, made by `make(key)` on first use and kept (any surface)."""
+
+    def __init__(self, make: Callable[[tuple[int, int]], AreaT]) -> None:
+        self._make = make
+        self._areas: dict[tuple[int, int], AreaT] = {}
+
+    def area(self, index: tuple[int, int]) -> AreaT:
+        key = (int(index[0]), int(index[1]))
+        area = self._areas.get(key)
+        if area is None:
+            area = self._areas[key] = self._make(key)
+        return area
+
+
+class Sample(AreaCache[SampleArea]):
     """All approach areas of one sample; areas are created on first use and kept."""
 
     def __init__(self, seed: int, config: SampleConfig | None = None) -> None:
         self.seed = seed
         self.config = config or SampleConfig()
-        self._areas: dict[tuple[int, int], SampleArea] = {}
-
-    def area(self, index: tuple[int, int]) -> SampleArea:
-        key = (int(index[0]), int(index[1]))
-        area = self._areas.get(key)
-        if area is None:
-            area = self._areas[key] = SampleArea(self.seed, key, self.config)
-        return area
+        super().__init__(lambda key: SampleArea(self.seed, key, self.config))
