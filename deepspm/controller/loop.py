@@ -32,6 +32,7 @@ from deepspm.controller.messages import (
     Learn,
     Plan,
     Scanned,
+    UnknownMessage,
 )
 from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.plans import RunCounters, RunFailed, RunState, plan_for
@@ -44,10 +45,6 @@ from deepspm.io.instrument import Frame, Instrument
 log = structlog.get_logger(__name__)
 
 __all__ = ["RunLoop", "RunFailed", "UnknownMessage"]
-
-
-class UnknownMessage(TypeError):
-    """A plan yielded something the engine does not perform (a bug in the plan)."""
 
 
 class RunLoop:

@@ -95,3 +95,7 @@ class Scanned:
 
 
 Plan = Generator[Any, Any, Any]
+
+
+class UnknownMessage(TypeError):
+    """A plan yielded something no engine performs (a bug in the plan)."""

@@ -17,7 +17,17 @@ from deepspm.controller.brain import ActionDecision
 from deepspm.controller.commands import Command, Settle, Wait
 from deepspm.controller.documents import Document
 from deepspm.controller.journal import frame_ref
-from deepspm.controller.messages import Choose, Classify, ClassifyLines, Compute, Experience, Fire, Learn, Scanned
+from deepspm.controller.messages import (
+    Choose,
+    Classify,
+    ClassifyLines,
+    Compute,
+    Experience,
+    Fire,
+    Learn,
+    Scanned,
+    UnknownMessage,
+)
 from deepspm.controller.plans import RunState, plan_for
 from deepspm.fsm.machine import next_state
 from deepspm.fsm.states import State
@@ -96,7 +106,7 @@ class SyncEngine:
         if isinstance(message, Learn):
             self.nets.learn()
             return None
-        raise TypeError(f"a plan yielded {message!r}, which no engine performs")
+        raise UnknownMessage(f"a plan yielded {message!r}, which no engine performs")
 
     def _execute(self, command: Command) -> Any:
         if isinstance(command, (Settle, Wait)):
