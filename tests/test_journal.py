@@ -33,7 +33,6 @@ from deepspm.controller.journal import (
     frame_ref,
     list_frames,
     load_frame,
-    load_state,
     read_journal,
     scan_journal,
     time_spent_s,
@@ -499,18 +498,7 @@ async def test_load_frame_checks_the_ref_and_the_content(tmp_path: Path) -> None
     assert load_frame(tmp_path, ref, verify=False).sum() == 64
 
 
-async def test_states_are_written_atomically_and_read_back(tmp_path: Path) -> None:
-    journal = new_journal(tmp_path)
-    rel = await journal.save_state("planner", {"blocked": np.zeros((2, 2), dtype=bool), "area": np.int64(3)})
-    assert rel == "checkpoints/planner.json"
-    await journal.save_state("planner", {"blocked": [[True, False]], "area": 4})  # overwrite
-    assert load_state(tmp_path, "planner") == {"blocked": [[True, False]], "area": 4}
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["planner.json"]
-    for bad in ("../x", "", ".hidden"):
-        with pytest.raises(ValueError):
-            await journal.save_state(bad, {})
-    with pytest.raises(JournalError):
-        load_state(tmp_path, "episode")
+
 
 
 def test_system_clock_reads_both_clocks() -> None:

@@ -37,7 +37,7 @@ the last action and is labelled good; reset-phase images are not.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -45,8 +45,6 @@ import numpy as np
 
 from deepspm.fsm.guards import DecisionContext
 from deepspm.io.actions import RESET_ACTIONS
-
-STATE_VERSION = 1
 
 
 class Phase(str, Enum):
@@ -141,7 +139,7 @@ class ProbeOutcome:
 
 @dataclass
 class EpisodeTracker:
-    """The counter and episode bookkeeping; all fields are plain data (see `to_state`).
+    """The counter and episode bookkeeping; all fields are plain data.
 
     episode_index counts episodes started (zero-step ones included); episode_actions counts the
     conditioning actions of the current episode; `episode_armed` means the next classified image
@@ -287,26 +285,6 @@ class EpisodeTracker:
             return self._outcome(good, "reset_done", labels=labels)
         self.phase = Phase.RESET
         return self._outcome(good, None, labels=labels)
-
-    # -- persistence ------------------------------------------------------------------------------------
-    def to_state(self) -> dict[str, Any]:
-        """JSON-serialisable state, for checkpoints and resume."""
-        state = {f.name: getattr(self, f.name) for f in fields(self)}
-        state["config"] = self.config.to_dict()
-        state["phase"] = self.phase.value
-        state["pending_labels"] = list(self.pending_labels)
-        return {"version": STATE_VERSION, **state}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> EpisodeTracker:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported episode state version {state.get('version')!r}")
-        values = {k: v for k, v in state.items() if k != "version"}
-        values["config"] = EpisodeConfig(**values["config"])
-        values["phase"] = Phase(values["phase"])
-        values["pending_labels"] = list(values["pending_labels"])
-        return cls(**values)
-
 
 def random_reset_action(rng: np.random.Generator, allowed: np.ndarray) -> int:
     """A uniformly random reset-flagged action among the allowed ones (the -8 V pulse always is)."""

@@ -3,7 +3,7 @@ replay and resume rely on.
 
     RUN_DIR/journal.jsonl   one JSON object per line: {"seq", "t_mono", "t_wall", "kind", ...data}
     RUN_DIR/frames/         <sha256>.npy side files, referenced from records by that hash
-    RUN_DIR/checkpoints/    nets (orbax, written by their owners) and JSON states (`save_state`)
+    RUN_DIR/checkpoints/    nets (orbax, written by their owners)
 
 Records: "start" (seq 0, once), event kinds ("command", "reply", "failure", "decision", "transition",
 "operator", "note"), "resume" (written when a killed or stopped run continues) and "stop" (exit status and
@@ -86,7 +86,6 @@ _RESERVED = frozenset({START, STOP, RESUME})
 _HEADER_KEYS = ("seq", "t_mono", "t_wall", "kind")
 _KIND = re.compile(r"[a-z][a-z0-9_]*\Z")
 _REF = re.compile(r"[0-9a-f]{64}\Z")
-_STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
 class JournalError(RuntimeError):
@@ -686,21 +685,3 @@ class Journal:
             _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), self.fsync)
         return ref
 
-    async def save_state(self, name: str, state: Any) -> str:
-        """Write checkpoints/<name>.json atomically (planner, episode, counters: what resume needs);
-        returns the path relative to the run directory. Overwrites an older state of that name."""
-        if not _STATE_NAME.match(name):
-            raise ValueError(f"state name must be a simple file name, got {name!r}")
-        text = json.dumps(to_jsonable(state), ensure_ascii=False, allow_nan=False, indent=1).encode("utf-8")
-        path = self.checkpoints_dir / f"{name}.json"
-        await asyncio.to_thread(_write_atomic, path, lambda f: f.write(text), self.fsync)
-        return f"{CHECKPOINTS_DIR}/{name}.json"
-
-
-def load_state(run_dir: Path, name: str) -> Any:
-    """A state written by `Journal.save_state`."""
-    path = Path(run_dir) / CHECKPOINTS_DIR / f"{name}.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise JournalError(f"no state {name!r} in {path.parent}") from None

@@ -30,7 +30,6 @@ import numpy as np
 
 _NM = 1e-9
 _TIE_TOLERANCE_CELLS = 1e-9  # costs equal to this (in cell units) are ties: rounding never reorders them
-STATE_VERSION = 1
 
 
 class CentreNorm(str, Enum):
@@ -177,31 +176,6 @@ class RegionPlanner:
         first = int(np.argmax(cost <= best + _TIE_TOLERANCE_CELLS))  # first tie in row-major order
         iy, ix = divmod(first, self.shape[1])
         return float(self.x_m[iy, ix]), float(self.y_m[iy, ix])
-
-    # -- persistence ------------------------------------------------------------------------------------
-    def to_state(self) -> dict[str, Any]:
-        """JSON-serialisable state (config, area index, blocked map as rows of '0'/'1')."""
-        return {
-            "version": STATE_VERSION,
-            "config": self.config.to_dict(),
-            "area_index": self.area_index,
-            "blocked": ["".join("1" if b else "0" for b in row) for row in self.blocked],
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> RegionPlanner:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported planner state version {state.get('version')!r}")
-        config = dict(state["config"])
-        config["piezo_range_xy_m"] = tuple(config["piezo_range_xy_m"])
-        planner = cls(PlannerConfig(**config))
-        rows = state["blocked"]
-        blocked = np.array([[c == "1" for c in row] for row in rows], dtype=bool)
-        if blocked.shape != planner.shape:
-            raise ValueError(f"blocked map shape {blocked.shape} does not match the grid {planner.shape}")
-        planner.blocked = blocked
-        planner.area_index = int(state["area_index"])
-        return planner
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RegionPlanner):
