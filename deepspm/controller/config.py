@@ -9,7 +9,7 @@ Sections reuse the dataclasses of the layers that consume them, so a field exist
     [run] RunSettings            [instrument] InstrumentSettings   [scan] ScanConfig (= io ScanSettings
     [approach] ApproachSettings  [dip] DipSettings                   + frame_size_m)
     [orientation] FrameOrientation   [safety] SafetyLimits         [planner] PlannerConfig
-    [episode] EpisodeConfig      [detection] DetectionSettings     [classifier] ClassifierSettings
+    [episode] EpisodeConfig      [detection] DetectionSettings     [classifier] ClassifierSettings  [probe] ProbeSettings
     [agent] AgentSettings        [logging] LoggingSettings
 
 Linked keys: a few fields of the reused dataclasses repeat a value that another section owns; they are
@@ -142,6 +142,15 @@ class ClassifierSettings:
 
 
 @dataclass(frozen=True)
+class ProbeSettings:
+    """Which tip state the run conditions the probe towards (issue 12): "good" (p(good), a one-output classifier),
+    or one of a multi-class classifier's states (e.g. "rows", "dimers"); checked against the loaded classifier
+    (`controller.targets`)."""
+
+    target_state: str = "good"
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     checkpoint: str = "auto"  # a checkpoint directory, "shipped", "new" (from the classifier), "auto" (new when training)
     epsilon: float = 0.05  # exploration during operation
@@ -196,6 +205,7 @@ class RunConfig:
     episode: EpisodeConfig = field(default_factory=lambda: _linked_default("episode"))
     detection: DetectionSettings = field(default_factory=DetectionSettings)
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
@@ -214,6 +224,7 @@ SECTIONS: dict[str, type] = {
     "episode": EpisodeConfig,
     "detection": DetectionSettings,
     "classifier": ClassifierSettings,
+    "probe": ProbeSettings,
     "agent": AgentSettings,
     "logging": LoggingSettings,
     "output": OutputSettings,
@@ -392,7 +403,8 @@ RANGES: dict[str, Bounds | Choices] = {
     "agent.updates_per_action": _closed(0, 1000),
     "logging.level": Choices(("debug", "info", "warning", "error", "critical")),
 }
-NON_EMPTY: frozenset[str] = frozenset({"instrument.host", "scan.z_channel_name", "classifier.checkpoint", "agent.checkpoint"})
+NON_EMPTY: frozenset[str] = frozenset({"instrument.host", "scan.z_channel_name", "classifier.checkpoint", "agent.checkpoint",
+                                       "probe.target_state"})
 
 # One line per key for the generated TOML: meaning, unit where the name does not say it, and the source
 # of the default ([paper], [code] = the original code, [ours]).
@@ -519,6 +531,9 @@ NOTES: dict[str, str] = {
                               "judgement never shortens a frame [ours]",
     "classifier.abort_below": "the line-window p(good) below which a scan is stopped early [ours]",
     "classifier.abort_min_lines": "scan lines seen before a scan may be stopped early [ours]",
+    "probe.target_state": "the tip state conditioning aims for: \"good\" (p(good)), or a state of a multi-class "
+                          "classifier (its class names, e.g. rows, dimers); reached when p(state) > classifier.threshold "
+                          "[ours]",
     "agent.checkpoint": "agent checkpoint directory, \"shipped\", \"new\" (a new agent from the classifier) or "
                         "\"auto\" (new when training, shipped otherwise)",
     "agent.epsilon": "exploration rate during operation, 0.05 [paper]",
