@@ -147,6 +147,10 @@ def _damage_kind_weights(event: Event) -> dict[ProbeKind, float]:
 
 
 CRASH_KIND_WEIGHTS = {ProbeKind.BLUNT: 0.5, ProbeKind.MULTIPLE: 0.4, ProbeKind.DOUBLE: 0.1}
+# bad kinds: (probability of a change per 64-line frame, fraction of changes that end good); a good probe's
+# probability is the configured degradation rate (SimConfig.degradation_per_frame), and it never changes to good
+SPONTANEOUS_CHANGE = {ProbeKind.UNSTABLE: (0.12, 0.6), ProbeKind.BLUNT: (0.03, 0.3), ProbeKind.DOUBLE: (0.03, 0.3),
+                      ProbeKind.MULTIPLE: (0.03, 0.3)}
 DEGRADE_KIND_WEIGHTS = {ProbeKind.DOUBLE: 0.35, ProbeKind.UNSTABLE: 0.3, ProbeKind.BLUNT: 0.2, ProbeKind.MULTIPLE: 0.15}
 
 
@@ -180,10 +184,8 @@ def spontaneous_change(
     """A tip change during `frames` frames of scanning, or None. `frames` = lines / 64."""
     if probe.kind is ProbeKind.GOOD:
         p, to_good = degradation_per_frame, 0.0
-    elif probe.kind is ProbeKind.UNSTABLE:
-        p, to_good = 0.12, 0.6
     else:
-        p, to_good = 0.03, 0.3
+        p, to_good = SPONTANEOUS_CHANGE[probe.kind]
     p = 1.0 - (1.0 - p) ** max(frames, 0.0)
     if rng.random() >= p:
         return None
