@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,17 +51,17 @@ def _part(path: Path, multiclass: bool, min_responses: int, seed: int) -> dict[s
             raise DataError(f"{path}: a good/bad folder set has binary labels only")
         from deepspm.controller.training import _kinds_from_labels_csv
 
-        data = load_deepspm_folders(path)
-        seeds = [derived_seed(seed, p.relative_to(path).as_posix()) for p in data.paths]
-        normalised = [normalise(img) if levelled else None for img, levelled in zip(data.images, data.levelled)]
-        raw = [None if levelled else img for img, levelled in zip(data.images, data.levelled)]
+        folder = load_deepspm_folders(path)
+        seeds = [derived_seed(seed, p.relative_to(path).as_posix()) for p in folder.paths]
+        normalised = [normalise(img) if levelled else None for img, levelled in zip(folder.images, folder.levelled)]
+        raw = [None if levelled else img for img, levelled in zip(folder.images, folder.levelled)]
         info = {
-            "kind": "folders", "source": str(path), "n": len(data), "n_good": int(data.labels.sum()),
-            "n_bad": int(len(data) - data.labels.sum()), "n_levelled_files": int(data.levelled.sum()),
-            "ransac_seed": seed, "class_names": None, "kinds": _kinds_from_labels_csv(path, data.paths),
+            "kind": "folders", "source": str(path), "n": len(folder), "n_good": int(folder.labels.sum()),
+            "n_bad": int(len(folder) - folder.labels.sum()), "n_levelled_files": int(folder.levelled.sum()),
+            "ransac_seed": seed, "class_names": None, "kinds": _kinds_from_labels_csv(path, folder.paths),
         }
-        return {"normalised": normalised, "raw": raw, "seeds": seeds, "labels": data.labels, "info": info,
-                "names": [str(p) for p in data.paths]}
+        return {"normalised": normalised, "raw": raw, "seeds": seeds, "labels": folder.labels, "info": info,
+                "names": [str(p) for p in folder.paths]}
     raise DataError(f"{path}: neither a .npz file nor a folder with good/ and bad/")
 
 
@@ -82,13 +82,13 @@ def load_partial_sets(
     parts = [_part(Path(p), multiclass, min_responses, seed) for p in paths]
     if len({np.asarray(p["labels"]).shape[1:] for p in parts}) != 1:
         raise DataError("the data sets have different label layouts (binary vs multi-class)")
-    normalised = sum((p["normalised"] for p in parts), [])
-    raw = sum((p["raw"] for p in parts), [])
-    seeds = sum((p["seeds"] for p in parts), [])
-    names = sum((p["names"] for p in parts), [])
+    normalised: list[np.ndarray | None] = [a for p in parts for a in p["normalised"]]
+    raw: list[np.ndarray | None] = [a for p in parts for a in p["raw"]]
+    seeds: list[int] = [a for p in parts for a in p["seeds"]]
+    names: list[str] = [a for p in parts for a in p["names"]]
     labels = np.concatenate([p["labels"] for p in parts])
     kinds = [p["info"].get("kinds") for p in parts]
-    all_kinds = sum(kinds, []) if all(k is not None for k in kinds) else None
+    all_kinds: list[str] | None = [k for ks in kinds for k in ks] if all(k is not None for k in kinds) else None
     info = {"n": int(labels.shape[0]), "sets": [p["info"] for p in parts], "class_names": parts[0]["info"]["class_names"],
             "kinds": all_kinds}
     if labels.ndim == 1:
@@ -118,6 +118,7 @@ def load_partial_sets(
     job_lines = (n for n, _ in jobs)
     job_seeds = (int(seeds[keep[k]]) for _, k in jobs)
     pool = None
+    results: Iterator[np.ndarray]
     if workers == 1 or len(jobs) < _POOL_MIN_JOBS:
         results = map(preprocess_truncated, frames, job_lines, job_seeds)
     else:  # spawned workers import only the light preprocess module (the pickled function's home)

@@ -19,7 +19,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from deepspm.controller.preprocess import normalise, preprocess
+from deepspm.controller.preprocess import Preprocessed, normalise, preprocess
 from deepspm.controller.seeds import derived_seed
 from deepspm.controller.tipstates import RELIABILITY_PNG, evaluation_extras, print_extras, reliability_diagram
 from deepspm.nets.checkpoints import load_net, save_net
@@ -63,9 +63,10 @@ def normalise_frames(
     for i in np.flatnonzero(levelled):
         out[i] = normalise(frames_m[i])
     raw = (frames_m[i] for i in todo)
-    todo_seeds = (int(seeds[i]) for i in todo)
+    todo_seeds = (int(seeds[int(i)]) for i in todo)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     bar = tqdm(total=todo.size, desc="levelling frames (RANSAC)", unit="frame", disable=not progress)
+    results: Iterator[Preprocessed]
     if workers == 1 or todo.size < _POOL_MIN_FRAMES:
         results = map(preprocess, raw, todo_seeds)
         pool = None
@@ -120,15 +121,15 @@ def load_labelled(
     if path.is_dir():
         if multiclass:
             raise DataError(f"{path}: a good/bad folder set has binary labels only")
-        data = load_deepspm_folders(path)
-        seeds = [derived_seed(seed, p.relative_to(path).as_posix()) for p in data.paths]
-        images = normalise_frames(data.images, data.levelled, seeds, workers=workers, progress=progress)
+        folder = load_deepspm_folders(path)
+        seeds = [derived_seed(seed, p.relative_to(path).as_posix()) for p in folder.paths]
+        images = normalise_frames(folder.images, folder.levelled, seeds, workers=workers, progress=progress)
         info = {
-            "kind": "folders", "source": str(path), "n": len(data), "n_good": int(data.labels.sum()),
-            "n_bad": int(len(data) - data.labels.sum()), "n_levelled_files": int(data.levelled.sum()),
-            "ransac_seed": seed, "class_names": None, "kinds": _kinds_from_labels_csv(path, data.paths),
+            "kind": "folders", "source": str(path), "n": len(folder), "n_good": int(folder.labels.sum()),
+            "n_bad": int(len(folder) - folder.labels.sum()), "n_levelled_files": int(folder.levelled.sum()),
+            "ransac_seed": seed, "class_names": None, "kinds": _kinds_from_labels_csv(path, folder.paths),
         }
-        return images, data.labels, info
+        return images, folder.labels, info
     raise DataError(f"{path}: neither a .npz file nor a folder with good/ and bad/")
 
 
@@ -147,7 +148,7 @@ def load_labelled_sets(
     kinds = [p[2].get("kinds") for p in parts]
     info = {
         "n": int(labels.shape[0]), "sets": [p[2] for p in parts], "class_names": parts[0][2]["class_names"],
-        "kinds": sum(kinds, []) if all(k is not None for k in kinds) else None,
+        "kinds": [k for ks in kinds if ks is not None for k in ks] if all(k is not None for k in kinds) else None,
     }
     if labels.ndim == 1:
         info.update(n_good=int(labels.sum()), n_bad=int(labels.size - labels.sum()))
