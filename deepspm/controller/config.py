@@ -237,6 +237,7 @@ LINKED: dict[str, str] = {
     "planner.envelope_fraction": "safety.piezo_fraction",
     "episode.training": "run.train",
     "episode.good_threshold": "classifier.threshold",
+    "episode.target_state": "probe.target_state",
 }
 
 
