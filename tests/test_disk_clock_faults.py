@@ -1,15 +1,18 @@
-"""Disk and clock faults (issue 17) on a real session against the embedded simulator.
+"""Disk and clock faults (issue 17) on a real session against the embedded simulator (over TCP).
 
-A full disk is an OSError(ENOSPC) injected into the writers (no tmpfs needed): during a frame write the run stops
-at a safe point with the tip withdrawn and a reason naming the full disk; during a journal append (half a batch
-written, then ENOSPC: a torn line) the process ends with the tip withdrawn, and once space is back the run
-resumes and completes with a sound journal. A wall-clock jump (NTP stepping time.time() by hours, both ways)
-changes nothing the run decides: the run decides on the simulator's monotonic clock."""
+A full disk is an OSError(ENOSPC) injected into the writers (no tmpfs needed). During a frame write, or a journal
+append (half a batch on disk, then ENOSPC), the run suspends: the tip is withdrawn, the reason is one line naming the
+full disk, the file and the free space, the status is `suspended` (no ExceptionGroup, no `fault`), and `--resume`
+accepts it: still full, the resumed process suspends again at once; once space is back the run completes with a
+sound journal, no frame judged twice, and a replay of the whole journal is identical. A wall-clock jump (NTP stepping
+time.time() by hours, both ways) changes nothing the run decides: the run decides on the simulator's monotonic
+clock."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,10 @@ from typing import Any
 import pytest
 
 import deepspm.controller.journal as journal_module
+from deepspm.controller import validate
 from deepspm.controller.config import load_config
 from deepspm.controller.journal import TEMP_SUFFIX, check_journal, read_journal, scan_journal
+from deepspm.controller.replay_run import replay_run
 from deepspm.controller.session import SimulatorOptions, run_session
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,7 +49,28 @@ def fill_disk_at(frames: int, disk: dict[str, bool]) -> Any:
     return progress
 
 
-def test_a_full_disk_during_a_frame_write_stops_safely_with_the_tip_withdrawn(tmp_path: Path, monkeypatch) -> None:
+def assert_suspended(result: Any, sim: Any, run_dir: Path, names: str) -> None:
+    assert result.status == "suspended", result.reason
+    assert "\n" not in result.reason
+    assert result.reason.startswith(f"disk full: cannot write {run_dir}"), result.reason
+    assert names in result.reason and "No space left on device" in result.reason and " free there" in result.reason
+    assert "tip withdrawn" in result.reason and f"deepspm run --resume {run_dir}" in result.reason
+    assert sim.microscope.withdrawn()  # the tip is withdrawn before the process ends
+    assert validate.resumable_run(str(run_dir)) == run_dir  # the command line's check accepts it
+
+
+def assert_completed_and_replays(run_dir: Path, resumes: int) -> None:
+    records = read_journal(run_dir)
+    assert check_journal(records, require_stop=True) == []
+    assert records[-1]["status"] == "completed"
+    judged = [r["frame"] for r in records if r.get("decision") == "classify"]
+    assert len(judged) == FRAMES == len(set(judged))
+    assert [r["kind"] for r in records].count("resume") == resumes
+    report = asyncio.run(replay_run(run_dir))
+    assert report.identical, report.text()
+
+
+def test_a_full_disk_during_a_frame_write_suspends_safely_and_resumes(tmp_path: Path, monkeypatch) -> None:
     disk = {"full": False}
     write_atomic = journal_module._write_atomic
 
@@ -60,59 +86,50 @@ def test_a_full_disk_during_a_frame_write_stops_safely_with_the_tip_withdrawn(tm
     sims: list[Any] = []
     run_dir = tmp_path / "run"
     result = session(run_dir, sims, fill_disk_at(FULL_AT, disk))
-    assert result.status == "fault" and "No space left on device" in result.reason
-    assert sims[0].microscope.withdrawn()  # the tip is withdrawn before the run ends
+    assert_suspended(result, sims[0], run_dir, "/frames/")
     records = read_journal(run_dir)
     assert check_journal(records, require_stop=True) == []
-    ops = [r.get("op") for r in records if r["kind"] == "command"]
-    assert ops[-1] == "withdraw"
-    assert records[-1]["kind"] == "stop" and "No space left on device" in records[-1]["reason"]
+    assert [r.get("op") for r in records if r["kind"] == "command"][-2:] == ["grab_frame", "withdraw"]
+    assert records[-1]["kind"] == "stop" and records[-1]["status"] == "suspended"
     assert not list((run_dir / "frames").glob(f"*{TEMP_SUFFIX}"))  # the partial temp file is gone
     assert len([r for r in records if r.get("decision") == "classify"]) == FULL_AT
-
-
-def test_a_full_disk_during_a_journal_append_resumes_when_space_is_back(tmp_path: Path, monkeypatch) -> None:
-    disk = {"full": False}
-    write_batch = journal_module.Journal._write_batch
-
-    class FullFile:
-        """The journal's open file on a full disk: a write gets part of its bytes out (a torn line), then ENOSPC."""
-
-        def __init__(self, f: Any) -> None:
-            self.f = f
-
-        def write(self, data: bytes) -> int:
-            self.f.write(data[: data.index(b"\n") + 7] if data.count(b"\n") > 1 else data[: len(data) // 2])
-            self.f.flush()
-            raise disk_full(self.f.name)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.f, name)
-
-    def full_batch(self: Any, batch: list[tuple[int, bytes]]) -> None:
-        if disk["full"] and self._file is not None and not isinstance(self._file, FullFile):
-            self._file = FullFile(self._file)
-        return write_batch(self, batch)
-
-    monkeypatch.setattr(journal_module.Journal, "_write_batch", full_batch)
-    sims: list[Any] = []
-    run_dir = tmp_path / "run"
-    with pytest.raises(BaseException) as raised:  # noqa: B017 (the session's TaskGroup raises a group)
-        session(run_dir, sims, fill_disk_at(FULL_AT, disk))
-    assert "No space left on device" in repr(raised.value)
-    assert sims[0].microscope.withdrawn()
-    contents = scan_journal(run_dir)
-    assert contents.torn_tail  # a torn last line, as after kill -9
-    assert check_journal(contents.records) == []
 
     disk["full"] = False  # space is back
     result = session(run_dir, sims, resume=True)
     assert result.status == "completed", result.reason
-    records = read_journal(run_dir)
-    assert check_journal(records, require_stop=True) == []
-    judged = [r["frame"] for r in records if r.get("decision") == "classify"]
-    assert len(judged) == FRAMES == len(set(judged))
-    assert [r["kind"] for r in records].count("resume") == 1
+    assert_completed_and_replays(run_dir, resumes=1)
+
+
+def test_a_full_disk_during_a_journal_append_suspends_and_resumes_once_space_is_back(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    disk = {"full": False}
+    append = journal_module._append_all
+
+    def append_on_a_full_disk(fd: int, data: bytes) -> None:
+        """The journal on a full disk: part of a batch gets out (a torn line), then ENOSPC."""
+        if disk["full"]:
+            os.write(fd, data[: data.index(b"\n") + 7] if data.count(b"\n") > 1 else data[: len(data) // 2])
+            raise disk_full()
+        append(fd, data)
+
+    monkeypatch.setattr(journal_module, "_append_all", append_on_a_full_disk)
+    sims: list[Any] = []
+    run_dir = tmp_path / "run"
+    result = session(run_dir, sims, fill_disk_at(FULL_AT, disk))  # returns: no ExceptionGroup
+    assert_suspended(result, sims[0], run_dir, "journal.jsonl")
+    assert "the journal ends at its last complete record" in result.reason
+    contents = scan_journal(run_dir)
+    assert not contents.torn_tail  # the torn batch was cut off
+    assert check_journal(contents.records) == [] and contents.records[-1]["kind"] != "stop"
+
+    result = session(run_dir, sims, resume=True)  # the disk is still full: suspended again at once
+    assert_suspended(result, sims[1], run_dir, "journal.jsonl")
+    assert scan_journal(run_dir).records == contents.records
+
+    disk["full"] = False  # space is back
+    result = session(run_dir, sims, resume=True)
+    assert result.status == "completed", result.reason
+    assert_completed_and_replays(run_dir, resumes=1)
 
 
 def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

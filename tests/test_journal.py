@@ -225,6 +225,73 @@ async def test_a_failed_write_surfaces_in_flush_and_close_but_not_in_event(
         await journal.close("fault", "disk full")
 
 
+async def test_a_full_disk_cuts_the_torn_batch_keeps_the_records_and_close_tries_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC mid-append: the half-written batch is cut off (no torn line for a later append to follow), the
+    records stay queued, `disk_problem` names the file and the free space, the writer task ends without raising,
+    and close() writes everything once space is back; still full, close() raises DiskFull and the file ends at its
+    last complete batch."""
+    full = {"on": False}
+    append = journal_module._append_all
+
+    def append_on_a_full_disk(fd: int, data: bytes) -> None:
+        if full["on"]:
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        append(fd, data)
+
+    monkeypatch.setattr(journal_module, "_append_all", append_on_a_full_disk)
+    for space_back in (True, False):
+        run_dir = tmp_path / f"back-{space_back}"
+        journal = new_journal(run_dir)
+        writer = asyncio.create_task(journal.writer())
+        journal.start({})
+        journal.event("note", i=0)
+        await journal.flush()
+        good = (run_dir / JOURNAL_FILE).read_bytes()
+        full["on"] = True
+        for i in range(1, 4):
+            journal.event("note", i=i)
+        with pytest.raises(journal_module.DiskFull, match=r"disk full: cannot write .*journal.jsonl \(No space left "
+                                                          r"on device; .* free there\)"):
+            await journal.flush()
+        await writer  # ended without raising: the loop reads disk_problem at its next safe point
+        assert journal.disk_problem is not None and journal.disk_problem.free_bytes is not None
+        assert (run_dir / JOURNAL_FILE).read_bytes() == good  # cut back, no torn line
+        journal.event("note", i=4)  # the loop can still record (the withdraw) after the failure
+        full["on"] = not space_back
+        if space_back:
+            assert await journal.close("suspended", "disk full") == 6
+            records = read_journal(run_dir)
+            assert [r.get("i") for r in records[1:-1]] == [0, 1, 2, 3, 4] and records[-1]["status"] == "suspended"
+            assert check_journal(records, require_stop=True) == []
+        else:
+            with pytest.raises(journal_module.DiskFull):
+                await journal.close("suspended", "disk full")
+            assert (run_dir / JOURNAL_FILE).read_bytes() == good
+            lock = RunDirLock(run_dir)
+            lock.acquire()  # the lock was released all the same
+            lock.release()
+        full["on"] = False
+
+
+def test_a_full_disk_during_a_frame_write_is_disk_full_naming_the_frame(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = new_journal(tmp_path)
+
+    def no_space(path: Path, write: object, fsync: bool) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module, "_write_atomic", no_space)
+    with pytest.raises(journal_module.DiskFull, match=r"cannot write .*/frames/[0-9a-f]{64}\.npy"):
+        journal._save_frame_sync(np.zeros((4, 4)))
+    assert journal.disk_problem is not None
+    monkeypatch.setattr(journal_module, "_write_atomic", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # any other error is not a full disk
+        journal._save_frame_sync(np.ones((4, 4)))
+
+
 # -- encoding ---------------------------------------------------------------------------------------------
 
 

@@ -46,11 +46,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -90,6 +92,46 @@ _REF = re.compile(r"[0-9a-f]{64}\Z")
 
 class JournalError(RuntimeError):
     """The journal cannot be written, read or resumed as asked."""
+
+
+# The stop status of a run that stopped because its disk was full: `--resume` accepts it (every other stop is final).
+SUSPENDED = "suspended"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFull(JournalError):
+    """A run directory's file could not be written: no space left (or the disk quota is used up)."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.path = str(path)
+        self.errno = error.errno
+        self.free_bytes: int | None = None
+        try:
+            self.free_bytes = shutil.disk_usage(Path(path).parent).free
+        except OSError:
+            pass
+        free = f"{_size(self.free_bytes)} free there" if self.free_bytes is not None else "free space unknown"
+        super().__init__(f"disk full: cannot write {path} ({os.strerror(error.errno or errno.ENOSPC)}; {free})")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    x, units = n / 1024, ["KB", "MB", "GB"]
+    while x >= 1024 and len(units) > 1:
+        x, units = x / 1024, units[1:]
+    return f"{x:.1f} {units[0]}"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def _append_all(fd: int, data: bytes) -> None:
+    """Write all of `data` at the end of the file (`os.write` may write part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class TornJournalWarning(UserWarning):
@@ -462,10 +504,14 @@ class Journal:
         self._next_seq = 0
         self._started = False
         self._closing = False
-        self._disk = threading.Condition()  # guards _on_disk_next, _file, _failure
+        self._disk = threading.Condition()  # guards _on_disk_next, _file, _good_bytes, _failure
         self._on_disk_next = 0  # every seq below this is written and flushed
-        self._file: Any = None
+        self._file: int | None = None  # the journal's file descriptor (O_APPEND), opened by the first batch
+        self._good_bytes = 0  # the file's length after the last complete batch
         self._failure: BaseException | None = None
+        # The first full disk this journal met (a frame or a journal append): sticky, so the loop stops at its next
+        # safe point even if a later write got through.
+        self.disk_problem: DiskFull | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.resume_info: ResumeInfo | None = None
@@ -587,36 +633,66 @@ class Journal:
         return batch
 
     def _write_batch(self, batch: list[tuple[int, bytes]]) -> None:
-        """Append a batch in seq order (waiting for earlier batches taken by other callers), then flush."""
+        """Append a batch in seq order (waiting for earlier batches taken by other callers), then flush.
+
+        On a full disk the file is cut back to its last complete batch (no torn or half line is left behind for
+        a later append to follow), the batch goes back to the queue, and `DiskFull` is raised (and kept: the
+        next write raises it too, until `close()` tries once more)."""
         first, last = batch[0][0], batch[-1][0]
         with self._disk:
             self._disk.wait_for(lambda: self._on_disk_next == first or self._failure is not None)
             if self._failure is not None:
+                if isinstance(self._failure, DiskFull):
+                    self._requeue(batch)
+                    raise self._failure
                 raise JournalError("journal writing failed earlier") from self._failure
             try:
-                if self._file is None:
-                    self._file = open(self.path, "ab")  # noqa: SIM115  # held open across batches, closed by close()
-                self._file.write(b"".join(line for _, line in batch))
-                self._file.flush()
+                if self._file is None:  # held open across batches, closed by close()
+                    self._file = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    self._good_bytes = os.fstat(self._file).st_size
+                _append_all(self._file, b"".join(line for _, line in batch))
                 if self.fsync:
-                    os.fsync(self._file.fileno())
+                    os.fsync(self._file)
             except BaseException as e:
-                self._failure = e
+                self._failure = self._disk_full(e)
                 self._disk.notify_all()
+                if isinstance(self._failure, DiskFull):
+                    self._requeue(batch)
+                    raise self._failure from e
                 raise
+            self._good_bytes += sum(len(line) for _, line in batch)
             self._on_disk_next = last + 1
             self._disk.notify_all()
+
+    def _disk_full(self, error: BaseException) -> BaseException:
+        """What a failed append leaves: `DiskFull` (retryable) if the disk was full and the file could be cut back
+        to its last complete batch; otherwise the error itself (the journal is broken)."""
+        if not isinstance(error, OSError) or not is_disk_full(error) or self._file is None:
+            return error
+        try:
+            os.ftruncate(self._file, self._good_bytes)
+        except OSError:
+            return error
+        full = DiskFull(self.path, error)
+        self.disk_problem = self.disk_problem or full
+        return full
+
+    def _requeue(self, batch: list[tuple[int, bytes]]) -> None:
+        with self._lock:
+            self._pending = sorted(batch + self._pending, key=lambda item: item[0])
 
     def _wait_on_disk(self, target: int) -> None:
         with self._disk:
             self._disk.wait_for(lambda: self._on_disk_next > target or self._failure is not None)
+            if isinstance(self._failure, DiskFull):
+                raise self._failure
             if self._failure is not None:
                 raise JournalError("journal writing failed") from self._failure
 
     def _close_file(self) -> None:
         with self._disk:
             if self._file is not None:
-                self._file.close()
+                os.close(self._file)
                 self._file = None
 
     # -- the event-loop side -------------------------------------------------------------------------------
@@ -630,7 +706,10 @@ class Journal:
             self._wake.clear()
             batch = self._take()
             if batch:
-                await asyncio.to_thread(self._write_batch, batch)
+                try:
+                    await asyncio.to_thread(self._write_batch, batch)
+                except DiskFull:  # the loop sees `disk_problem` at its next safe point; close() tries once more
+                    return
             if self._closing and not self._pending:
                 return
 
@@ -638,6 +717,8 @@ class Journal:
         """Return once every record enqueued before this call is written (and fsynced if asked)."""
         target = self._next_seq - 1
         while self._on_disk_next <= target:
+            if isinstance(self._failure, DiskFull):
+                raise self._failure
             if self._failure is not None:
                 raise JournalError("journal writing failed") from self._failure
             batch = self._take()
@@ -648,7 +729,9 @@ class Journal:
 
     async def close(self, status: str, reason: str = "", **data: Any) -> int | None:
         """Write the stop record, drain, stop the writer and close the file. Idempotent: a second call
-        returns None. If the journal was never started, nothing is written."""
+        returns None. If the journal was never started, nothing is written. After a full disk the records
+        still queued are tried once more; if the disk is still full, `DiskFull` is raised and the file ends at
+        its last complete batch (without a stop record: the run resumes as after a kill)."""
         if self._closing:
             return None
         seq = None
@@ -662,6 +745,9 @@ class Journal:
             with self._lock:
                 self._closing = True
             self._notify()
+        with self._disk:
+            if isinstance(self._failure, DiskFull):
+                self._failure = None  # space may be back
         try:
             await self.flush()
         finally:
@@ -682,6 +768,12 @@ class Journal:
         ref = frame_ref(array)
         path = frame_path(self.run_dir, ref)
         if not path.exists():
-            _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), self.fsync)
+            try:
+                _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), self.fsync)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                self.disk_problem = self.disk_problem or DiskFull(path, e)
+                raise DiskFull(path, e) from e
         return ref
 

@@ -6,6 +6,11 @@ triggers. It decides nothing: each step runs the plan of the current state, perf
 trigger) and sending the results back. Operator requests (stop, pause) are acted on between steps, which are
 the run's safe points. An instrument error leaves the state unchanged; on a fatal error the tip is withdrawn
 before the error leaves the loop, and the journal's stop record is written from a `finally`.
+
+A full disk (`DiskFull`: a frame, an .sxm file or a journal append could not be written) suspends the run: at the
+next safe point (or where the write failed, if the step cannot go on without it) the tip is withdrawn and the loop
+returns the status `suspended`, which `--resume` continues once space is back. No FSM trigger fires: the resumed
+run carries on in the state it was suspended in (its z check finds the withdrawn tip and recovers the contact).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from deepspm.controller.commands import Command, Withdraw
 from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import Classification, Document, Note, OperatorRequestRecord, TransitionRecord
 from deepspm.controller.executor import Executor, JournalSink
+from deepspm.controller.journal import SUSPENDED, DiskFull
 from deepspm.controller.messages import (
     Choose,
     Classify,
@@ -100,12 +106,15 @@ class RunLoop:
         try:
             await self._fire("start")
             while not self.state.terminal:
+                self._check_disk()
                 stop_reason = await self._safe_point()
                 if stop_reason:
                     await self._stop(stop_reason)
                     return ("stopped" if stop_reason.startswith("operator") else "completed", stop_reason)
                 await self.step()
             return ("stopped", "terminal state")
+        except DiskFull as exc:
+            return await self._suspend(exc)
         except asyncio.CancelledError:
             await self._withdraw_safely("cancelled")
             raise
@@ -142,6 +151,26 @@ class RunLoop:
         if self.config.run.withdraw_on_stop and self.state is not State.idle:
             await self.executor.execute(Withdraw())
         await self._fire("stop")
+
+    def _check_disk(self) -> None:
+        """Raise the journal's first full disk, once the run is live (a re-lived past only reads the disk)."""
+        if self.journal.replaying:
+            return
+        live = getattr(self.journal, "live", None)  # the journal of a resumed run, behind its re-lived past
+        problem = getattr(self.journal, "disk_problem", None) or getattr(live, "disk_problem", None)
+        if problem is not None:
+            raise problem
+
+    async def _suspend(self, exc: DiskFull) -> tuple[str, str]:
+        """Withdraw the tip and end the process with a status `--resume` accepts. Only the withdraw is journaled
+        here (command and reply, or failure): a resume leaves it out of what it re-lives, as a stop's withdraw."""
+        log.error("run.suspended", error=str(exc))
+        try:
+            await asyncio.wait_for(self.executor.execute(Withdraw()), 30.0)
+            tip = "tip withdrawn"
+        except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - said in the reason, never raised over it
+            tip = f"the withdraw failed ({type(e).__name__}: {e})"
+        return SUSPENDED, f"{exc}; {tip}"
 
     async def _withdraw_safely(self, why: str) -> None:
         """Withdraw the tip before a fatal exit; a failure here is journaled, never raised over the cause."""

@@ -2,7 +2,8 @@
 
 The journal stays the source of truth: a judgement names its file (`sxm` on the classify decision), and an
 unjudged frame's file is named by the seq of the reply that brought it. Files are written off the event loop,
-atomically, and never while a journal is being re-lived (replay, the fast-forward of a resume).
+atomically, and never while a journal is being re-lived (replay, the fast-forward of a resume). A full disk is a
+`DiskFull` naming the file (the run suspends, as for a frame or the journal).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import Classification
+from deepspm.controller.journal import DiskFull, is_disk_full
 from deepspm.io.instrument import Frame, line_time_s
 from deepspm.io.sxm import FrameRecordInfo, SxmFrameWriter
 
@@ -53,7 +55,7 @@ class SxmOutput:
             self._grabbed.popitem(last=False)
         if self.writer.mode == "all":
             info = self._info(frame, ref, seq, t_wall, None, None)
-            await asyncio.to_thread(self.writer.write, np.asarray(frame.data_m), info)
+            await self._write(frame, info)
 
     async def judged(self, doc: Classification) -> str | None:
         """A judged frame's file (rewritten with the judgement under "all"); its path relative to the run."""
@@ -61,4 +63,12 @@ class SxmOutput:
             return None
         frame, seq, t_wall = self._grabbed[doc.frame]
         info = self._info(frame, doc.frame, seq, t_wall, "good" if doc.good else "bad", doc.p_good)
-        return await asyncio.to_thread(self.writer.write, np.asarray(frame.data_m), info)
+        return await self._write(frame, info)
+
+    async def _write(self, frame: Frame, info: FrameRecordInfo) -> str | None:
+        try:
+            return await asyncio.to_thread(self.writer.write, np.asarray(frame.data_m), info)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFull(Path(e.filename) if e.filename else self.writer.run_dir / "sxm", e) from e

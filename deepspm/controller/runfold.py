@@ -51,7 +51,14 @@ from deepspm.controller.documents import (
     ZCheck,
     entry_from_record,
 )
-from deepspm.controller.journal import SCHEMA_VERSION, JournalError, RunTime, check_schema, scan_journal
+from deepspm.controller.journal import (
+    SCHEMA_VERSION,
+    SUSPENDED,
+    JournalError,
+    RunTime,
+    check_schema,
+    scan_journal,
+)
 
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_PIEZO_RANGE_M = 850e-9
@@ -476,6 +483,13 @@ class RunFold:
 
 def _relive(r: Relived, e: Entry) -> None:
     doc = e.doc
+    if isinstance(doc, Stop) and doc.status == SUSPENDED and r._withdraw_from is not None:
+        # a full disk suspended the run: its withdraw was no step of a plan, and the resumed run does not re-live it
+        cut = r._withdraw_from
+        while r.entries and r.entries[-1].seq >= cut:
+            r.entries.pop()
+        while r.calls and r.calls[-1].seq >= cut:
+            r._open_calls.pop(r.calls.pop().seq, None)
     if isinstance(doc, (Start, Stop, Resume)):
         r._withdraw_from = None
         return

@@ -27,7 +27,16 @@ import structlog
 from deepspm.controller.brain import NetBrain
 from deepspm.controller.config import RunConfig, config_from_dict, config_to_dict
 from deepspm.controller.documents import Start, record_of
-from deepspm.controller.journal import JOURNAL_FILE, Journal, RunClock, check_schema, load_frame, scan_journal
+from deepspm.controller.journal import (
+    JOURNAL_FILE,
+    SUSPENDED,
+    DiskFull,
+    Journal,
+    RunClock,
+    check_schema,
+    load_frame,
+    scan_journal,
+)
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.runcontrol import RunControl
@@ -344,7 +353,14 @@ async def _locked_session(
                     if journal.next_seq == 0:
                         journal.start(Start(run_id=run_dir.name, config=config_to_dict(cfg), seed=cfg.run.seed,
                                             versions=package_versions(), failed_before_start=True))
-                    await journal.close(status, reason, **(_summary(loop) if loop else {}))
+                    try:
+                        await journal.close(status, reason, **(_summary(loop) if loop else {}))
+                    except DiskFull as exc:  # still full: the journal ends at its last complete record
+                        status = SUSPENDED
+                        reason = (reason if reason.startswith("disk full") else f"{exc}; {reason}") + (
+                            "; the journal ends at its last complete record")
+                if status == SUSPENDED:
+                    reason += f"; free space, then continue the run: deepspm run --resume {run_dir}"
                 del writer
     finally:
         await client.close()
@@ -376,7 +392,7 @@ def _resumable(run_dir: Path) -> RunFold | None:
     if not records:
         return None
     fold = fold_records(records, run_dir.name, replay=True)
-    if fold.last_kind == "stop" and fold.stop is not None:
+    if fold.last_kind == "stop" and fold.stop is not None and fold.stop.status != SUSPENDED:
         raise ResumeError(f"{run_dir}: the run has stopped ({fold.stop.status}: {fold.stop.reason}); nothing to resume")
     check_schema(records[0], "resumed")
     return fold

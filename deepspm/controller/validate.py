@@ -283,10 +283,11 @@ def replayable_run(text: str) -> Path:
 
 
 def resumable_run(text: str) -> Path:
-    """A run directory whose journal has no stop record: the run was killed or crashed."""
+    """A run directory whose journal has no stop record (the run was killed or crashed) or ends suspended (a full
+    disk stopped it: `journal.SUSPENDED`, named here so that the check imports nothing)."""
     path = journaled_run(text)
     last = _last_record(path)
-    if last is not None and last.get("kind") == "stop":
+    if last is not None and last.get("kind") == "stop" and last.get("status") != "suspended":
         _refuse(f"{path}: the run has stopped ({last.get('status')}: {last.get('reason')}); nothing to resume")
     _schema_for(path, "resumed")
     return path
