@@ -7,10 +7,16 @@ through the episode tracker (episodes end at p > 0.9; the reset phase applies ra
 p < 0.1, at most 5; reward -1 per action and +10 on the successful step), an episode cut at its cap moving
 to a new approach area. This module only supplies the nets and counts what happened. The simulator's
 ground truth is read for reporting only, never for a decision.
+
+Select tip state (issue 12 part 4): `target_state` other than "good" needs a multi-class classifier with that
+state among its class names (the shipped `hsi_tipstates`, by default on the H:Si(100) surface, `sample="hsi"`):
+then p(target) is the number the episodes follow (an episode ends at p(target) > 0.9, the reset phase damages
+the tip until p(target) < 0.1), and the ground truth reported is "the simulated tip is in the target state".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -28,15 +34,19 @@ from deepspm.controller.config import RunConfig, load_config
 from deepspm.controller.documents import Classification, Document
 from deepspm.controller.plans import RunState
 from deepspm.controller.sim_engine import SyncEngine
+from deepspm.controller.targets import GOOD, TargetPredictor, target_classifier
 from deepspm.io.actions import N_ACTIONS
 from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.dqn import Actor, DQNConfig, Learner, agent_from_classifier, epsilon_at, select_action
+from deepspm.nets.ensemble import require_single
 from deepspm.nets.inference import Output, Predictor
 from deepspm.nets.model import NetDef
 from deepspm.simulator.environment import ENV_CONFIG
 from deepspm.simulator.inprocess import InProcessInstrument
+from deepspm.simulator.microscope import GroundTruth, SimConfig
 
 METRICS_FILE = "metrics.json"
+HSI_TIPSTATES = "hsi_tipstates"  # the shipped H:Si(100) tip-state classifier (deepspm/weights/hsi_tipstates)
 
 Choice = Callable[[np.ndarray, np.ndarray, np.random.Generator], ActionDecision]
 
@@ -46,7 +56,7 @@ class SimNets:
     """The nets as the synchronous engine asks for them: the classifier, a choice of action, and (training)
     the learner that stores experiences and runs the updates owed at each `learn`."""
 
-    classifier: Predictor
+    classifier: Predictor | TargetPredictor
     choice: Choice
     learner: Learner | None = None
     after_learn: Callable[[], None] | None = None
@@ -74,7 +84,8 @@ class SimNets:
 
 @dataclass
 class EpisodeRecord:
-    """One finished episode: its index, length in conditioning actions, and how it ended."""
+    """One finished episode: its index, length in conditioning actions, and how it ended
+    (`truly_good_at_end`: the simulated tip is in the target state, "good" by default)."""
 
     index: int
     actions: int
@@ -82,12 +93,36 @@ class EpisodeRecord:
     truly_good_at_end: bool
 
 
-def sim_config(seed: int, max_episode_actions: int) -> RunConfig:
+def on_target(truth: GroundTruth, target: str) -> bool:
+    """Is the simulated tip in `target` ("good": any good kind or state; else the tip state's name)?"""
+    if target == GOOD:
+        return bool(truth.is_good)
+    return str(getattr(truth.kind, "value", truth.kind)) == target
+
+
+def env_config(sample: str) -> SimConfig:
+    """The simulated microscope for training and evaluation on `sample` ("ag_mgpc" or "hsi")."""
+    return ENV_CONFIG if sample == ENV_CONFIG.surface else dataclasses.replace(ENV_CONFIG, surface=sample)
+
+
+def sim_defaults(target_state: str, classifier: Path | str | None, sample: str | None) -> tuple[Path | str, str]:
+    """The classifier and surface `train agent` / `evaluate agent --sim` use unless told: the shipped one-output
+    classifier on Ag/MgPc for target "good", the shipped H:Si tip-state classifier on H:Si otherwise."""
+    from deepspm.controller.session import checkpoint_path
+
+    good = target_state == GOOD
+    if classifier is None:
+        classifier = checkpoint_path("shipped", "classifier" if good else HSI_TIPSTATES)
+    return classifier, sample or ("ag_mgpc" if good else "hsi")
+
+
+def sim_config(seed: int, max_episode_actions: int, *, sample: str = "ag_mgpc", target_state: str = GOOD) -> RunConfig:
     """The run's configuration for training in simulation (training mode; the microscope's piezo range)."""
     return load_config(None, {
         "run.seed": seed, "run.train": True, "classifier.lines_checkpoint": "none",
         "episode.max_episode_actions": max_episode_actions,
         "planner.piezo_range_xy_m": [ENV_CONFIG.piezo_xy_range_m, ENV_CONFIG.piezo_xy_range_m],
+        "simulator.sample": sample, "probe.target_state": target_state,
     })
 
 
@@ -95,9 +130,11 @@ class SimRun:
     """A simulated microscope run by the run's plans on the synchronous engine, with episodes reported."""
 
     def __init__(self, seed: int, nets: SimNets, *, max_episode_actions: int = 100,
-                 on_episode_end: Callable[[EpisodeRecord], None] | None = None) -> None:
-        self.config = sim_config(seed, max_episode_actions)
-        self.instrument = InProcessInstrument(seed, ENV_CONFIG, scan=self.config.scan, dip=self.config.dip,
+                 on_episode_end: Callable[[EpisodeRecord], None] | None = None, sample: str = "ag_mgpc",
+                 target_state: str = GOOD) -> None:
+        self.config = sim_config(seed, max_episode_actions, sample=sample, target_state=target_state)
+        self.target_state = target_state
+        self.instrument = InProcessInstrument(seed, env_config(sample), scan=self.config.scan, dip=self.config.dip,
                                               orientation=self.config.orientation)
         self.run_state = RunState.new(self.config, classifier_version="sim")
         self.on_episode_end = on_episode_end
@@ -106,7 +143,7 @@ class SimRun:
     def _document(self, doc: Document) -> None:
         if isinstance(doc, Classification) and doc.episode_ended and self.on_episode_end is not None:
             self.on_episode_end(EpisodeRecord(doc.episode, doc.episode_actions, doc.episode_truncated,
-                                              self.instrument.ground_truth().is_good))
+                                              on_target(self.instrument.ground_truth(), self.target_state)))
 
     def run(self, done: Callable[[], bool]) -> None:
         self.engine.run(done)
@@ -116,6 +153,15 @@ def _compiled(net: NetDef, variables: Any, kind: Output) -> Predictor:
     predictor = Predictor(net, variables, kind)
     predictor.compile([1])
     return predictor
+
+
+def judging(classifier_checkpoint: Path | str, target_state: str) -> tuple[Any, Predictor | TargetPredictor]:
+    """The classifier checkpoint (loaded) and its compiled p(target) predictor; `TargetStateError` naming the
+    allowed states when the classifier cannot judge `target_state`."""
+    classifier = load_net(classifier_checkpoint, expect_kind="classifier")
+    predictor, _ = target_classifier(classifier, target_state, 0.9, str(classifier_checkpoint))
+    predictor.compile([1])
+    return classifier, predictor
 
 
 def _decision(q_values: Any, mask: np.ndarray, epsilon: float, rng: np.random.Generator, version: str) -> ActionDecision:
@@ -146,8 +192,12 @@ def train_agent_sim(
     preset: str | None = None, updates_per_step: float = 1.0, random_steps: int = 500,
     epsilon_decay_steps: int = 500, max_episode_actions: int = 100, checkpoint_every: int = 500,
     overwrite: bool = False, progress: bool = True, init: Path | str | None = None, init_epsilon: float = 0.05,
+    target_state: str = GOOD, sample: str = "ag_mgpc",
 ) -> dict[str, Any]:
     """Train the double-DQN conditioning agent on the simulated microscope; save it to `out` (kind "agent").
+
+    target_state / sample: the tip state episodes aim for (a class of a multi-class classifier, or "good") and
+    the simulated surface ("ag_mgpc" or "hsi"); see the module docstring.
 
     init: an agent checkpoint to continue from (its weights; the replay memory and optimiser start afresh, with
     no random phase and exploration `init_epsilon`); None trains a new agent.
@@ -170,9 +220,9 @@ def train_agent_sim(
         "classifier_checkpoint": str(classifier_checkpoint), "steps": steps, "seed": seed, "preset": preset,
         "updates_per_step": updates_per_step, "random_steps": random_steps,
         "epsilon_decay_steps": epsilon_decay_steps, "max_episode_actions": max_episode_actions,
-        "init": None if init is None else str(init),
+        "init": None if init is None else str(init), "target_state": target_state, "sample": sample,
     }
-    classifier = load_net(classifier_checkpoint, expect_kind="classifier")
+    classifier, judge = judging(classifier_checkpoint, target_state)
     root = jax.random.key(seed)
     if init is not None:
         if preset is not None:
@@ -183,8 +233,8 @@ def train_agent_sim(
                            updates_per_step=updates_per_step)
     else:
         if preset is None:
-            net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS,
-                                                   jax.random.fold_in(root, 1))
+            trunk = require_single(classifier.net, f"a new agent from the classifier {classifier_checkpoint}")
+            net, variables = agent_from_classifier(trunk, classifier.variables, N_ACTIONS, jax.random.fold_in(root, 1))
         else:
             net = NetDef.of(preset, N_ACTIONS)
             variables = net.init(jax.random.fold_in(root, 1))
@@ -230,8 +280,9 @@ def train_agent_sim(
         if checkpoint_every and learner.env_steps % checkpoint_every == 0 and learner.env_steps < steps:
             save(final=False)
 
-    nets = SimNets(_compiled(classifier.net, classifier.variables, "probability"), choose, learner, after_learn)
-    sim = SimRun(seed, nets, max_episode_actions=max_episode_actions, on_episode_end=episodes.append)
+    nets = SimNets(judge, choose, learner, after_learn)
+    sim = SimRun(seed, nets, max_episode_actions=max_episode_actions, on_episode_end=episodes.append, sample=sample,
+                 target_state=target_state)
     sim.run(done=lambda: learner.env_steps >= steps)
     bar.close()
     save(final=True)
@@ -286,7 +337,7 @@ def format_agent_table(result: dict[str, Any]) -> str:
 def evaluate_agent_sim(
     agent_checkpoint: Path | str, classifier_checkpoint: Path | str, *, episodes: int = 200, seed: int = 0,
     epsilon: float = 0.05, max_episode_actions: int = 100, out_json: Path | str | None = None,
-    progress: bool = True,
+    progress: bool = True, target_state: str = GOOD, sample: str = "ag_mgpc",
 ) -> dict[str, Any]:
     """The agent against uniform random choice among the allowed actions, interleaved episode by episode on
     one simulated microscope (both see the same drift of probe and sample), both judged by the classifier.
@@ -302,7 +353,7 @@ def evaluate_agent_sim(
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
     agent = load_net(agent_checkpoint, expect_kind="agent")
-    classifier = load_net(classifier_checkpoint, expect_kind="classifier")
+    _, judge = judging(classifier_checkpoint, target_state)
     q_net = _compiled(agent.net, agent.variables, "values")
     agent_rng, random_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
     results: dict[str, list[EpisodeRecord]] = {"agent": [], "random": []}
@@ -323,8 +374,9 @@ def evaluate_agent_sim(
         bar.set_postfix({name: _fmt(_rolling_mean([r.actions for r in rs], 10**9)) for name, rs in results.items()})
 
     start = time.perf_counter()
-    nets = SimNets(_compiled(classifier.net, classifier.variables, "probability"), choose)
-    sim = SimRun(seed, nets, max_episode_actions=max_episode_actions, on_episode_end=on_episode_end)
+    nets = SimNets(judge, choose)
+    sim = SimRun(seed, nets, max_episode_actions=max_episode_actions, on_episode_end=on_episode_end, sample=sample,
+                 target_state=target_state)
     sim.run(done=lambda: len(results["random"]) >= episodes)
     bar.close()
     stats = {name: _length_stats(records, max_episode_actions) for name, records in results.items()}
@@ -334,7 +386,8 @@ def evaluate_agent_sim(
     result = {
         "kind": "agent_evaluation", "agent_checkpoint": str(agent_checkpoint),
         "classifier_checkpoint": str(classifier_checkpoint),
-        "options": {"episodes": episodes, "seed": seed, "epsilon": epsilon, "max_episode_actions": max_episode_actions},
+        "options": {"episodes": episodes, "seed": seed, "epsilon": epsilon, "max_episode_actions": max_episode_actions,
+                    "target_state": target_state, "sample": sample},
         **stats,
         "ratio_mean": float(a.mean() / r.mean()),
         "ratio_ci95": list(bootstrap_ratio(a, r, seed)),

@@ -197,7 +197,11 @@ class SampleVerdict(Decision):
 
 @dataclass(frozen=True)
 class Classification(Decision):
-    """A judged frame: p(good), what the episode logic made of it, and the trigger fired."""
+    """A judged frame: p(good), what the episode logic made of it, and the trigger fired.
+
+    With a target state other than "good" (`[probe] target_state`, issue 12 part 4) `target` names it, and
+    `p_good` / `good` are p(target) and "in the target state" (what the episode logic compared). A record without
+    `target` (every journal before it) is about "good"."""
 
     name = "classify"
     frame: str
@@ -220,6 +224,7 @@ class Classification(Decision):
     sxm: str | None = None  # the frame's .sxm file, relative to the run directory (written by the engine)
     lines: int | None = None  # an early-aborted frame: judged on this many scanned lines (by the line-window net)
     changed_at_line: int | None = None  # the line-window judgement changed (good <-> bad) after this many lines
+    target: str | None = None  # the tip state judged (None: "good", as in journals before target states)
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,7 @@ class ActionChosen(Decision):
     agent: str
     site_xy_m: list[float]
     free_side_m: float
+    target: str | None = None  # the tip state the episode aims for (None: "good")
 
 
 @dataclass(frozen=True)

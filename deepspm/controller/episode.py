@@ -7,6 +7,10 @@ referred to by an opaque string (the journal's content hash), so the state is JS
 replay buffer can look the arrays up. Discarded images (bad sample, lost contact, crash) are not
 classified and never reach the tracker; by the labelling rule they are not "good images".
 
+"Good" here means "in the run's target state" (`EpisodeConfig.target_state`, linked to `[probe]
+target_state`; issue 12 part 4): the p the tracker observes is p(target) from the classifier's output for that
+state, p(good) by default. Rewards, the counter, an episode's end and the reset phase follow it unchanged.
+
 Operation mode:
 - a good probe (p > 0.9) resets the counter; a bad one increments it; the episode starts on the
   10th consecutive bad image (`count >= threshold`; the original needed 11, weakness 1);
@@ -65,7 +69,8 @@ class TerminalReward(str, Enum):
 class EpisodeConfig:
     training: bool = False
     bad_probe_threshold: int = 10
-    good_threshold: float = 0.9  # p_good > this is a good probe
+    good_threshold: float = 0.9  # p_good > this is a good probe (p(target) > this: the target state)
+    target_state: str = "good"  # the tip state episodes aim for (linked to probe.target_state)
     step_reward: float = -1.0
     success_reward: float = 10.0
     terminal_reward: TerminalReward = TerminalReward.PAPER
@@ -134,6 +139,7 @@ class ProbeOutcome:
             bad_probe_count=self.bad_probe_count,
             in_episode=self.in_episode,
             bad_probe_threshold=config.bad_probe_threshold,
+            target=config.target_state,
         )
 
 

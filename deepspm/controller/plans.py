@@ -274,7 +274,8 @@ def scan_frame(rs: RunState, x: float, y: float, size: float, lines: int, purpos
     sc, cl = rs.config.scan, rs.config.classifier
     lines = min(lines, sc.pixels)
     seconds_per_line = line_time_s(sc, size)
-    judge = purpose == "frame" and cl.lines_checkpoint != "none"
+    # the line-window net says p(good): it judges (and may stop) frames only when the target is "good"
+    judge = purpose == "frame" and cl.lines_checkpoint != "none" and rs.config.probe.target_state == "good"
     yield StartScan(x, y, size, purpose)
     result: ScanResult | None = None
     scanned_lines, trouble, judgements = 0, None, []
@@ -456,7 +457,7 @@ def classifying(rs: RunState) -> Plan:
     if how.aborted_at is not None:  # stopped early: the line-window net's confident judgement is the verdict
         p_good = how.judgements[-1][1]
     else:
-        p_good = yield Classify(pre.normalised)
+        p_good = yield Classify(pre.normalised)  # p(target state): p(good) unless [probe] target_state says otherwise
     outcome = rs.tracker.observe(p_good, ref)
     rs.last = JudgedFrame(ref, pre, site, mask)
     if outcome.probe_good:
@@ -481,8 +482,15 @@ def classifying(rs: RunState) -> Plan:
         lines=how.aborted_at,
         changed_at_line=None if how.aborted_at is not None else changed_at_line(
             how.judgements, rs.tracker.config.good_threshold, outcome.probe_good),
+        target=target_name(rs),
     )
     yield Fire(trigger, ctx)
+
+
+def target_name(rs: RunState) -> str | None:
+    """The target state for the journal: None for "good" (records stay as before target states), else its name."""
+    target = rs.config.probe.target_state
+    return None if target == "good" else target
 
 
 def classification_trigger(outcome: ProbeOutcome) -> str:
@@ -522,7 +530,7 @@ def conditioning(rs: RunState) -> Plan:
     yield ActionChosen(
         frame=last.ref, action=decision.action, q_values=decision.q_values, mask=last.mask.tolist(),
         epsilon=decision.epsilon, explored=decision.explored, agent=decision.net_version,
-        site_xy_m=[last.site.x_m, last.site.y_m], free_side_m=last.site.free_side_m,
+        site_xy_m=[last.site.x_m, last.site.y_m], free_side_m=last.site.free_side_m, target=target_name(rs),
     )
     yield from act(rs, decision.action, last)
     rs.tracker.record_action(decision.action, last.ref)

@@ -30,26 +30,32 @@ class DecisionContext:
     bad_probe_count: consecutive bad-probe images, this one included.
     in_episode: a conditioning episode is running.
     bad_probe_threshold: consecutive bad images that start an episode.
+    target: the tip state the run conditions towards ("good" by default; issue 12 part 4). The triggers keep
+        their names: `probe_good` means "in the target state", `probe_bad` "not in it".
     """
 
     training: bool
     bad_probe_count: int
     in_episode: bool
     bad_probe_threshold: int = DEFAULT_BAD_PROBE_THRESHOLD
+    target: str = "good"
 
     def __post_init__(self) -> None:
         if self.bad_probe_count < 0:
             raise ValueError(f"bad_probe_count must be >= 0, got {self.bad_probe_count}")
         if self.bad_probe_threshold < 1:
             raise ValueError(f"bad_probe_threshold must be >= 1, got {self.bad_probe_threshold}")
+        if not self.target:
+            raise ValueError("target must name a tip state")
 
-    def as_record(self) -> dict[str, bool | int]:
+    def as_record(self) -> dict[str, bool | int | str]:
         """JSON-serialisable form (for the journal)."""
         return {
             "training": self.training,
             "bad_probe_count": self.bad_probe_count,
             "in_episode": self.in_episode,
             "bad_probe_threshold": self.bad_probe_threshold,
+            "target": self.target,
         }
 
 

@@ -312,3 +312,78 @@ def gallery(sim_npz: str | Path, out_png: str | Path, real_npz: str | Path | Non
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+# -- frames as the run sees them (for a tip-state classifier that drives `deepspm run --target-state`) ----------
+
+RUN_FRAMES_PURPOSE = 503
+RUN_STATES: tuple[str, ...] = tuple(s.value for s in HsiTipState)
+RUN_FRAMES_CONFIG_OVERRIDES = {"degradation_per_frame": 0.0, "spontaneous_changes": False, "z_jump_rate_per_s": 0.0}
+
+
+def synth_hsi_run_frames(
+    n: int, out: str | Path, seed: int = 0, *, progress: bool = True, frames_per_area: int = 200,
+    pixels: int = 64, frame_m: float = 10e-9,
+) -> Path:
+    """`n` frames of the simulated microscope imaging H:Si(100) exactly as `deepspm run` scans them (the run's
+    64 px, 10 nm frames, raw heights in metres, a move and a settle wait before each), each with a tip state
+    drawn uniformly from `HsiTipState`, written to an .npz: `frames` float32 (N, 64, 64), `states` (N,) the
+    true tip state, `area` (N, 2), `xy_m` (N, 2). Unlike `synth_hsi_npz` (the real set's representation) these
+    are what the run's classifier is given after levelling. Bad-sample frames (raw peak-to-peak >= 6 Angstrom,
+    the run's rule) and non-finite ones are skipped, as the run never judges them."""
+    from tqdm import tqdm
+
+    from deepspm.simulator.clock import SimClock
+    from deepspm.simulator.dataset import BAD_SAMPLE_PEAK_TO_PEAK_M
+    from deepspm.simulator.environment import approach_and_settle
+    from deepspm.simulator.microscope import Z_INDEX, MotorDirection, SimConfig, SimulatedMicroscope
+
+    if n <= 0:
+        raise ValueError(f"the number of frames must be positive, got {n}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clock = SimClock(0.0)
+    m = SimulatedMicroscope(seed, clock, SimConfig(surface="hsi", **RUN_FRAMES_CONFIG_OVERRIDES))  # type: ignore[arg-type]
+    m.set_scan_buffer([Z_INDEX], pixels, pixels)
+    rng = area_rng(seed, RUN_FRAMES_PURPOSE)
+    half = m.config.piezo_xy_range_m / 2 * 0.95 - frame_m
+    frames: list[np.ndarray] = []
+    states: list[str] = []
+    areas: list[tuple[int, int]] = []
+    xys: list[tuple[float, float]] = []
+    in_area = 0
+    with tqdm(total=n, desc="synthesising H:Si run frames", unit="frame", disable=not progress) as bar:
+        while len(frames) < n:
+            if in_area >= frames_per_area:
+                clock.advance(m.withdraw())
+                direction = MotorDirection.X_PLUS if rng.random() < 0.5 else MotorDirection.Y_PLUS
+                clock.advance(m.motor_move(direction, int(math.ceil(850e-9 / m.config.motor_step_xy_m))))
+                approach_and_settle(m, clock)
+                in_area = 0
+            gt = m.ground_truth()
+            if gt.lost_contact or gt.in_contact:
+                clock.advance(m.withdraw())
+                approach_and_settle(m, clock)
+            state = HsiTipState(RUN_STATES[int(rng.integers(0, len(RUN_STATES)))])
+            m.set_probe(state, rng)
+            x, y = rng.uniform(-half, half, 2)
+            clock.advance(m.set_folme_xy(float(x), float(y)))
+            clock.advance(30.0)
+            m.set_scan_frame(float(x), float(y), frame_m, frame_m, 0.0)
+            m.scan_action(0, True)
+            clock.advance(m.frame_time_s())
+            _, data, up = m.frame_data(Z_INDEX, True)
+            in_area += 1
+            if up and m.config.acquisition_order:
+                data = data[::-1]
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            if not np.all(np.isfinite(data)) or float(np.ptp(data)) >= BAD_SAMPLE_PEAK_TO_PEAK_M:
+                continue
+            frames.append(data)
+            states.append(state.value)
+            areas.append(m.approach_area())
+            xys.append((float(x), float(y)))
+            bar.update(1)
+    np.savez_compressed(out, frames=np.stack(frames), states=np.array(states), area=np.array(areas, dtype=np.int64),
+                        xy_m=np.array(xys), seed=np.int64(seed), frame_m=np.float64(frame_m))
+    return out

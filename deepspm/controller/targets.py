@@ -1,0 +1,204 @@
+"""Select tip state (issue 12 part 4): which state of the probe a run conditions towards.
+
+The run judges every frame by one number and compares it with `classifier.threshold`. By default that number
+is p(good) from a one-output classifier. With `[probe] target_state = NAME` (`deepspm run --target-state NAME`)
+and a multi-class classifier (one sigmoid output per tip state, its class names in the checkpoint's metadata),
+it is p(NAME): the column of that state. Everything downstream (the bad-probe counter, an episode's end and
+its +10, the reset phase's p < 0.1, the journal's `Classification.p_good` and `good`) then follows the target
+instead of "good"; the number keeps its journal name, `p_good`, and the record's `target` names the state.
+
+- `TipTarget`: the resolved target (name, output column, threshold, the states the classifier offers).
+- `resolve_target` / `check_target_setting`: validation, a `TargetStateError` (a `ConfigError` on
+  `probe.target_state`, so the CLI prints one line and exits 2) naming the allowed states.
+- `TargetPredictor`: a compiled classifier seen through one column, p(target) for a batch.
+- `target_classifier`: the predictor the run's brain judges frames with, and its target.
+- `load_target_brain`: `session.load_brain` for any target (it takes one-output classifiers only; see
+  docs/decisions.md, "Select tip state").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deepspm.controller.config import ConfigError
+
+if TYPE_CHECKING:
+    from deepspm.controller.brain import NetBrain
+    from deepspm.controller.config import RunConfig
+    from deepspm.nets.checkpoints import NetCheckpoint
+    from deepspm.nets.inference import Predictor
+
+GOOD = "good"
+KEY = "probe.target_state"
+
+
+class TargetStateError(ConfigError):
+    """`probe.target_state` names a state the loaded classifier cannot judge."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(KEY, message)
+
+
+@dataclass(frozen=True)
+class TipTarget:
+    """What a run conditions the probe towards.
+
+    name: "good" or one of the classifier's class names. index: the classifier output judged (None: the single
+    output, p(good)). threshold: p(target) above this is the target state. states: what the classifier offers."""
+
+    name: str
+    index: int | None
+    threshold: float
+    states: tuple[str, ...]
+
+    @property
+    def is_good(self) -> bool:
+        return self.name == GOOD
+
+    def as_record(self) -> dict[str, Any]:
+        return {"name": self.name, "index": self.index, "threshold": self.threshold, "states": list(self.states)}
+
+
+def class_names_of(metadata: Mapping[str, Any] | None) -> list[str] | None:
+    """A classifier checkpoint's class names (its metadata's `class_names`, or `data.class_names` as
+    `train classifier` writes them); None for a binary net."""
+    if not metadata:
+        return None
+    names = metadata.get("class_names")
+    if names is None:
+        names = (metadata.get("data") or {}).get("class_names")
+    return None if names is None else [str(n) for n in names]
+
+
+def classifier_states(n_outputs: int, class_names: Sequence[str] | None) -> tuple[str, ...]:
+    """The target states a classifier can judge: "good" for one output, else its class names (outputs without
+    names are "class_K")."""
+    if n_outputs == 1:
+        return (GOOD,)
+    names = list(class_names or [])
+    if len(names) != n_outputs:
+        names = [f"class_{k}" for k in range(n_outputs)]
+    return tuple(names)
+
+
+def resolve_target(name: str, n_outputs: int, metadata: Mapping[str, Any] | None, threshold: float,
+                   where: str = "the classifier") -> TipTarget:
+    """The target `name` for a classifier with `n_outputs` outputs and this metadata, or `TargetStateError`
+    naming the allowed states."""
+    states = classifier_states(n_outputs, class_names_of(metadata))
+    if name not in states:
+        kind = "a one-output (good/bad) classifier" if n_outputs == 1 else f"a {n_outputs}-class classifier"
+        raise TargetStateError(f"{KEY} {name!r} is not a state {where} ({kind}) judges; allowed: {', '.join(states)}")
+    return TipTarget(name, None if n_outputs == 1 else states.index(name), threshold, states)
+
+
+def check_target_setting(cfg: RunConfig, classifier_path: Path | str) -> TipTarget:
+    """The run's target checked against the classifier checkpoint's metadata alone (no JAX): for the CLI edge."""
+    from deepspm.nets.checkpoint_info import require_kind
+
+    meta = require_kind(classifier_path, "classifier")
+    return resolve_target(cfg.probe.target_state, int(meta.get("n_outputs", 1)), meta.get("metadata"),
+                          cfg.classifier.threshold, str(classifier_path))
+
+
+class TargetPredictor:
+    """A classifier's `Predictor` seen through one output column: `__call__` gives p(target) with shape (N,)."""
+
+    def __init__(self, predictor: Predictor, index: int) -> None:
+        self.predictor = predictor
+        self.index = index
+        self.net = predictor.net
+
+    def compile(self, batch_sizes: Any) -> None:
+        self.predictor.compile(batch_sizes)
+
+    def __call__(self, images: Any, variables: Any = None) -> np.ndarray:
+        return np.asarray(self.predictor(images, variables))[:, self.index]
+
+    def predict_batched(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        return np.asarray(self.predictor.predict_batched(images, batch_size))[:, self.index]
+
+
+def target_classifier(loaded: NetCheckpoint, name: str, threshold: float,
+                      where: str = "the classifier") -> tuple[Predictor | TargetPredictor, TipTarget]:
+    """The predictor a run judges frames with for target `name` (p(target) per frame), and the target."""
+    from deepspm.nets.inference import Predictor
+
+    target = resolve_target(name, loaded.net.n_outputs, loaded.metadata, threshold, where)
+    predictor = Predictor(loaded.net, loaded.variables, "probability")
+    return (predictor if target.index is None else TargetPredictor(predictor, target.index)), target
+
+
+def load_target_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: Path | None = None,
+                      learn_online: bool | None = None, lines_path: Path | None = None) -> NetBrain:
+    """The run's nets for its target (`probe.target_state`), compiled for batch 1.
+
+    A one-output classifier (target "good") is `session.load_brain` itself. A multi-class one is built the same
+    way (same agent choice, schedule and line-window net) around `TargetPredictor`: session.load_brain refuses
+    multi-output classifiers. A new agent from an ensemble classifier is refused (`require_single`)."""
+    import jax
+
+    from deepspm.controller.brain import NetBrain
+    from deepspm.controller.session import (
+        LINES,
+        NEW_AGENT,
+        agent_setting,
+        checkpoint_id,
+        checkpoint_path,
+        load_brain,
+    )
+    from deepspm.io.actions import N_ACTIONS
+    from deepspm.nets.checkpoints import load_net
+    from deepspm.nets.dqn import DQNConfig, Learner, agent_from_classifier
+    from deepspm.nets.ensemble import require_single
+    from deepspm.nets.inference import Predictor
+
+    cls_path = classifier_path or checkpoint_path(cfg.classifier.checkpoint, "classifier")
+    classifier = load_net(cls_path, expect_kind="classifier")
+    new_agent = agent_path is None and agent_setting(cfg) == NEW_AGENT
+    if new_agent:
+        require_single(classifier.net, f"a new agent from the classifier {cls_path}")
+    predictor, target = target_classifier(classifier, cfg.probe.target_state, cfg.classifier.threshold, str(cls_path))
+    if target.index is None:
+        return load_brain(cfg, cls_path, agent_path, learn_online, lines_path)
+    classifier_version = checkpoint_id(Path(cls_path))
+    paths = {"classifier": str(cls_path)}
+    if new_agent:
+        net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS,
+                                               jax.random.fold_in(jax.random.key(cfg.run.seed), 1))
+        agent_version = f"new-from-{classifier_version}"
+        dqn = DQNConfig(updates_per_step=cfg.agent.updates_per_action)
+    else:
+        agent_path = agent_path or checkpoint_path(agent_setting(cfg), "agent")
+        agent = load_net(agent_path, expect_kind="agent")
+        net, variables = agent.net, agent.variables
+        agent_version = checkpoint_id(Path(agent_path))
+        paths["agent"] = str(agent_path)
+        dqn = (DQNConfig(random_steps=0, epsilon_start=cfg.agent.epsilon, updates_per_step=cfg.agent.updates_per_action)
+               if cfg.run.train else DQNConfig(random_steps=0, updates_per_step=cfg.agent.updates_per_action))
+    lines, lines_version = None, None
+    if cfg.classifier.lines_checkpoint != "none":  # the line-window net says p(good): it may only stop bad scans
+        lines_path = lines_path or checkpoint_path(cfg.classifier.lines_checkpoint, LINES)
+        lines_net = load_net(lines_path, expect_kind="classifier")
+        lines = Predictor(lines_net.net, lines_net.variables, "probability")
+        lines_version = checkpoint_id(Path(lines_path))
+        paths[LINES] = str(lines_path)
+    brain = NetBrain(
+        predictor,  # type: ignore[arg-type]  # a Predictor seen through one column: the same calls
+        Learner(net, variables, dqn, seed=cfg.run.seed),
+        classifier_version=classifier_version, agent_version=agent_version,
+        epsilon=None if cfg.run.train else cfg.agent.epsilon,
+        learn_online=(cfg.agent.learn_online or cfg.run.train) if learn_online is None else learn_online,
+        checkpoint_paths=paths, lines=lines, lines_version=lines_version,
+    )
+    brain.compile()
+    return brain
+
+
+__all__ = ["GOOD", "TargetPredictor", "TargetStateError", "TipTarget", "check_target_setting", "class_names_of",
+           "classifier_states", "load_target_brain", "resolve_target", "target_classifier"]
