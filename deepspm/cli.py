@@ -25,6 +25,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["run.train"] = True
     if getattr(args, "evaluate_interleaved", False):
         out["run.evaluate_interleaved"] = True
+    if getattr(args, "target_state", None) is not None:
+        out["probe.target_state"] = args.target_state
     return out
 
 
@@ -187,23 +189,36 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
 
 
 def _train_agent(args: argparse.Namespace) -> int:
-    from deepspm.controller.agent_sim import train_agent_sim
+    from deepspm.controller.agent_sim import sim_defaults, train_agent_sim
     from deepspm.controller.session import checkpoint_path
 
-    classifier = args.classifier or checkpoint_path("shipped", "classifier")
+    classifier, sample = sim_defaults(args.target_state, args.classifier, args.sample)
     init = None if args.init is None else checkpoint_path(args.init, "agent") if args.init == "shipped" else args.init
-    train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite, init=init)
+    train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite, init=init,
+                    target_state=args.target_state, sample=sample)
     return 0
 
 
 def _evaluate_agent(args: argparse.Namespace) -> int:
-    from deepspm.controller.agent_sim import evaluate_agent_sim
+    from deepspm.controller.agent_sim import evaluate_agent_sim, sim_defaults
     from deepspm.controller.session import checkpoint_path
 
     agent = args.checkpoint or checkpoint_path("shipped", "agent")
-    classifier = args.classifier or checkpoint_path("shipped", "classifier")
-    evaluate_agent_sim(agent, classifier, episodes=args.episodes, seed=args.seed, out_json=args.json)
+    classifier, sample = sim_defaults(args.target_state, args.classifier, args.sample)
+    evaluate_agent_sim(agent, classifier, episodes=args.episodes, seed=args.seed, out_json=args.json,
+                       target_state=args.target_state, sample=sample)
     return 0
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    """--target-state and --sample for train/evaluate agent --sim (issue 12 part 4)."""
+    p.add_argument("--target-state", dest="target_state", default="good", metavar="NAME",
+                   help="tip state the episodes aim for: good (default, the one-output classifier) or a state of a "
+                        "multi-class classifier (the shipped H:Si one: atoms, dimers, asymmetric, rows, double, "
+                        "multiple, blurry); other than good, the defaults become the shipped hsi_tipstates classifier "
+                        "and the H:Si surface")
+    p.add_argument("--sample", choices=("ag_mgpc", "hsi"), default=None,
+                   help="simulated surface (default: ag_mgpc for --target-state good, hsi otherwise)")
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -259,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run directory, new or empty (default: runs/<UTC time>)")
     run.add_argument("--resume", type=check.resumable_run, metavar="RUN_DIR",
                      help="continue a killed run in RUN_DIR (its settings come from its journal: no other run option)")
+    run.add_argument("--target-state", dest="target_state", metavar="NAME",
+                     help="condition the probe until the classifier says NAME (p(NAME) > classifier.threshold) instead "
+                          "of good; NAME must be a class of the loaded multi-class classifier (sets "
+                          "probe.target_state; default good)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")
     run.set_defaults(func=_run)
 
@@ -430,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue an agent (its weights; a fresh replay memory, no random phase, epsilon 0.05) "
                          "instead of a new one from the classifier")
     ta.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
+    _add_target_options(ta)
     ta.set_defaults(func=_train_agent)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a classifier on data, or the agent against random",
@@ -463,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--episodes", type=check.int_range(1, 10**6), default=200, help="episodes per policy (default 200)")
     ea.add_argument("--seed", type=check.seed, default=0, help="simulator seed (default 0)")
     ea.add_argument("--json", type=check.output_file(), metavar="FILE", help="also write the results as JSON")
+    _add_target_options(ea)
     ea.set_defaults(func=_evaluate_agent)
 
     export = sub.add_parser(
