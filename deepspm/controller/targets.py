@@ -92,8 +92,9 @@ def resolve_target(name: str, n_outputs: int, metadata: Mapping[str, Any] | None
     naming the allowed states."""
     states = classifier_states(n_outputs, class_names_of(metadata))
     if name not in states:
-        kind = "a one-output (good/bad) classifier" if n_outputs == 1 else f"a {n_outputs}-class classifier"
-        raise TargetStateError(f"{KEY} {name!r} is not a state {where} ({kind}) judges; allowed: {', '.join(states)}")
+        kind = "one output, p(good)" if n_outputs == 1 else f"{n_outputs} outputs"
+        raise TargetStateError(f"{KEY} {name!r} is not a state that {where} ({kind}) judges; allowed: "
+                               f"{', '.join(states)}")
     return TipTarget(name, None if n_outputs == 1 else states.index(name), threshold, states)
 
 
@@ -103,7 +104,7 @@ def check_target_setting(cfg: RunConfig, classifier_path: Path | str) -> TipTarg
 
     meta = require_kind(classifier_path, "classifier")
     return resolve_target(cfg.probe.target_state, int(meta.get("n_outputs", 1)), meta.get("metadata"),
-                          cfg.classifier.threshold, str(classifier_path))
+                          cfg.classifier.threshold, f"the classifier.checkpoint {classifier_path}")
 
 
 class TargetPredictor:

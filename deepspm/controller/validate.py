@@ -501,12 +501,15 @@ def check_run_config(cfg: Any, args: argparse.Namespace) -> None:
         if setting in words[kind]:
             continue
         try:
-            meta = require_kind(setting, kind)
+            require_kind(setting, kind)
         except CheckpointError as e:
             raise ConfigError(f"{kind}.checkpoint", f"{kind}.checkpoint: {e}") from None
-        if kind == "classifier" and int(meta.get("n_outputs", 1)) != 1:
-            raise ConfigError("classifier.checkpoint", f"classifier.checkpoint: {setting} has {meta['n_outputs']} "
-                                                       f"outputs (a multi-class net); a run needs one, p(good)")
+    # probe.target_state must be a state the classifier judges ("good" for a one-output net, else a class name)
+    from deepspm.controller.targets import check_target_setting
+
+    setting = cfg.classifier.checkpoint
+    check_target_setting(cfg, Path(__file__).resolve().parents[1] / "weights" / "classifier" if setting == "shipped"
+                         else setting)
     host = cfg.instrument.host
     if host is not None:
         argument = "--host" if args.host is not None else "instrument.host"
