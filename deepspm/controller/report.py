@@ -170,6 +170,7 @@ class ReportSummary:
     ended_wall: float | None
     records: int
     torn_tail_bytes: int
+    target_state: str = "good"  # the tip state the run conditioned towards ([probe] target_state)
 
     @property
     def recoveries(self) -> int:
@@ -187,6 +188,7 @@ def summarise(history: RunHistory) -> ReportSummary:
         frames_recorded=h.frames_recorded,
         frames_classified=classified,
         good_frames=h.good_frames,
+        target_state=h.target_state,
         good_fraction=h.good_frames / classified if classified else None,
         bad_samples=h.bad_samples,
         discarded_contact_lost=h.discarded_contact_lost,
@@ -286,7 +288,9 @@ def summary_rows(s: ReportSummary) -> list[tuple[str, str]]:
         ("uptime (first to last record)", format_duration(s.uptime_s)),
         ("frames recorded", str(s.frames_recorded)),
         ("frames classified", str(s.frames_classified)),
-        ("good probe frames", f"{s.good_frames} ({frac(s.good_fraction)} of classified)"),
+        ("target tip state", s.target_state if s.target_state != "good" else "good (p(good))"),
+        ("good probe frames" if s.target_state == "good" else f"frames with the probe {s.target_state}",
+         f"{s.good_frames} ({frac(s.good_fraction)} of classified)"),
         ("bad sample frames (discarded)", str(s.bad_samples)),
         ("scans discarded: contact lost / crashed", f"{s.discarded_contact_lost} / {s.discarded_crashed}"),
         ("episodes started / ended", f"{s.episodes_started} / {s.episodes_ended}"),
@@ -491,7 +495,7 @@ def plot_p_good(history: RunHistory, path: Path) -> Path:
     frames = history.frames
     if not frames:
         _empty(ax, "no classified frames")
-        fig.suptitle(f"p(good) of run {history.run_id}")
+        fig.suptitle(f"p({history.run.target_state}) of run {history.run_id}")
         return _save(fig, path)
     index = np.array([f.index for f in frames], dtype=float)
     p = np.array([f.p_good for f in frames], dtype=float)
@@ -509,16 +513,19 @@ def plot_p_good(history: RunHistory, path: Path) -> Path:
         ax.axvline(after + 0.5, color="#555555", lw=0.8, ls="-.", label="approach-area move" if k == 0 else None)
     ax.axhline(history.threshold, color="black", lw=1.0, ls="--", label=f"threshold {history.threshold:g}")
     size = 14 if len(frames) < 2000 else 4
-    ax.scatter(index[good], p[good], s=size, c=VERDICT_COLOURS[GOOD], label="good probe", zorder=3, rasterized=True)
-    ax.scatter(index[~good], p[~good], s=size, c=VERDICT_COLOURS[BAD], label="bad probe", zorder=3, rasterized=True)
+    target = history.run.target_state
+    on, off = ("good probe", "bad probe") if target == "good" else (f"probe {target}", f"probe not {target}")
+    ax.scatter(index[good], p[good], s=size, c=VERDICT_COLOURS[GOOD], label=on, zorder=3, rasterized=True)
+    ax.scatter(index[~good], p[~good], s=size, c=VERDICT_COLOURS[BAD], label=off, zorder=3, rasterized=True)
     ax.set_xlim(0.5, last + 0.5)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("classified frame")
-    ax.set_ylabel("p(good probe)")
+    ax.set_ylabel("p(good probe)" if target == "good" else f"p({target})")
     ax.grid(True, lw=0.3, alpha=0.5)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     _elapsed_axis(ax, index, np.array([f.t_wall for f in frames], dtype=float))
-    fig.suptitle(f"p(good) of run {history.run_id}: {int(good.sum())} of {last} frames good", fontsize=12)
+    fig.suptitle(f"p({target}) of run {history.run_id}: {int(good.sum())} of {last} frames "
+                 f"{'good' if target == 'good' else target}", fontsize=12)
     return _save(fig, path)
 
 

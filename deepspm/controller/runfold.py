@@ -220,6 +220,7 @@ class RunFold:
     run_time: RunTime = field(default_factory=RunTime)
     # from the start record
     threshold: float = DEFAULT_THRESHOLD
+    target_state: str = "good"  # the tip state the run conditions towards ([probe] target_state; absent: good)
     bad_probe_threshold: int = DEFAULT_BAD_PROBE_THRESHOLD
     budget_hours: float | None = None  # the run's time budget (run.hours), if any
     simulated: bool = False  # against the embedded simulator: run time is its clock's
@@ -369,6 +370,7 @@ class RunFold:
         self.run_id = s.run_id or self.run_id
         config = s.config or {}
         self.threshold = float((config.get("classifier") or {}).get("threshold", DEFAULT_THRESHOLD))
+        self.target_state = str((config.get("probe") or {}).get("target_state", "good"))
         self.bad_probe_threshold = int((config.get("episode") or {}).get("bad_probe_threshold",
                                                                          DEFAULT_BAD_PROBE_THRESHOLD))
         hours = (config.get("run") or {}).get("hours")

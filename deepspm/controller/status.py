@@ -126,11 +126,15 @@ def render(follower: JournalFollower, now: float) -> str:
         clock = ", simulated time" if s.simulated else ""
         lines.append(_row("run time", f"{format_duration(s.time_spent_s)}{budget} (all processes{clock})"))
     good = f"{s.good_frames / s.frames_classified:.1%}" if s.frames_classified else "–"
+    target = s.target_state
+    on_target = "good probe" if target == "good" else f"probe {target}"
+    if target != "good":
+        lines.append(_row("target", f"tip state {target} (p({target}) > {s.threshold:g} ends an episode)"))
     lines.append(_row("frames", f"{s.frames_recorded} recorded, {s.frames_classified} classified, "
-                                f"{s.good_frames} good probe ({good}), {s.bad_samples} bad sample"))
+                                f"{s.good_frames} {on_target} ({good}), {s.bad_samples} bad sample"))
     if s.last_frame is not None:
         f = s.last_frame
-        p = f" p(good) {f.p_good:.3f}" if f.p_good is not None else ""
+        p = f" p({target}) {f.p_good:.3f}" if f.p_good is not None else ""
         when = f", {format_duration(now - f.t_wall)} ago" if not s.stopped else ""
         lines.append(_row("last frame", f"#{f.number}{p} -> {f.verdict}{when}"))
     probe = f"bad-probe counter {s.bad_probe_count}/{s.bad_probe_threshold}"
