@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,22 +160,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from deepspm.controller.training import train_classifier_command
+    from deepspm.controller.recipes import OPTION_NAMES, train_with_recipe
 
-    if args.ensemble is not None:
-        from deepspm.controller.tipstates import train_ensemble_command
-
-        train_ensemble_command(args.data, args.out, k=args.ensemble, combine=args.combine,
-                               holdout_fraction=args.holdout_fraction, preset=args.preset, epochs=args.epochs,
-                               seed=args.seed, val_fraction=args.val_fraction, good_weight=args.good_weight,
-                               multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep)
-        return 0
-    train_classifier_command(args.data, args.out, preset=args.preset, epochs=args.epochs, seed=args.seed,
-                             val_fraction=args.val_fraction, good_weight=args.good_weight,
-                             multiclass=args.multiclass, overwrite=args.overwrite, keep=args.keep, init=args.init,
-                             freeze_epochs=args.freeze_epochs, patience=args.patience,
-                             finetune_learning_rate=args.finetune_lr, max_train=args.max_train,
-                             lines=args.lines, min_lines=args.min_lines)
+    train_with_recipe(args.data, args.out, recipe=args.recipe, given={k: getattr(args, k) for k in OPTION_NAMES},
+                      seed=args.seed, val_fraction=args.val_fraction, multiclass=args.multiclass,
+                      overwrite=args.overwrite, holdout_fraction=args.holdout_fraction, init=args.init,
+                      freeze_epochs=args.freeze_epochs, patience=args.patience,
+                      finetune_learning_rate=args.finetune_lr, max_train=args.max_train, lines=args.lines,
+                      min_lines=args.min_lines)
     return 0
 
 
@@ -186,6 +178,36 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
                                 seed=args.seed, split=args.split, min_responses=args.min_responses, lines=args.lines,
                                 plots=args.plots)
     return 0
+
+
+def _devices(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return _positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', got {text!r}") from None
+
+
+DEVICES_HELP = ("data-parallel training: N local devices (GPUs; CPU devices with XLA_FLAGS=--xla_force_host_platform_"
+                "device_count=N) per process, or all (default); each batch is split over them, the parameters are "
+                "replicated, the result equals one device's to float rounding; 1 trains on one device as before. "
+                "Several processes or hosts: the same command in each, with JAX_COORDINATOR_ADDRESS=host:port (process "
+                "0's), DEEPSPM_NUM_PROCESSES and DEEPSPM_PROCESS_ID set, or started by srun/mpirun; process 0 writes --out")
+
+
+def _on_devices(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`handler` under --devices, in the multi-process job the environment describes (deepspm.nets.parallel)."""
+    def run(args: argparse.Namespace) -> int:
+        from deepspm.nets import parallel  # loads JAX: only the training commands pay for it
+
+        with parallel.training_command(args.devices, args.out) as (scope, out):
+            status = handler(argparse.Namespace(**{**vars(args), "out": out}))
+        if scope.taken == 0 and parallel.mesh_for(args.devices) is not None:
+            print(f"deepspm: note: --devices {args.devices}: this training loop runs on one device (it does not take "
+                  "--devices yet)", file=sys.stderr)
+        return status
+    return run
 
 
 def _train_agent(args: argparse.Namespace) -> int:
@@ -396,16 +418,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "raw heights in metres; *Ransac.npy already levelled), our synthetic sets, or the H:Si(100) .npz.")
     tc.add_argument("--data", type=check.labelled_data, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
     tc.add_argument("--out", type=check.output_dir, required=True, metavar="CKPT", help="checkpoint directory to write")
-    tc.add_argument("--preset", default="compact", choices=("tiny", "compact", "original", "paper"),
-                    help="network size (default compact; paper needs a GPU workstation)")
-    tc.add_argument("--epochs", type=check.int_range(1, 100_000), default=20, help="passes over the training split (default 20)")
+    tc.add_argument("--recipe", choices=("auto", "standard", "hsi100"), default="auto",
+                    help="the defaults of the options below: auto (default) = hsi100 for the H:Si(100) .npz alone "
+                         "(an ensemble of 5 compact nets, 30 epochs, good weight 1, the 8 dihedral symmetries, "
+                         "random crops 0.8-1, cosine learning rate, the set's fixed 20 %% hold-out), else standard "
+                         "(one compact net, 20 epochs, good weight 8, flips, constant learning rate: the paper's); "
+                         "any option given overrides the recipe; the checkpoint's metadata records it")
+    tc.add_argument("--preset", choices=("tiny", "compact", "original", "paper"),
+                    help="network size (recipe default: compact; paper needs a GPU workstation)")
+    tc.add_argument("--epochs", type=check.int_range(1, 100_000), help="passes over the training split (recipe default)")
     tc.add_argument("--seed", type=check.seed, default=0, help="seed of the split, init, batches and flips (default 0)")
     tc.add_argument("--val-fraction", dest="val_fraction", type=check.float_range(0, 1, hi_open=True), default=0.24,
                     help="fraction kept for validation, stratified by label (default 0.24, as the paper)")
-    tc.add_argument("--good-weight", dest="good_weight", type=check.float_range(0, 1e6, lo_open=True), default=8.0,
-                    help="loss weight of good-probe images (default 8, the paper; 1 suits a balanced set)")
-    tc.add_argument("--keep", choices=("last", "best"), default="last",
-                    help="weights to save: the last epoch's (default), or the epoch with the best validation ROC AUC "
+    tc.add_argument("--good-weight", dest="good_weight", type=check.float_range(0, 1e6, lo_open=True),
+                    help="loss weight of good-probe images (recipe default: 8, the paper; hsi100: 1, a balanced set)")
+    tc.add_argument("--augment", choices=("flips", "dihedral"),
+                    help="training augmentation: flips (random left-right and up-down) or dihedral (also the "
+                         "transpose: all 8 symmetries of the square); recipe default")
+    tc.add_argument("--crop-min-scale", dest="crop_min_scale", type=check.float_range(0, 1, lo_open=True),
+                    metavar="F", help="random square crops of side F..1 x 64 px, resized back to 64 px, per training "
+                                      "image (1 = none; recipe default); validation sees whole images")
+    tc.add_argument("--lr-schedule", dest="lr_schedule", choices=("constant", "cosine"),
+                    help="learning rate 1e-3 constant, or cosine-decayed to 0 over all steps (recipe default)")
+    tc.add_argument("--keep", choices=("last", "best"),
+                    help="weights to save: the last epoch's (recipe default), or the epoch with the best validation ROC AUC "
                          "(macro over classes with --multiclass); metrics.json names the kept epoch")
     tc.add_argument("--init", metavar="CKPT",
                     help="fine-tune from a classifier checkpoint directory, or 'shipped' (the package's); its preset "
@@ -428,15 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --lines: the fewest visible scan lines (rows) a training image keeps (default 4)")
     tc.add_argument("--ensemble", type=check.int_range(1, 64), metavar="K",
                     help="train K members (seeds SEED..SEED+K-1, each with its own split of the rows outside a "
-                         "hold-out) into ONE checkpoint, run as one batched call; metrics on the hold-out")
-    tc.add_argument("--combine", choices=("mean", "vote"), default="mean",
-                    help="with --ensemble: mean of the members' probabilities (default), or vote: the fraction "
-                         "of members with probability > 0.5")
+                         "hold-out) into ONE checkpoint, run as one batched call; metrics on the hold-out "
+                         "(recipe default: none for standard, 5 for hsi100)")
+    tc.add_argument("--combine", choices=("mean", "vote"),
+                    help="with --ensemble: mean of the members' probabilities (recipe default), or vote: the "
+                         "fraction of members with probability > 0.5")
     tc.add_argument("--holdout-fraction", dest="holdout_fraction", type=check.float_range(0, 1, hi_open=True),
-                    default=0.2, help="with --ensemble: fraction of the rows no member sees, stratified by label "
-                                      "(default 0.2); written as split.json")
+                    help="with --ensemble: fraction of the rows no member sees, stratified by label and seeded by "
+                         "--seed (default 0.2; the hsi100 recipe holds out the set's fixed 20 %% instead, the same "
+                         "images for every seed and for --multiclass); written as split.json")
     tc.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
-    tc.set_defaults(func=_train_classifier)
+    tc.add_argument("--devices", type=_devices, default="all", metavar="N|all", help=DEVICES_HELP)
+    tc.set_defaults(func=_on_devices(_train_classifier))
     ta = train_sub.add_parser("agent", help="train the double-DQN agent in simulation",
                               description="Train the conditioning agent on the simulated microscope (in-process).")
     ta.add_argument("--sim", action="store_true", required=True, help="train in simulation (the only option)")
@@ -450,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "instead of a new one from the classifier")
     ta.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     _add_target_options(ta)
-    ta.set_defaults(func=_train_agent)
+    ta.add_argument("--devices", type=_devices, default="all", metavar="N|all",
+                    help=DEVICES_HELP + " (here: the learner's gradient updates)")
+    ta.set_defaults(func=_on_devices(_train_agent))
 
     evaluate = sub.add_parser("evaluate", help="evaluate a classifier on data, or the agent against random",
                               description="Evaluate a classifier on a labelled set, or the agent against random.")

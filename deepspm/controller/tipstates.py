@@ -23,8 +23,10 @@ from deepspm.nets.data import (
     BINARY_FROM_MULTICLASS_RULE,
     GORDON2020_CATEGORIES,
     HSI100_CATEGORIES,
+    HSI100_HOLDOUT_FRACTION,
     binary_from_multiclass,
     four_categories,
+    hsi100_holdout_rows,
     load_hsi100_npz,
 )
 from deepspm.nets.metrics import (
@@ -140,14 +142,18 @@ def train_ensemble_command(
     preset: str = "compact", epochs: int = 20, seed: int = 0, val_fraction: float = 0.24, batch_size: int = 64,
     learning_rate: float = 1e-3, l2: float = 5e-5, good_weight: float = 8.0, threshold: float = DEFAULT_THRESHOLD,
     multiclass: bool = False, min_responses: int = 1, keep: str = "last", overwrite: bool = False,
-    progress: bool = True, plots: Path | str | None = None,
+    progress: bool = True, plots: Path | str | None = None, dihedral: bool = False, crop_min_scale: float = 1.0,
+    lr_schedule: str = "constant", fixed_holdout: bool = False, recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train an ensemble of `k` members into one checkpoint `out` (kind "classifier", metadata `ensemble`).
 
-    A seeded stratified hold-out of `holdout_fraction` is carved first; member i trains with seed `seed + i`
-    on the other rows, split again by its own seed (`val_fraction`) for its validation. The hold-out rows are
-    written to `out/split.json` (so `evaluate --split` measures exactly them); `out/metrics.json` holds the
-    ensemble's and each member's hold-out metrics (calibration included).
+    A seeded stratified hold-out of `holdout_fraction` is carved first (with `fixed_holdout` and the H:Si(100)
+    .npz alone: the set's fixed hold-out, `nets.data.hsi100_holdout_rows`, the same images in the binary and the
+    six-class view, whatever the seed); member i trains with seed `seed + i` on the other rows, split again by
+    its own seed (`val_fraction`) for its validation. The hold-out rows are written to `out/split.json` (so
+    `evaluate --split` measures exactly them); `out/metrics.json` holds the ensemble's and each member's hold-out
+    metrics (calibration included). `dihedral`, `crop_min_scale`, `lr_schedule`: `nets.classifier.ClassifierConfig`.
+    `recipe`: the recipe record (`controller.recipes.record`) for the metadata.
     """
     from deepspm.controller.training import METRICS_FILE, _write_json, load_labelled_sets
     from deepspm.nets.checkpoints import save_net
@@ -162,10 +168,18 @@ def train_ensemble_command(
     images, labels, info = load_labelled_sets(list(data), multiclass=multiclass, min_responses=min_responses,
                                               seed=seed, progress=progress)
     config = ClassifierConfig(batch_size=batch_size, learning_rate=learning_rate, l2=l2, good_weight=good_weight,
-                              val_fraction=val_fraction, threshold=threshold, keep=keep)
+                              val_fraction=val_fraction, threshold=threshold, keep=keep, dihedral=dihedral,
+                              crop_min_scale=crop_min_scale, lr_schedule=lr_schedule)
+    holdout_rows = None
+    if fixed_holdout and len(data) == 1 and Path(data[0]).suffix == ".npz":
+        kept = load_hsi100_npz(data[0], mode="multiclass" if multiclass else "binary",
+                               min_responses=min_responses).indices
+        holdout_rows = np.flatnonzero(np.isin(kept, hsi100_holdout_rows(data[0])))
+        holdout_fraction = HSI100_HOLDOUT_FRACTION
     start = time.perf_counter()
     result = train_ensemble(images, labels, preset, epochs, seed, k, holdout_fraction=holdout_fraction,
-                            combine=combine, config=config, class_names=info["class_names"], progress=progress)
+                            combine=combine, config=config, class_names=info["class_names"], progress=progress,
+                            holdout_indices=holdout_rows)
     seconds = time.perf_counter() - start
     holdout = result.holdout_indices
     extras = {"class_names": info["class_names"], "threshold": threshold, "paths": list(data), "rows": holdout,
@@ -183,7 +197,10 @@ def train_ensemble_command(
         "options": {"preset": preset, "epochs": epochs, "seed": seed, "k": k, "combine": combine,
                     "holdout_fraction": holdout_fraction, "val_fraction": val_fraction, "batch_size": batch_size,
                     "learning_rate": learning_rate, "l2": l2, "good_weight": good_weight, "threshold": threshold,
-                    "multiclass": multiclass, "min_responses": min_responses, "keep": keep},
+                    "multiclass": multiclass, "min_responses": min_responses, "keep": keep, "dihedral": dihedral,
+                    "crop_min_scale": crop_min_scale, "lr_schedule": lr_schedule,
+                    "holdout": "hsi100_fixed" if holdout_rows is not None else "seeded"},
+        "recipe": recipe,
         "data": {k_: v for k_, v in info.items() if k_ != "kinds"}, "n_holdout": int(holdout.size),
         "train_seconds": round(seconds, 1), "metrics": metrics,
         "member_metrics": member_metrics,

@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 
 from deepspm.nets.inference import Predictor, TraceCounter, as_image_batch
 from deepspm.nets.linewindow import mask_rows, random_truncation, seeded_line_counts
-from deepspm.nets.losses import l2_on_kernels, random_flips, weighted_sigmoid_cross_entropy
+from deepspm.nets.losses import (
+    l2_on_kernels,
+    random_crops,
+    random_dihedral,
+    random_flips,
+    weighted_sigmoid_cross_entropy,
+)
 from deepspm.nets.metrics import DEFAULT_THRESHOLD, binary_metrics, multilabel_metrics
 from deepspm.nets.model import NetDef, NetVars, apply_eval, apply_train
 from deepspm.nets.presets import NetSpec
@@ -34,6 +40,7 @@ _INIT, _STEP = 0, 1
 
 
 KEEP_CHOICES = ("last", "best")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def selection_score(metrics: dict[str, Any]) -> float:
@@ -66,6 +73,13 @@ class ClassifierConfig:
     # first n rows, n uniform in line_window_min_lines..64, the rest set to the unscanned fill; validation
     # sees each image truncated to a seeded count from the same range (the same every epoch)
     line_window_min_lines: int = 0
+    # augmentation and schedule (docs/training.md, "Default H:Si recipe"): `dihedral` adds the transpose to the
+    # flips (all 8 symmetries of the square: 90-degree rotations and mirrorings); `crop_min_scale` < 1 takes a
+    # random square crop of side [crop_min_scale, 1] x 64 px per image and resizes it back to 64 (validation and
+    # inference see whole images); `lr_schedule` "cosine" decays the learning rate to 0 over all steps
+    dihedral: bool = False
+    crop_min_scale: float = 1.0
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP_CHOICES:
@@ -76,6 +90,10 @@ class ClassifierConfig:
             raise ValueError(f"max_train must be >= 1, got {self.max_train}")
         if self.line_window_min_lines < 0:
             raise ValueError(f"line_window_min_lines must be >= 0, got {self.line_window_min_lines}")
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
 
 FEATURE_LAYERS = ("convs",)
@@ -172,7 +190,9 @@ def make_train_step(
     def step(variables: NetVars, opt_state: Any, images: jax.Array, labels: jax.Array, key: jax.Array):
         flip_key, dropout_key = jax.random.split(key)
         if config.flips:
-            images = random_flips(images, flip_key)
+            images = (random_dihedral if config.dihedral else random_flips)(images, flip_key)
+        if config.crop_min_scale < 1.0:
+            images = random_crops(images, jax.random.fold_in(flip_key, 2), config.crop_min_scale)
         if config.line_window_min_lines:  # after the flips: the scanned rows stay at the top
             images = random_truncation(images, jax.random.fold_in(flip_key, 1), config.line_window_min_lines)
 
@@ -251,6 +271,7 @@ def train_classifier(
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     init: tuple[NetDef, NetVars] | None = None,
+    step_cache: dict[Any, tuple[optax.GradientTransformation, StepFn]] | None = None,
 ) -> TrainResult:
     """Train a classifier from scratch on pre-processed images (N, 64, 64[, 1]) and labels (N,) or (N, K).
 
@@ -261,6 +282,8 @@ def train_classifier(
 
     `init`: start from these weights (fine-tuning; `preset` is then the init's) instead of a fresh net; see
     `ClassifierConfig.freeze_epochs`, `finetune_learning_rate` and `patience` for the small-data recipe.
+    `step_cache`: a dict shared by several trainings of the same net, config and sizes (an ensemble's members),
+    so that the jitted train step is compiled once for all of them.
     """
     labels = np.asarray(labels, dtype=np.float32)
     n_outputs = 1 if labels.ndim == 1 else labels.shape[1]
@@ -292,10 +315,21 @@ def train_classifier(
     traces = TraceCounter()
 
     def phase(epoch: int) -> tuple[optax.GradientTransformation, StepFn]:
+        key = (net, config, epochs, train_idx.size, init is None, epoch < config.freeze_epochs)
+        if step_cache is None:
+            return new_phase(epoch)
+        if key not in step_cache:
+            step_cache[key] = new_phase(epoch)
+        return step_cache[key]
+
+    def new_phase(epoch: int) -> tuple[optax.GradientTransformation, StepFn]:
         if epoch < config.freeze_epochs:
             optimizer = frozen_features_optimizer(config.learning_rate)
         elif config.freeze_epochs or init is not None:
             optimizer = optax.adam(config.finetune_learning_rate or config.learning_rate)
+        elif config.lr_schedule == "cosine":
+            total = max(1, epochs * (train_idx.size // batch_size))
+            optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, total))
         else:
             optimizer = optax.adam(config.learning_rate)
         return optimizer, make_train_step(net, optimizer, config, traces)

@@ -281,3 +281,23 @@ def class_names(dataset: NpzDataset | FolderDataset) -> Sequence[str] | None:
     if isinstance(dataset, NpzDataset) and dataset.labels.ndim == 2:
         return dataset.categories
     return None
+
+
+HSI100_HOLDOUT_FRACTION = 0.2
+HSI100_HOLDOUT_SEED = 0
+
+
+def hsi100_holdout_rows(
+    path: Path | str, fraction: float = HSI100_HOLDOUT_FRACTION, seed: int = HSI100_HOLDOUT_SEED,
+) -> np.ndarray:
+    """The fixed evaluation hold-out of the H:Si(100) set: sorted npz rows, carved once (seeded) from ALL rows,
+    so the binary and the six-class views hold out the same images. Stratified by the binary mapping's three
+    states (good, bad, neither: Rows-only and mixed votes), `fraction` of each (rounded)."""
+    check_hsi100_npz(path)
+    with np.load(Path(path), allow_pickle=False) as npz:
+        scores = npz["scores"].astype(np.float32)
+    good_vote, bad_vote = scores[:, _GOOD_CLASSES].max(axis=1), scores[:, _BAD_CLASSES].max(axis=1)
+    state = np.where((good_vote >= 0.99) & (bad_vote == 0), 1, np.where((bad_vote >= 0.99) & (good_vote == 0), 0, 2))
+    rng = np.random.default_rng([seed, 0x401D])
+    held = [rng.permutation(np.flatnonzero(state == s))[: int(round(fraction * np.sum(state == s)))] for s in (0, 1, 2)]
+    return np.sort(np.concatenate(held))

@@ -137,11 +137,12 @@ def train_ensemble(
     images: Any, labels: Any, preset: NetSpec | str, epochs: int, seed: int, k: int, *,
     holdout_fraction: float = 0.2, combine: str = "mean", config: ClassifierConfig | None = None,
     class_names: Sequence[str] | None = None, progress: bool = True,
-    on_member: Callable[[int, TrainResult], None] | None = None,
+    on_member: Callable[[int, TrainResult], None] | None = None, holdout_indices: Any = None,
 ) -> EnsembleResult:
     """Train `k` members (seeds seed, seed+1, ...) on the rows outside a seeded stratified hold-out of
-    `holdout_fraction` (0: no hold-out). Each member splits the remaining rows itself (`config.val_fraction`,
-    by its own seed), so the members see different training rows."""
+    `holdout_fraction` (0: no hold-out), or outside the given `holdout_indices` (rows of `images`; a hold-out
+    fixed by the caller, e.g. the H:Si(100) set's). Each member splits the remaining rows itself
+    (`config.val_fraction`, by its own seed), so the members see different training rows."""
     config = config if config is not None else ClassifierConfig()
     if k < 1:
         raise EnsembleError(f"an ensemble needs at least one member, got {k}")
@@ -151,12 +152,19 @@ def train_ensemble(
     images = np.asarray(images)
     if images.shape[0] != labels.shape[0]:
         raise EnsembleError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    pool, holdout = stratified_split(labels, holdout_fraction, seed)
+    if holdout_indices is None:
+        pool, holdout = stratified_split(labels, holdout_fraction, seed)
+    else:
+        holdout = np.unique(np.asarray(holdout_indices, dtype=int))
+        if holdout.size and (holdout[0] < 0 or holdout[-1] >= labels.shape[0]):
+            raise EnsembleError(f"hold-out rows must be in 0..{labels.shape[0] - 1}")
+        pool = np.setdiff1d(np.arange(labels.shape[0]), holdout)
     seeds = [seed + i for i in range(k)]
     members: list[TrainResult] = []
+    steps: dict[Any, Any] = {}  # one compiled train step for all members (same net, config and sizes)
     for i, member_seed in enumerate(seeds):
         result = train_classifier(images[pool], labels[pool], preset, epochs, member_seed, config=config,
-                                  class_names=class_names, progress=progress)
+                                  class_names=class_names, progress=progress, step_cache=steps)
         # report the member's rows in the caller's numbering
         result = replace(result, train_indices=pool[result.train_indices], val_indices=pool[result.val_indices])
         members.append(result)

@@ -39,3 +39,32 @@ def random_flips(images: jax.Array, key: jax.Array) -> jax.Array:
     flip_ud = jax.random.bernoulli(ud_key, 0.5, shape)
     images = jnp.where(flip_lr, images[:, :, ::-1, :], images)
     return jnp.where(flip_ud, images[:, ::-1, :, :], images)
+
+
+def random_dihedral(images: jax.Array, key: jax.Array) -> jax.Array:
+    """One of the 8 symmetries of the square per image of a (B, S, S, C) batch, each with p = 1/8: a transpose
+    with p = 0.5, then independent left-right and up-down flips (together: the 90-degree rotations and the
+    mirrorings)."""
+    t_key, flip_key = jax.random.split(key)
+    transpose = jax.random.bernoulli(t_key, 0.5, (images.shape[0], 1, 1, 1))
+    images = jnp.where(transpose, jnp.swapaxes(images, 1, 2), images)
+    return random_flips(images, flip_key)
+
+
+def random_crops(images: jax.Array, key: jax.Array, min_scale: float) -> jax.Array:
+    """A random square crop per image of a (B, S, S, C) batch, resized back to S x S (bilinear): side
+    uniform in [min_scale, 1] x S, position uniform inside the image. `min_scale` 1 returns the batch."""
+    if min_scale >= 1.0:
+        return images
+    side = images.shape[1]
+    size_key, x_key, y_key = jax.random.split(key, 3)
+    crop = jax.random.uniform(size_key, (images.shape[0],), minval=min_scale, maxval=1.0) * side
+    offset = jnp.stack([jax.random.uniform(k, (images.shape[0],)) for k in (y_key, x_key)], axis=1)
+    offset = offset * (side - crop)[:, None]
+    scale = side / crop
+
+    def one(image: jax.Array, s: jax.Array, o: jax.Array) -> jax.Array:  # out = (in - o) * s
+        return jax.image.scale_and_translate(image, image.shape, (0, 1), jnp.stack([s, s]), -o * s, "linear",
+                                             antialias=False)
+
+    return jax.vmap(one)(images, scale, offset)
