@@ -61,6 +61,7 @@ EXPECTED_ERRORS = frozenset({
     "deepspm.controller.runlock.RunDirInUse",
     "deepspm.nets.data.DataError",
     "deepspm.nets.checkpoint_info.CheckpointError",
+    "deepspm.nets.parallel.ParallelError",
     "deepspm.io.sxm.SxmError",
     "deepspm.controller.export.ExportError",
     "builtins.FileNotFoundError",

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from deepspm.nets import parallel
 from deepspm.nets.inference import Predictor, TraceCounter, as_image_batch
 from deepspm.nets.linewindow import mask_rows, random_truncation, seeded_line_counts
 from deepspm.nets.losses import (
@@ -271,6 +272,7 @@ def train_classifier(
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     init: tuple[NetDef, NetVars] | None = None,
+    devices: parallel.Devices = None,
     step_cache: dict[Any, tuple[optax.GradientTransformation, StepFn]] | None = None,
 ) -> TrainResult:
     """Train a classifier from scratch on pre-processed images (N, 64, 64[, 1]) and labels (N,) or (N, K).
@@ -284,6 +286,11 @@ def train_classifier(
     `ClassifierConfig.freeze_epochs`, `finetune_learning_rate` and `patience` for the small-data recipe.
     `step_cache`: a dict shared by several trainings of the same net, config and sizes (an ensemble's members),
     so that the jitted train step is compiled once for all of them.
+
+    `devices`: data-parallel over this many local devices (of every process in a `jax.distributed` job), or
+    "all"; None: the enclosing `parallel.use_devices` block's choice, else 1 (one device, no mesh). The
+    global batch, its rows and its random streams do not depend on the device count, so the result is the
+    same to float rounding (`deepspm.nets.parallel`); the batch must split evenly over the devices.
     """
     labels = np.asarray(labels, dtype=np.float32)
     n_outputs = 1 if labels.ndim == 1 else labels.shape[1]
@@ -306,6 +313,8 @@ def train_classifier(
     batch_size = min(config.batch_size, train_idx.size)
     if batch_size == 0:
         raise ValueError("no training images")
+    mesh = parallel.mesh_for(parallel.scoped_devices(devices))
+    parallel.check_batch(parallel.device_count(mesh), batch_size)
     root = jax.random.key(seed)
     step_root = jax.random.fold_in(root, _STEP)
     if init is None:
@@ -315,7 +324,7 @@ def train_classifier(
     traces = TraceCounter()
 
     def phase(epoch: int) -> tuple[optax.GradientTransformation, StepFn]:
-        key = (net, config, epochs, train_idx.size, init is None, epoch < config.freeze_epochs)
+        key = (net, config, epochs, train_idx.size, init is None, epoch < config.freeze_epochs, mesh)
         if step_cache is None:
             return new_phase(epoch)
         if key not in step_cache:
@@ -332,11 +341,16 @@ def train_classifier(
             optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, total))
         else:
             optimizer = optax.adam(config.learning_rate)
-        return optimizer, make_train_step(net, optimizer, config, traces)
+        step_fn = make_train_step(net, optimizer, config, traces)
+        if mesh is not None:  # the same global-batch step, its batch split over the devices
+            step_fn = parallel.data_parallel(step_fn, mesh, batch_argnums=(2, 3), donate_argnums=(0, 1))
+        return optimizer, step_fn
 
     optimizer, train_step = phase(0)
     opt_state = optimizer.init(variables.params)
     predictor = Predictor(net, variables, "probability")
+    if mesh is not None:  # parameters and optimiser state replicated on every device
+        variables, opt_state = parallel.replicate(mesh, (variables, opt_state))
     shuffle_rng = np.random.default_rng([seed, 0x5A1F])
 
     val_images = batch[val_idx]
@@ -347,7 +361,7 @@ def train_classifier(
     def validation_metrics(current: NetVars) -> dict[str, Any]:
         if val_idx.size == 0:
             return {}
-        predictor.set_variables(current)
+        predictor.set_variables(current if mesh is None else parallel.to_local(current))
         return evaluate(predictor, val_images, labels[val_idx], config.threshold, class_names,
                         config.eval_batch_size)
 
@@ -392,6 +406,8 @@ def train_classifier(
     kept_epoch = len(history)
     if best is not None:
         kept_epoch, variables, metrics = best
+    if mesh is not None:
+        variables = parallel.to_local(variables)
     traces.update(predictor.traces)
     return TrainResult(net, variables, config, seed, metrics, history, train_idx, val_idx,
                        tuple(class_names) if class_names is not None else None, traces, kept_epoch)

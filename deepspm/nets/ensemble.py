@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepspm.nets import parallel
 from deepspm.nets.checkpoint_info import CheckpointError
 from deepspm.nets.classifier import ClassifierConfig, TrainResult, stratified_split, train_classifier
 from deepspm.nets.model import NetDef, NetVars
@@ -136,7 +137,7 @@ class EnsembleResult:
 def train_ensemble(
     images: Any, labels: Any, preset: NetSpec | str, epochs: int, seed: int, k: int, *,
     holdout_fraction: float = 0.2, combine: str = "mean", config: ClassifierConfig | None = None,
-    class_names: Sequence[str] | None = None, progress: bool = True,
+    class_names: Sequence[str] | None = None, progress: bool = True, devices: parallel.Devices = None,
     on_member: Callable[[int, TrainResult], None] | None = None, holdout_indices: Any = None,
 ) -> EnsembleResult:
     """Train `k` members (seeds seed, seed+1, ...) on the rows outside a seeded stratified hold-out of
@@ -164,7 +165,7 @@ def train_ensemble(
     steps: dict[Any, Any] = {}  # one compiled train step for all members (same net, config and sizes)
     for i, member_seed in enumerate(seeds):
         result = train_classifier(images[pool], labels[pool], preset, epochs, member_seed, config=config,
-                                  class_names=class_names, progress=progress, step_cache=steps)
+                                  class_names=class_names, progress=progress, devices=devices, step_cache=steps)
         # report the member's rows in the caller's numbering
         result = replace(result, train_indices=pool[result.train_indices], val_indices=pool[result.val_indices])
         members.append(result)
