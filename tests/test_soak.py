@@ -75,3 +75,20 @@ def test_the_audit_catches_writes_outside_the_envelope_by_itself() -> None:
     microscope.withdraw()
     audit(request("Motor.StartMove", direction=0, steps=10, group=0, wait=1))
     assert len(audit.violations) == 4 and sum(audit.writes.values()) == 6
+
+
+def test_the_audit_allows_float32_rounding_at_the_envelopes_edge_but_not_a_picometre_beyond() -> None:
+    """Scan.FrameSet travels as float32: a frame whose edge the planner put exactly on the edge of the envelope arrives
+    femtometres beyond it (the soak with a small scanner counted these as violations)."""
+    import numpy as np
+
+    microscope = SimulatedMicroscope(0, SimClock(0.0))
+    audit = EnvelopeAudit(SafetyLimits(), microscope)
+    edge = 0.5 * microscope.piezo_range()[0] * SafetyLimits().piezo_fraction
+    one_up = np.float32(1.0 + 1e-7)  # float32 rounding up by one step
+    wire = [float(np.float32(edge - 5e-9) * one_up), float(np.float32(1e-8) * one_up)]
+    assert wire[0] + 0.5 * wire[1] > edge * (1 + 1e-9)  # beyond the envelope's edge by float32 rounding only
+    audit(request("Scan.FrameSet", x_m=wire[0], y_m=0.0, width_m=wire[1], height_m=wire[1], angle_deg=0.0))
+    assert audit.violations == []
+    audit(request("Scan.FrameSet", x_m=edge - 5e-9 + 1e-12, y_m=0.0, width_m=1e-8, height_m=1e-8, angle_deg=0.0))
+    assert [v.problem for v in audit.violations] == [f"frame corner outside +-({edge:.4g}, {edge:.4g}) m"]
