@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", type=check.output_dir, required=True, metavar="CKPT", help="checkpoint directory to write")
     tc.add_argument("--recipe", choices=("auto", "standard", "hsi100"), default="auto",
                     help="the defaults of the options below: auto (default) = hsi100 for the H:Si(100) .npz alone "
-                         "(an ensemble of 5 compact nets, 30 epochs, good weight 1, the 8 dihedral symmetries, "
+                         "(an ensemble of 5 compact nets, 20 epochs, good weight 1, the 8 dihedral symmetries, "
                          "random crops 0.8-1, cosine learning rate, the set's fixed 20 %% hold-out), else standard "
                          "(one compact net, 20 epochs, good weight 8, flips, constant learning rate: the paper's); "
                          "any option given overrides the recipe; the checkpoint's metadata records it")
