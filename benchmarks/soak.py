@@ -5,8 +5,9 @@
 The controller runs as `deepspm run` in a child process (the embedded simulator at time scale 0, served over
 TCP in that process) with three additions made in the child only:
 - the fake server's fault plan gets faults at random request numbers, per kind at the rates below (per
-  request, times --fault-scale), re-drawn for each process from the seed and the process number; the first
-  process's first coarse move gets an error reply (a coarse-motor failure); the simulator's z jumps (lost
+  request, times --fault-scale), re-drawn for each process from the seed and the process number; the first coarse
+  move of each process gets an error reply (a coarse-motor failure) until one has (a small --piezo-range makes
+  approach areas fill up, so the run moves the coarse motor every ~80 frames); the simulator's z jumps (lost
   contact, crashes) come at --z-jump-rate;
 - an independent audit (`deepspm.simulator.audit.EnvelopeAudit`, hooked into the fake server) checks every
   received write against the configured `[safety]` limits and the simulated microscope's true state;
@@ -64,6 +65,8 @@ REQUEST_HORIZON = 3_000_000  # request numbers drawn per process (more than any 
 MEMORY_GROWTH_LIMIT = 0.10
 WARM_FRAMES = 25  # samples of a process's first live frames are left out (a resume re-lives without nets first)
 
+MOTOR_FAULT_FILE = "motor_fault"  # written when the coarse-motor failure has been injected (once per soak)
+JAX_CACHE = "jax-cache"  # the children's persistent compilation cache (a restarted process compiles nothing)
 VIOLATIONS_FILE = "violations.jsonl"
 MEMORY_FILE = "memory.jsonl"
 PROGRESS_FILE = "progress"
@@ -101,10 +104,14 @@ def rss_kb() -> int:
 
 
 class _ChildHooks:
-    def __init__(self, soak_dir: Path, proc: int, seed: int, fault_scale: float, mem_every: int) -> None:
+    def __init__(self, soak_dir: Path, proc: int, seed: int, fault_scale: float, mem_every: int,
+                 t_start: float) -> None:
         self.soak_dir, self.proc, self.seed, self.fault_scale, self.mem_every = soak_dir, proc, seed, fault_scale, mem_every
         self.audit: Any = None
         self.injected: Counter[str] = Counter()
+        self.motor_fault: Any = None
+        # wall times (time.time()) of this process: started, first frame re-lived or run, first live frame, last frame
+        self.times: dict[str, float | None] = {"start": t_start, "first_frame": None, "first_live": None, "last": None}
         self.violations = open(soak_dir / VIOLATIONS_FILE, "a", buffering=1)  # noqa: SIM115 (open for the process)
         self.memory = open(soak_dir / MEMORY_FILE, "a", buffering=1)  # noqa: SIM115
         self.relived = 0  # frames a resumed process re-lives from the journal before it runs live
@@ -125,8 +132,10 @@ class _ChildHooks:
             calls = draw_calls(rng, TIMEOUT_RATE * self.fault_scale, REQUEST_HORIZON // 10)
             if calls:
                 sim.server.inject(name, _fault("timeout"), calls=calls)
-        if self.proc == 0:
-            sim.server.inject("Motor.StartMove", _fault("error_reply"), calls=[1])  # a coarse-motor failure
+        if not (self.soak_dir / MOTOR_FAULT_FILE).exists():
+            # a coarse-motor failure: the first coarse move of this process gets an error reply, until one got it
+            self.motor_fault = _fault("error_reply")
+            sim.server.inject("Motor.StartMove", self.motor_fault, calls=[1])
 
         def on_violation(v: Any) -> None:
             self.violations.write(json.dumps({"proc": self.proc, "seq": v.seq, "command": v.command,
@@ -137,16 +146,26 @@ class _ChildHooks:
         def on_request(request: Any) -> None:
             self.audit(request)
             for fault in request.faults:
-                self.injected[_KIND_NAMES[type(fault).__name__]] += 1
+                if fault is self.motor_fault:
+                    self.injected["coarse_motor"] += 1
+                    (self.soak_dir / MOTOR_FAULT_FILE).write_text(json.dumps({"proc": self.proc, "seq": request.seq}))
+                else:
+                    self.injected[_KIND_NAMES[type(fault).__name__]] += 1
 
         sim.server.on_request = on_request
 
     def progress(self, loop: Any) -> None:
         frames = loop.counters.frames
+        now = time.time()
+        self.times["first_frame"] = self.times["first_frame"] or now
+        if frames > self.relived:
+            self.times["first_live"] = self.times["first_live"] or now
+        self.times["last"] = now
         if frames % self.mem_every == 0:
             self.memory.write(json.dumps({"proc": self.proc, "frame": frames, "rss_kb": rss_kb(),
-                                          "live": frames - self.relived}) + "\n")
-        counts = {"proc": self.proc, "frames": frames, "injected": dict(self.injected),
+                                          "live": frames - self.relived, "t": now}) + "\n")
+        counts = {"proc": self.proc, "frames": frames, "relived": self.relived, "times": self.times,
+                  "injected": dict(self.injected),
                   "writes_checked": sum(self.audit.writes.values()) if self.audit else 0,
                   "reads": self.audit.reads if self.audit else 0,
                   "undecodable_writes": self.audit.undecodable_writes if self.audit else 0}
@@ -166,11 +185,18 @@ _KIND_NAMES = {"CloseBeforeReply": "drop", "CloseAfterHeader": "close_after_head
 
 
 def child_main(spec: dict[str, Any], cli_args: list[str]) -> int:
+    import jax
+
     import deepspm.controller.runner as runner
     import deepspm.controller.session as session
     from deepspm import cli
 
-    hooks = _ChildHooks(Path(spec["soak_dir"]), spec["proc"], spec["seed"], spec["fault_scale"], spec["mem_every"])
+    # A persistent compilation cache shared by the soak's processes: each resume loads the nets' compiled code
+    # instead of compiling it again (a lab PC restarting the controller would keep one too).
+    jax.config.update("jax_compilation_cache_dir", str(Path(spec["soak_dir"]) / JAX_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    hooks = _ChildHooks(Path(spec["soak_dir"]), spec["proc"], spec["seed"], spec["fault_scale"], spec["mem_every"],
+                        spec["t_start"])
     if "--resume" in cli_args:
         hooks.count_relived(Path(cli_args[cli_args.index("--resume") + 1]))
 
@@ -193,11 +219,73 @@ def _progress(soak_dir: Path) -> int:
         return -1
 
 
-def _start(soak_dir: Path, proc: int, args: argparse.Namespace, cli_args: list[str], log: Any) -> subprocess.Popen:
+# What a controller process imports before it does anything (~6 s of a process start on an idle core, 15-20 s on a
+# loaded one): with --fork the driver imports it once and forks each controller process from itself.
+PRELOAD = ("jax", "flax", "optax", "sklearn.linear_model", "deepspm.cli", "deepspm.controller.runner",
+           "deepspm.controller.session", "deepspm.controller.replay", "deepspm.controller.replay_run",
+           "deepspm.simulator.fake_nanonis", "deepspm.simulator.threaded", "deepspm.simulator.audit")
+
+
+def preload() -> None:
+    """Import what a controller process needs, without starting JAX's backend or any thread (a fork copies only the
+    thread that forks, so nothing may be running yet)."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("soak: JAX's backend started in the driver; forking it would copy a half of it")
+
+
+class Forked:
+    """A controller process forked from the driver (the subset of `subprocess.Popen` that `drive` uses)."""
+
+    def __init__(self, spec: dict[str, Any], cli_args: list[str], log: Any) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: a new process with the driver's imports, nothing else of it
+            code = 70
+            try:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                code = child_main(spec, cli_args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - reported in the log, then the process ends
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _start(soak_dir: Path, proc: int, args: argparse.Namespace, cli_args: list[str], log: Any) -> Any:
     with contextlib.suppress(FileNotFoundError):
         (soak_dir / PROGRESS_FILE).unlink()
     spec = {"soak_dir": str(soak_dir), "proc": proc, "seed": args.seed, "fault_scale": args.fault_scale,
-            "mem_every": args.mem_every}
+            "mem_every": args.mem_every, "t_start": time.time()}
+    if args.fork:
+        return Forked(spec, cli_args, log)
     return subprocess.Popen([sys.executable, "-m", "benchmarks.soak", "--child", json.dumps(spec), "--", *cli_args],
                             stdout=log, stderr=log)
 
@@ -210,6 +298,7 @@ def drive(args: argparse.Namespace, run_dir: Path, soak_dir: Path) -> dict[str, 
                                                 size=args.kills, replace=False))
     first = ["--frames", str(args.frames), "--seed", str(args.seed), "--out", str(run_dir),
              "--set", f"simulator.z_jump_rate_per_s={args.z_jump_rate}",
+             "--set", f"simulator.piezo_xy_range_m={args.piezo_range}",
              "--set", f"instrument.command_timeout_s={args.command_timeout}"]
     log = open(soak_dir / "child.log", "ab")  # noqa: SIM115
     proc_n = 0
@@ -236,12 +325,19 @@ def drive(args: argparse.Namespace, run_dir: Path, soak_dir: Path) -> dict[str, 
 
 
 def _replay(run_dir: Path, soak_dir: Path) -> tuple[bool, str, float]:
+    """`deepspm replay RUN_DIR` in this process (what the command delegates to; no interpreter to start)."""
+    import asyncio
+
+    from deepspm.controller.replay_run import replay_run
+
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "deepspm.cli", "replay", str(run_dir)], capture_output=True, text=True)
-    text = (out.stdout + out.stderr).strip()
+    try:
+        report = asyncio.run(replay_run(run_dir))
+        ok, text = report.identical, report.text()
+    except Exception as e:  # noqa: BLE001 - a replay that cannot run is a failed check, said in the summary
+        ok, text = False, f"replay failed: {type(e).__name__}: {e}"
     (soak_dir / "replay.log").write_text(text)
-    last = text.splitlines()[-1] if text else ""
-    return out.returncode == 0 and "identical" in text, last, time.monotonic() - t0
+    return ok, text.splitlines()[0], time.monotonic() - t0
 
 
 def memory_growth(samples: list[dict[str, Any]], start_frame: int = 1000) -> dict[str, Any]:
@@ -262,6 +358,47 @@ def memory_growth(samples: list[dict[str, Any]], start_frame: int = 1000) -> dic
             "rss_max_mb": max(s["rss_kb"] for s in samples) / 1024, "growth": end / base - 1.0}
 
 
+def profile(counts: list[dict[str, Any]], replay_s: float) -> dict[str, Any]:
+    """Where the soak's wall time went, from the processes' own clocks: start (interpreter, JAX, nets, connect)
+    up to the first frame, re-living the journal (resumes), live frames, and the replay at the end."""
+    startup = relive_s = live_s = 0.0
+    relive_frames = live_frames = 0
+    for c in counts:
+        t, relived = c.get("times") or {}, c.get("relived", 0)
+        if not t.get("first_frame"):
+            continue
+        startup += t["first_frame"] - t["start"]
+        first_live = t.get("first_live") or t["last"]
+        relive_s += first_live - t["first_frame"]
+        relive_frames += relived
+        live_s += t["last"] - first_live
+        live_frames += c["frames"] - relived
+    return {"processes": len(counts), "startup_s": startup, "startup_s_per_process": startup / max(len(counts), 1),
+            "relive_s": relive_s, "relived_frames": relive_frames,
+            "relive_frames_per_s": relive_frames / relive_s if relive_s > 0 else None,
+            "live_s": live_s, "live_frames": live_frames, "live_frames_per_s": live_frames / live_s if live_s > 0 else None,
+            "replay_s": replay_s}
+
+
+def coarse_motor_outcome(records: list[dict[str, Any]], soak_dir: Path) -> dict[str, Any]:
+    """The injected coarse-motor failure: whether it fired, its journal record and what the run made of it (the
+    loop's note and the next transitions)."""
+    path = soak_dir / MOTOR_FAULT_FILE
+    if not path.exists():
+        return {"fired": False}
+    out: dict[str, Any] = {"fired": True, **json.loads(path.read_text())}
+    for i, r in enumerate(records):
+        if r["kind"] == "failure" and r.get("op") == "motor_move" and "Injected failure (soak)" in str(r.get("message")):
+            out["journal"] = f"seq {r['seq']}: motor_move failed: {r['error']}"
+            after = records[i + 1:i + 40]
+            notes = [a["message"] for a in after if a["kind"] == "note"][:1]
+            out["became"] = notes[0] if notes else None
+            out["next_transitions"] = [f"{a['trigger']}: {a['source']} -> {a['dest']}" for a in after
+                                       if a["kind"] == "transition"][:3]
+            break
+    return out
+
+
 def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dict[str, Any]) -> dict[str, Any]:
     from deepspm.controller.journal import check_journal, read_journal
 
@@ -280,8 +417,8 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
     violations = [json.loads(line) for line in (soak_dir / VIOLATIONS_FILE).read_text().splitlines() if line.strip()]
     injected: Counter[str] = Counter()
     writes_checked = reads = undecodable = 0
-    for path in soak_dir.glob("counts-*.json"):
-        c = json.loads(path.read_text())
+    counts = [json.loads(path.read_text()) for path in soak_dir.glob("counts-*.json")]
+    for c in counts:
         injected.update(c["injected"])
         writes_checked += c["writes_checked"]
         reads += c["reads"]
@@ -308,6 +445,7 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
                        "crash_recoveries": counters.get("crash_recoveries"), "moves": counters.get("moves"),
                        "fail": triggers.get("fail", 0)},
         "faults_injected": dict(sorted(injected.items())),
+        "coarse_motor_failure": coarse_motor_outcome(records, soak_dir),
         "failures_in_journal_by_error": dict(failures_by_error.most_common()),
         "failures_in_journal_by_op": dict(failures.most_common(30)),
         "memory": memory_growth(samples, min(args.memory_from, args.frames // 2)),
@@ -315,6 +453,7 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
         "journal_records": len(records),
         "run_wall_s": driven["run_wall_s"], "last_exit": driven["last_exit"],
         "frames_per_s": frames / max(driven["run_wall_s"], 1e-9),
+        "profile": profile(counts, replay_s),
     }
 
 
@@ -346,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z-jump-rate", type=float, default=2e-3,
                    help="sudden z jumps per simulated second (some cause lost contact or a crash; default 2e-3, one "
                         "per ~8 simulated minutes; the simulator's own default is 1/7200)")
+    p.add_argument("--piezo-range", type=float, default=1e-7,
+                   help="lateral range of the simulated scanner, metres (default 1e-7: an approach area holds 81 "
+                        "10 nm frames, so the run moves the coarse motor every ~80 frames; an 850 nm scanner holds "
+                        "~6500 and a short soak would never move)")
     p.add_argument("--command-timeout", type=float, default=1.0,
                    help="the client's deadline for a non-blocking command, wall seconds (default 1)")
     p.add_argument("--seed", type=int, default=17, help="the run's seed, the fault draws and the kill points (default 17)")
@@ -355,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="soak folder (run/ and the soak's files; default a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the summary here (default bench-results/soak.json)")
     p.add_argument("--no-replay", action="store_true", help="skip the replay of the whole journal")
+    p.add_argument("--no-fork", dest="fork", action="store_false",
+                   help="start each controller process as a new interpreter (python -m ...) instead of forking it "
+                        "from the driver, which has imported the controller's modules once (saves ~6-20 s per "
+                        "process start; the kills and resumes are the same)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -377,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in (VIOLATIONS_FILE, MEMORY_FILE):
             (soak_dir / name).touch()
         run_dir = soak_dir / "run"
+        if args.fork:
+            preload()
         print(f"soak: {args.frames} frames, {args.kills} kills, fault scale {args.fault_scale}, seed {args.seed}, "
               f"in {soak_dir}", flush=True)
         driven = drive(args, run_dir, soak_dir)
@@ -387,8 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["verdict"] = "PASS" if not bad else "FAIL: " + "; ".join(bad)
     rows = [(k, json.dumps(result[k]) if isinstance(result[k], dict | list) else result[k]) for k in (
         "frames_recorded", "frames_judged", "lost_frames", "frames_judged_twice", "journal_problem_count",
-        "replay_identical", "kills", "resumes", "recoveries", "faults_injected", "failures_in_journal_by_error",
-        "memory", "journal_bytes_per_frame", "run_wall_s", "frames_per_s")]
+        "replay_identical", "kills", "resumes", "recoveries", "faults_injected", "coarse_motor_failure",
+        "failures_in_journal_by_error", "memory", "journal_bytes_per_frame", "run_wall_s", "frames_per_s", "profile")]
     rows.insert(6, ("audit", json.dumps(result["audit"]["violations"]) + f" violations in "
                     f"{result['audit']['writes_checked']} writes checked"))
     print_table("soak", ("figure", "value"), rows)
