@@ -14,11 +14,11 @@ import pytest
 
 from deepspm.nets.checkpoint_info import CheckpointError, checkpoint_kind, read_checkpoint_meta
 from deepspm.nets.checkpoints import (
-    load_dqn,
+    load_learner,
     load_net,
     read_meta,
-    save_dqn,
-    save_dqn_async,
+    save_learner,
+    save_learner_async,
     save_net,
     save_net_async,
 )
@@ -124,12 +124,12 @@ def filled_learner(net: NetDef, variables, steps: int) -> Learner:
     return learner
 
 
-def test_dqn_training_state_resumes_exactly(tmp_path: Path) -> None:
+def test_learner_state_resumes_exactly(tmp_path: Path) -> None:
     net = NetDef.of("tiny", N_ACTIONS)
     learner = filled_learner(net, net.init(jax.random.key(0)), steps=6)
     assert learner.updates == 4
-    save_dqn(tmp_path / "dqn", learner, metadata={"episode": 3})
-    resumed, metadata = load_dqn(tmp_path / "dqn")
+    save_learner(tmp_path / "dqn", learner, metadata={"episode": 3})
+    resumed, metadata = load_learner(tmp_path / "dqn")
     assert metadata == {"episode": 3}
     assert (resumed.updates, resumed.env_steps, len(resumed.buffer)) == (4, 6, 24)
     assert resumed.config == learner.config and resumed.snapshot().version == 4
@@ -142,10 +142,10 @@ def test_dqn_training_state_resumes_exactly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(q(x, learner.online), q(x, resumed.online))
 
 
-async def test_dqn_async_save_and_empty_buffer(tmp_path: Path) -> None:
+async def test_learner_async_save_and_empty_buffer(tmp_path: Path) -> None:
     net = NetDef.of("tiny", N_ACTIONS)
     learner = Learner(net, net.init(jax.random.key(1)), DQNConfig(buffer_capacity=16), seed=2)
-    await save_dqn_async(tmp_path / "dqn", learner)
-    resumed, _ = load_dqn(tmp_path / "dqn")
+    await save_learner_async(tmp_path / "dqn", learner)
+    resumed, _ = load_learner(tmp_path / "dqn")
     assert len(resumed.buffer) == 0 and resumed.updates == 0
     json.dumps(read_meta(tmp_path / "dqn"))

@@ -17,9 +17,11 @@ from deepspm.nets.dqn import (
     DQNConfig,
     Learner,
     NoAllowedAction,
+    _batch_arrays,
     agent_from_classifier,
     double_dqn_targets,
     epsilon_at,
+    make_learn_step,
     select_action,
 )
 from deepspm.nets.inference import Predictor
@@ -125,6 +127,14 @@ def random_image(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(-1.5, 1.5, (64, 64)).astype(np.float32)
 
 
+def same_vars(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def assert_same_vars(a, b) -> None:
+    assert same_vars(a, b)
+
+
 def small_config(**overrides) -> DQNConfig:
     base = dict(random_steps=4, batch_size=8, buffer_capacity=400, target_update_every=3, epsilon_decay_steps=10)
     return DQNConfig(**{**base, **overrides})
@@ -142,10 +152,11 @@ def test_learner_follows_the_update_ratio_and_copies_the_target(agent) -> None:
     learner.record(random_image(rng), 2, 10.0, random_image(rng), True, mask)
     assert learner.updates_due() == 2
     assert learner.catch_up() == 2 and learner.updates == 2
-    assert learner.target is variables  # not yet copied (every 3 updates)
+    assert_same_vars(learner.target, variables)  # not yet copied (every 3 updates)
     learner.record(random_image(rng), 3, -1.0, random_image(rng), False, mask)
     assert learner.catch_up() == 2 and learner.updates == 4
-    assert learner.target is not variables  # copied at update 3
+    assert not same_vars(learner.target, variables)  # copied at update 3 ...
+    assert not same_vars(learner.target, learner.online)  # ... and not since (update 4)
     assert learner.snapshot().version == 4
     assert learner.traces["dqn_update"] == 1
     assert np.isfinite(learner.last_metrics["loss"])
@@ -238,3 +249,35 @@ def test_snapshot_reads_do_not_wait_for_an_update_in_progress(agent) -> None:
     release_step.set()
     worker.join(timeout=30)
     assert learner.snapshot().version == 2
+
+
+def test_the_learn_step_is_pure_and_scans_like_the_learner_updates(agent) -> None:
+    """The learner state is one pytree: three `Learner.update`s equal one `lax.scan` of the pure learn step
+    over the same batches and keys (target copy at update 3 included)."""
+    _, _, net, variables = agent
+    config = small_config(random_steps=0, target_update_every=3)
+    learner = Learner(net, variables, config, seed=0)
+    rng = np.random.default_rng(3)
+    mask = np.ones(N_ACTIONS, bool)
+    for _ in range(4):
+        learner.record(random_image(rng), 1, -1.0, random_image(rng), False, mask)
+    start = learner.state
+    batches = [learner.buffer.sample(config.batch_size) for _ in range(3)]
+    keys = jnp.stack([jax.random.fold_in(learner._key_root, i) for i in range(3)])
+    learn = make_learn_step(net, learner.optimizer, config)
+    stacked = [np.stack(a) for a in zip(*(_batch_arrays(b) for b in batches))]
+
+    def body(state, xs):
+        *batch, key = xs
+        return learn(state, *batch, key)
+
+    scanned, metrics = jax.lax.scan(body, start._replace(updates=jnp.int32(0), env_steps=jnp.int32(4)),
+                                    (*stacked, keys))
+    for batch in batches:  # the same three batches through the learner's own jitted step
+        learner.state, _ = learner._update_step(learner.state, *_batch_arrays(batch), keys[int(learner.updates)])
+        learner.state = learner.state._replace(updates=int(learner.state.updates))
+    assert int(scanned.updates) == 3 and metrics["loss"].shape == (3,)
+    for a, b in ((scanned.online, learner.online), (scanned.target, learner.target)):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-6)
+    assert same_vars(scanned.target, scanned.online)  # copied at update 3

@@ -1,4 +1,4 @@
-"""Self-describing orbax checkpoints for nets and for the DQN training state.
+"""Self-describing orbax checkpoints for nets and for the learner's state (`LearnerState` and its buffer).
 
 A checkpoint directory holds two orbax items: `arrays` (a flat dict of named arrays) and `meta` (JSON:
 format tag, kind, preset name and full layer plan, head size, library versions, caller metadata). Restoring
@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from deepspm.nets.checkpoint_info import FORMAT, KINDS, CheckpointError, read_checkpoint_meta, require_kind
-from deepspm.nets.dqn import DQNConfig, Learner, make_optimizer
+from deepspm.nets.dqn import DQNConfig, Learner, LearnerState, make_optimizer
 from deepspm.nets.ensemble import EnsembleDef
 from deepspm.nets.model import NetDef, NetVars
 from deepspm.nets.presets import NetSpec
@@ -183,31 +183,32 @@ def load_net(path: Path | str, expect_kind: str | None = None) -> NetCheckpoint:
     return NetCheckpoint(net, _to_device(unflatten_named(abstract, arrays)), meta["kind"], meta["metadata"])
 
 
-# --- DQN training state -----------------------------------------------------------------------------------
+# --- the learner's state ------------------------------------------------------------------------------------
 
 
-def save_dqn(
+def save_learner(
     path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
-    """Everything to resume learning exactly: online and target nets, Adam state, replay buffer (with its
-    sampling RNG), step and update counters, config and seed."""
-    tree, learner_meta = learner.training_state()
+    """Everything to resume learning exactly: the learner's one pytree (`LearnerState`: online and target
+    nets, Adam state, counters) and the replay buffer beside it (with its sampling RNG), config and seed."""
+    state, buffer_state = learner.training_state()
+    tree = {"state": state._replace(updates=np.int32(state.updates), env_steps=np.int32(state.env_steps)),
+            "buffer": buffer_state["arrays"]}
     meta = _base_meta("dqn_training", learner.net, metadata)
-    meta["learner"] = learner_meta
+    meta["learner"] = {"seed": learner.seed, "config": learner.config.to_dict(), "buffer": buffer_state["meta"]}
     return _write(path, flatten_named(tree), meta, overwrite)
 
 
-async def save_dqn_async(
+async def save_learner_async(
     path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
-    return await asyncio.to_thread(save_dqn, path, learner, metadata=metadata, overwrite=overwrite)
+    return await asyncio.to_thread(save_learner, path, learner, metadata=metadata, overwrite=overwrite)
 
 
-def load_dqn(path: Path | str) -> tuple[Learner, dict[str, Any]]:
+def load_learner(path: Path | str) -> tuple[Learner, dict[str, Any]]:
     """A fresh `Learner` in the saved state, and the caller's metadata."""
+    require_kind(path, "dqn_training")
     meta = read_meta(path)
-    if meta["kind"] != "dqn_training":
-        raise CheckpointError(f"{path} holds a {meta['kind']} net, not a DQN training state")
     net = _net_from_meta(meta)
     learner_meta = meta["learner"]
     config = DQNConfig(**learner_meta["config"])
@@ -218,10 +219,10 @@ def load_dqn(path: Path | str) -> tuple[Learner, dict[str, Any]]:
     def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, np.dtype(dtype))
 
+    counter = sds((), np.int32)
     abstract = {
-        "online": abstract_vars,
-        "target": abstract_vars,
-        "opt_state": jax.eval_shape(make_optimizer(config).init, abstract_vars.params),
+        "state": LearnerState(abstract_vars, abstract_vars,
+                              jax.eval_shape(make_optimizer(config).init, abstract_vars.params), counter, counter),
         "buffer": {
             "states": sds((size, side, side), np.float32), "next_states": sds((size, side, side), np.float32),
             "actions": sds((size,), np.int32), "rewards": sds((size,), np.float32), "dones": sds((size,), bool),
@@ -229,11 +230,10 @@ def load_dqn(path: Path | str) -> tuple[Learner, dict[str, Any]]:
         },
     }
     tree = unflatten_named(abstract, _read_arrays(path, flatten_named(abstract)))
-    tree = {**tree, "online": _to_device(tree["online"]), "target": _to_device(tree["target"]),
-            "opt_state": _to_device(tree["opt_state"]),
-            "buffer": {k: np.asarray(v) for k, v in tree["buffer"].items()}}
+    saved = tree["state"]
+    state = LearnerState(_to_device(saved.online), _to_device(saved.target), _to_device(saved.opt_state),
+                         int(saved.updates), int(saved.env_steps))
     buffer = ReplayBuffer(n_actions, int(buffer_meta["capacity"]), side, seed=int(learner_meta["seed"]))
-    learner = Learner(net, tree["online"], config, seed=int(learner_meta["seed"]), buffer=buffer,
-                      opt_state=tree["opt_state"])
-    learner.load_training_state(tree, learner_meta)
+    buffer.load_state_dict({"arrays": {k: np.asarray(v) for k, v in tree["buffer"].items()}, "meta": buffer_meta})
+    learner = Learner(net, state.online, config, seed=int(learner_meta["seed"]), buffer=buffer, state=state)
     return learner, meta["metadata"]

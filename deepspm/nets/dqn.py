@@ -18,7 +18,7 @@ import asyncio
 import math
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -134,20 +134,32 @@ def agent_from_classifier(
     return agent_net, NetVars(params, classifier_vars.batch_stats)
 
 
-def make_update_step(
-    net: NetDef, optimizer: optax.GradientTransformation, config: DQNConfig, traces: TraceCounter | None = None
-):
-    """A jitted `(online, target, opt_state, batch arrays, key) -> (online, opt_state, metrics)`.
+class LearnerState(NamedTuple):
+    """Everything learning owns besides the replay memory, as one pytree (purejaxrl's shape): the online and
+    target nets, Adam's state and the two counters. `learn_step` maps it to the next one; checkpoints
+    (`checkpoints.save_learner`) save exactly this, with the buffer beside it."""
 
-    Nothing is donated: the actor may still be reading the previous online variables.
-    """
-    traces = traces if traces is not None else TraceCounter()
+    online: NetVars
+    target: NetVars
+    opt_state: Any
+    updates: Any  # gradient updates done (int, or an int32 scalar inside jit)
+    env_steps: Any  # environment steps recorded (int, or an int32 scalar inside jit)
 
-    def update(online: NetVars, target: NetVars, opt_state: Any, states: jax.Array, actions: jax.Array,
-               rewards: jax.Array, next_states: jax.Array, dones: jax.Array, next_masks: jax.Array,
-               key: jax.Array):
+    @classmethod
+    def create(cls, variables: NetVars, optimizer: optax.GradientTransformation) -> LearnerState:
+        return cls(variables, variables, optimizer.init(variables.params), 0, 0)
+
+
+def make_learn_step(net: NetDef, optimizer: optax.GradientTransformation, config: DQNConfig):
+    """The pure update `(state, batch arrays, key) -> (next state, metrics)`, unjitted (jit it, scan it or
+    shard it as the caller needs): one double-DQN gradient step on the batch, `updates` + 1, and the target
+    net hard-copied from the new online net every `target_update_every` updates."""
+
+    def learn(state: LearnerState, states: jax.Array, actions: jax.Array, rewards: jax.Array,
+              next_states: jax.Array, dones: jax.Array, next_masks: jax.Array, key: jax.Array):
+        online = state.online
         y = double_dqn_targets(
-            apply_eval(net, online, next_states), apply_eval(net, target, next_states),
+            apply_eval(net, online, next_states), apply_eval(net, state.target, next_states),
             rewards, dones, next_masks, config.gamma,
         )
         y = jax.lax.stop_gradient(y)
@@ -159,12 +171,24 @@ def make_update_step(
             return mse + config.l2 * l2_on_kernels(params), (stats, mse, jnp.mean(q_taken))
 
         (loss, (stats, mse, mean_q)), grads = jax.value_and_grad(loss_of, has_aux=True)(online.params)
-        updates, opt_state = optimizer.update(grads, opt_state, online.params)
-        params = optax.apply_updates(online.params, updates)
+        step, opt_state = optimizer.update(grads, state.opt_state, online.params)
+        new_online = NetVars(optax.apply_updates(online.params, step), stats)
+        updates = state.updates + 1
+        sync = updates % config.target_update_every == 0
+        target = jax.tree.map(lambda new, old: jnp.where(sync, new, old), new_online, state.target)
         metrics = {"loss": loss, "mse": mse, "mean_q": mean_q, "mean_target": jnp.mean(y)}
-        return NetVars(params, stats), opt_state, metrics
+        return LearnerState(new_online, target, opt_state, updates, state.env_steps), metrics
 
-    return jax.jit(traces.wrap("dqn_update", update))
+    return learn
+
+
+def make_update_step(
+    net: NetDef, optimizer: optax.GradientTransformation, config: DQNConfig, traces: TraceCounter | None = None
+):
+    """`make_learn_step` jitted, counting its traces. Nothing is donated: the actor may still be reading the
+    previous online variables."""
+    traces = traces if traces is not None else TraceCounter()
+    return jax.jit(traces.wrap("dqn_update", make_learn_step(net, optimizer, config)))
 
 
 def _batch_arrays(batch: Batch) -> tuple[np.ndarray, ...]:
@@ -194,7 +218,7 @@ class Learner:
 
     def __init__(
         self, net: NetDef, variables: NetVars, config: DQNConfig = DQNConfig(), seed: int = 0,
-        buffer: ReplayBuffer | None = None, opt_state: Any = None,
+        buffer: ReplayBuffer | None = None, state: LearnerState | None = None,
     ) -> None:
         self.net = net
         self.config = config
@@ -206,19 +230,32 @@ class Learner:
         self.traces = TraceCounter()
         self._update_step = make_update_step(net, self.optimizer, config, self.traces)
         self._key_root = jax.random.fold_in(jax.random.key(seed), 0xD09)
-        self.online = variables
-        self.target = variables  # arrays are immutable: a reference is a hard copy
-        self.opt_state = self.optimizer.init(variables.params) if opt_state is None else opt_state
-        self.env_steps = 0
-        self.updates = 0
+        self.state = LearnerState.create(variables, self.optimizer) if state is None else state
         self.last_metrics: dict[str, float] = {}
         self._lock = threading.Lock()  # buffer, counters and the snapshot reference
         self._update_lock = threading.Lock()  # serialises gradient updates
-        self._snapshot = PolicySnapshot(0, net, variables)
+        self._snapshot = PolicySnapshot(self.updates, net, self.state.online)
         self._stop = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
+
+    # --- the state's parts, read-only (`state` is replaced whole, never edited in place) ---------------
+    @property
+    def online(self) -> NetVars:
+        return self.state.online
+
+    @property
+    def target(self) -> NetVars:
+        return self.state.target
+
+    @property
+    def updates(self) -> int:
+        return int(self.state.updates)
+
+    @property
+    def env_steps(self) -> int:
+        return int(self.state.env_steps)
 
     # --- actor side -----------------------------------------------------------------------------------
     def snapshot(self) -> PolicySnapshot:
@@ -230,7 +267,7 @@ class Learner:
         """Store one transition (4 flipped copies) and count one environment step."""
         with self._lock:
             self.buffer.add(state, action, reward, next_state, done, next_mask)
-            self.env_steps += 1
+            self.state = self.state._replace(env_steps=self.env_steps + 1)
         self._signal()
 
     # --- learner side ---------------------------------------------------------------------------------
@@ -253,16 +290,12 @@ class Learner:
         with self._lock:
             batch = self.buffer.sample(self.config.batch_size)
             key = jax.random.fold_in(self._key_root, self.updates)
-        online, opt_state, metrics = self._update_step(
-            self.online, self.target, self.opt_state, *_batch_arrays(batch), key
-        )
+            before = self.state
+        after, metrics = self._update_step(before, *_batch_arrays(batch), key)
         metrics = {k: float(v) for k, v in metrics.items()}
-        self.online, self.opt_state = online, opt_state
-        with self._lock:
-            self.updates += 1
-            if self.updates % self.config.target_update_every == 0:
-                self.target = online
-            self._snapshot = PolicySnapshot(self.updates, self.net, online)
+        with self._lock:  # counters back to ints; env_steps may have moved on while the step ran
+            self.state = after._replace(updates=int(after.updates), env_steps=self.state.env_steps)
+            self._snapshot = PolicySnapshot(self.updates, self.net, after.online)
         self.last_metrics = metrics
         return metrics
 
@@ -317,22 +350,10 @@ class Learner:
             loop.call_soon_threadsafe(wake.set)
 
     # --- resume ---------------------------------------------------------------------------------------
-    def training_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """`(arrays pytree, JSON-able meta)` of everything needed to resume learning exactly."""
+    def training_state(self) -> tuple[LearnerState, dict[str, Any]]:
+        """A consistent `(state, buffer state)` pair: what a checkpoint saves to resume learning exactly."""
         with self._update_lock, self._lock:
-            buffer_state = self.buffer.state_dict()
-            tree = {"online": self.online, "target": self.target, "opt_state": self.opt_state,
-                    "buffer": buffer_state["arrays"]}
-            meta = {"env_steps": self.env_steps, "updates": self.updates, "seed": self.seed,
-                    "config": self.config.to_dict(), "buffer": buffer_state["meta"]}
-        return tree, meta
-
-    def load_training_state(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
-        with self._update_lock, self._lock:
-            self.online, self.target, self.opt_state = tree["online"], tree["target"], tree["opt_state"]
-            self.buffer.load_state_dict({"arrays": tree["buffer"], "meta": meta["buffer"]})
-            self.env_steps, self.updates = int(meta["env_steps"]), int(meta["updates"])
-            self._snapshot = PolicySnapshot(self.updates, self.net, self.online)
+            return self.state, self.buffer.state_dict()
 
 
 @dataclass(frozen=True)
