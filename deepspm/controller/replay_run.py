@@ -25,7 +25,8 @@ from deepspm.controller.replay import (
     ReplayJournal,
 )
 from deepspm.controller.runfold import read_relived
-from deepspm.controller.session import LINES, check_recorded_nets, load_brain, recorded_checkpoint
+from deepspm.controller.session import LINES, check_recorded_nets, recorded_checkpoint
+from deepspm.controller.targets import load_target_brain
 
 MODES = ("recorded", "recompute")
 
@@ -47,6 +48,7 @@ class ReplayReport:
     max_p_difference: float = 0.0
     decision_points: list[DecisionPoint] = field(default_factory=list)
     agreement: dict[str, int] | None = None  # what-if classifier: recorded verdict x new verdict, every frame
+    target_state: str = "good"  # the tip state the run conditioned towards ([probe] target_state)
 
     def text(self) -> str:
         lines = [f"replay of {self.run_dir} ({self.mode}): "
@@ -54,8 +56,10 @@ class ReplayReport:
         if not self.identical:
             lines += [f"  journal:    {self.expected}", f"  controller: {self.got}"]
         lines.append(f"  records checked: {self.records}; decisions: {self.decisions_checked}")
+        if self.target_state != "good":
+            lines.append(f"  target tip state: {self.target_state} (p({self.target_state}) judged each frame)")
         if self.mode != "recorded":
-            lines.append(f"  largest |p(good) difference|: {self.max_p_difference:.3g}")
+            lines.append(f"  largest |p({self.target_state}) difference|: {self.max_p_difference:.3g}")
         if self.decision_points and self.mode == "what-if":
             lines.append("  decision points (seq, frame, kind, recorded -> new):")
             lines += [f"    {p.seq}  {(p.frame or '')[:12]}  {p.kind}  {p.recorded} -> {p.new}" for p in self.decision_points]
@@ -89,7 +93,7 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
         # Recomputing learns as the run learned (at the journal's points, update for update); a what-if does not.
         learn_online = False if what_if else None
         nets = await asyncio.to_thread(
-            load_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
+            load_target_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
             Path(agent) if agent else recorded_checkpoint(start, "agent"), learn_online,
             recorded_checkpoint(start, LINES))
         check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent),
@@ -101,7 +105,8 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     instrument = ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref))
     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg,
                    control=ReplayControl(journal, relived), sleep=_no_wait, monotonic=lambda: 0.0)
-    report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=fold.records)
+    report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=fold.records,
+                          target_state=cfg.probe.target_state)
     try:
         await loop.run()
         report.identical = not journal.replaying and instrument.exhausted and not journal.extra
