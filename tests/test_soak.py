@@ -20,7 +20,9 @@ from deepspm.simulator.microscope import SimulatedMicroscope
 from deepspm.simulator.server import LoggedRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-CI_FRAMES = 120  # 1000 frames take minutes on 2 shared cores (200: 3 min under load); the full soak is `make soak`
+# 150 frames and 5 kills: 99 s on the 2 shared cores at load 18 (docs/decisions.md has the measured phases: each
+# resume re-lives the whole journal, so 1000 frames with 5 kills take ~4-5 min here); the full soak is `make soak`.
+CI_FRAMES = 150
 CI_KILLS = 5
 
 
@@ -39,6 +41,8 @@ def test_the_ci_soak_passes(tmp_path: Path) -> None:
     assert r["kills"] == CI_KILLS and r["resumes"] == CI_KILLS
     assert r["replay_identical"] and r["audit"]["violations"] == 0 and r["audit"]["writes_checked"] > 4 * CI_FRAMES
     assert sum(r["faults_injected"].values()) > 0
+    assert r["faults_injected"]["coarse_motor"] == 1 and r["coarse_motor_failure"]["fired"]
+    assert "motor_move failed: NanonisError" in r["coarse_motor_failure"]["journal"]
 
 
 def test_a_failing_soak_says_so_in_its_exit_status_and_last_line() -> None:
