@@ -184,8 +184,8 @@ def spontaneous_change(
     """A tip change during `frames` frames of scanning, or None. `frames` = lines / 64."""
     if probe.kind is ProbeKind.GOOD:
         p, to_good = degradation_per_frame, 0.0
-    else:
-        p, to_good = SPONTANEOUS_CHANGE[probe.kind]
+    else:  # a kind outside the table changes as the other bad kinds do
+        p, to_good = SPONTANEOUS_CHANGE[probe.kind if isinstance(probe.kind, ProbeKind) else ProbeKind.BLUNT]
     p = 1.0 - (1.0 - p) ** max(frames, 0.0)
     if rng.random() >= p:
         return None

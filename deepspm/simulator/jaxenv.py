@@ -1,0 +1,440 @@
+"""A vectorised probe-conditioning environment in JAX: many simulated microscopes in one jitted function.
+
+The same physics as the numpy simulator, read from its own tables (nothing here restates a number of the model):
+- probe kinds and their parameters: a bank of probes drawn by `probe.make_probe` (numpy, seeded), `BANK_SIZE`
+  per kind, turned into fixed-shape arrays; a fresh probe of a kind is a uniformly drawn row of that kind;
+- conditioning: `conditioning.fix_probability` / `damage_probability` / the damage-kind weights evaluated for
+  every row of the action table at a gap (`REFERENCE_GAP_M` by default), the severity scaling read off
+  `fix_probability`, the jitter scale off `probe.jitter_probe`;
+- spontaneous tip changes while scanning: `conditioning.SPONTANEOUS_CHANGE`, `DEGRADE_KIND_WEIGHTS` and
+  `SimConfig.degradation_per_frame`, per scanned line (`lines / 64` frames per step, creep frame included);
+- the sample: MgPc molecules (`sample.molecule_components`' lobe and centre constants, two rotational domains,
+  Matern-II hard core, the per-area log-normal density), adatoms and monatomic Ag(100) steps from `SampleConfig`;
+- the image: every Gaussian component blurred by every apex (variances add), apices combined by the tunnelling
+  sum with `probe.BETA_PER_M`, flicker between two kernels in bands of lines, streaks, white noise and a
+  per-line random walk, all with the probe's own amplitudes (`render.py`'s model).
+
+What is simplified (training needs the frames' statistics, not the instrument; `tests/test_jaxenv.py` holds
+the two simulators' statistics together):
+- the frame is rendered already levelled: no piezo drift, tilt or creep; the plane is a least-squares fit on the
+  clean substrate pixels of the larger terrace (the numpy run fits RANSAC to all pixels), then `h / 1 A - 1`
+  clipped to +-1.5 as `controller.preprocess.normalise` does;
+- a spontaneous tip change happens between frames (numpy: at a random pixel within the scan);
+- at most one streak per line (numpy: a Poisson number; the rates are <= 0.3 per line);
+- no rough patches (the run discards bad-sample frames without classifying them), no debris (the run never
+  scans where it acted), no crashes or lost contact (the training environment has no z jumps).
+
+State is a `ProbeBatch` of arrays with a leading batch axis; every function is pure and takes its key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepspm.io.actions import ACTIONS, N_ACTIONS, RESET_ACTIONS
+from deepspm.simulator.conditioning import (
+    DEGRADE_KIND_WEIGHTS,
+    REFERENCE_GAP_M,
+    SPONTANEOUS_CHANGE,
+    _damage_kind_weights,
+    damage_probability,
+    event_for_action,
+    fix_probability,
+)
+from deepspm.simulator.environment import ENV_CONFIG
+from deepspm.simulator.probe import ANGSTROM, BETA_PER_M, NM, ProbeKind, jitter_probe, make_probe
+from deepspm.simulator.render import STEP_EDGE_WIDTH_M
+from deepspm.simulator.sample import (
+    AG100_STEP_M,
+    CENTRE_AMP_M,
+    CENTRE_SIGMA_M,
+    LOBE_AMP_M,
+    LOBE_RADIUS_M,
+    LOBE_SIGMA_M,
+    MOLECULE_HARD_CORE_M,
+    SampleConfig,
+    area_rng,
+)
+
+KINDS: tuple[ProbeKind, ...] = tuple(ProbeKind)  # index 0 = good
+GOOD = KINDS.index(ProbeKind.GOOD)
+APEX_SLOTS = 4  # a multiple tip has up to 4 apices; an unstable tip uses slot 1 for its flicker apex
+BANK_SIZE = 512
+CANDIDATE_SLOTS = 32  # molecule candidates before the hard-core thinning
+MOLECULE_SLOTS = 16  # molecules kept per frame (mean ~9 in the 13 nm window at the mean density)
+ADATOM_SLOTS = 2
+ADATOM_SIGMA_NM = 0.25  # sample.py's adatoms: 0.25 nm wide, 0.6-1.0 Angstrom high
+ADATOM_AMP_A = (0.6, 1.0)
+EMPTY_TOLERANCE = 0.1  # controller.preprocess.EMPTY_TOLERANCE (a test pins it)
+CLIP_LIMIT = 1.5  # controller.preprocess.CLIP_LIMIT (a test pins it)
+_BANK_PURPOSE = 907
+_BETA_PER_A = BETA_PER_M * ANGSTROM
+
+
+@dataclass(frozen=True)
+class EnvParams:
+    """The frame and the scanning around one action (the run's defaults: 10 nm, 64 px, a 30-line creep frame)."""
+
+    pixels: int = 64
+    frame_nm: float = 10.0
+    lines_per_step: int = 94  # lines scanned per action: the creep frame (30) and the frame (64)
+    gap_m: float = REFERENCE_GAP_M
+    degradation_per_frame: float = ENV_CONFIG.degradation_per_frame
+    margin_nm: float = 1.5  # molecules this far outside the frame still reach into it
+
+
+class ProbeBatch(NamedTuple):
+    """A batch of probes (leading axis = environments). Lengths in nm, heights in Angstrom."""
+
+    kind: jax.Array  # int32, index into KINDS
+    severity: jax.Array
+    apex: jax.Array  # (..., APEX_SLOTS, 4): dx, dy, width, weight (0 = empty slot)
+    kernel: jax.Array  # (..., APEX_SLOTS) int32: 0 = the main kernel, 1 = the flicker kernel
+    noise_a: jax.Array
+    line_noise_a: jax.Array
+    streak_rate: jax.Array
+    flicker_rate: jax.Array
+    density: jax.Array  # molecule density of the current approach area (per nm^2)
+
+
+# --- the shared tables -----------------------------------------------------------------------------------------
+
+
+class Tables(NamedTuple):
+    fix: jax.Array  # (kinds, actions) at severity 0
+    damage: jax.Array  # (actions,)
+    damage_kind: jax.Array  # (actions, kinds) weights of the kind a damaging action leaves
+    stall: jax.Array  # (actions,) bool: no physical event
+    severity_slope: float  # fix probability x (1 - slope * severity)
+    spontaneous: jax.Array  # (kinds,) change probability per frame (good: the degradation rate)
+    to_good: jax.Array  # (kinds,)
+    degrade_kind: jax.Array  # (kinds, kinds): weights of the new kind after a spontaneous change from a kind
+    jitter_scale: float
+    reset_actions: jax.Array  # (actions,) bool
+    required_px: tuple[int, ...]  # per action: side of the clean square (px) it needs
+    bank: ProbeBatch  # (kinds, BANK_SIZE, ...)
+
+
+def _severity_slope() -> float:
+    event = event_for_action(ACTIONS[RESET_ACTIONS[-1]], REFERENCE_GAP_M)
+    assert event is not None
+    base = fix_probability(ProbeKind.BLUNT, event, 0.0)
+    return 1.0 - fix_probability(ProbeKind.BLUNT, event, 1.0) / base
+
+
+def _bank(seed: int = 0) -> ProbeBatch:
+    rng = area_rng(seed, _BANK_PURPOSE)
+    k, n = len(KINDS), BANK_SIZE
+    apex = np.zeros((k, n, APEX_SLOTS, 4), np.float32)
+    kernel = np.zeros((k, n, APEX_SLOTS), np.int32)
+    cols = {name: np.zeros((k, n), np.float32) for name in ("severity", "noise", "line", "streak", "flicker")}
+    for i, kind in enumerate(KINDS):
+        for j in range(n):
+            p = make_probe(kind, rng)
+            slots = [(a, 0) for a in p.apices] + [(a, 1) for a in p.flicker_apices]
+            if len(slots) > APEX_SLOTS:
+                raise ValueError(f"a {kind.value} probe with {len(slots)} apices does not fit {APEX_SLOTS} slots")
+            for s, (a, kern) in enumerate(slots):
+                apex[i, j, s] = (a.dx_m / NM, a.dy_m / NM, a.width_m / NM, a.weight)
+                kernel[i, j, s] = kern
+            cols["severity"][i, j] = p.severity
+            cols["noise"][i, j] = p.noise_m / ANGSTROM
+            cols["line"][i, j] = p.line_noise_m / ANGSTROM
+            cols["streak"][i, j] = p.streak_rate
+            cols["flicker"][i, j] = p.flicker_rate
+    kinds = np.broadcast_to(np.arange(k, dtype=np.int32)[:, None], (k, n))
+    return ProbeBatch(jnp.asarray(kinds), jnp.asarray(cols["severity"]), jnp.asarray(apex), jnp.asarray(kernel),
+                      jnp.asarray(cols["noise"]), jnp.asarray(cols["line"]), jnp.asarray(cols["streak"]),
+                      jnp.asarray(cols["flicker"]), jnp.zeros((k, n), jnp.float32))
+
+
+def tables(params: EnvParams | None = None) -> Tables:
+    """The numpy simulator's model as arrays (cached per parameter set; concrete even when called under jit)."""
+    with jax.ensure_compile_time_eval():
+        return _tables(params or EnvParams())
+
+
+@lru_cache(maxsize=8)
+def _tables(params: EnvParams) -> Tables:
+    k = len(KINDS)
+    fix = np.zeros((k, N_ACTIONS), np.float32)
+    damage = np.zeros(N_ACTIONS, np.float32)
+    damage_kind = np.zeros((N_ACTIONS, k), np.float32)
+    stall = np.zeros(N_ACTIONS, bool)
+    for a in ACTIONS:
+        event = event_for_action(a, params.gap_m)
+        if event is None:
+            stall[a.index] = True
+            continue
+        for i, kind in enumerate(KINDS):
+            fix[i, a.index] = fix_probability(kind, event)
+        damage[a.index] = damage_probability(event)
+        for kind, w in _damage_kind_weights(event).items():
+            damage_kind[a.index, KINDS.index(kind)] = w
+    spontaneous = np.zeros(k, np.float32)
+    to_good = np.zeros(k, np.float32)
+    degrade = np.zeros((k, k), np.float32)
+    for i, kind in enumerate(KINDS):
+        p, g = (params.degradation_per_frame, 0.0) if kind is ProbeKind.GOOD else SPONTANEOUS_CHANGE[kind]
+        spontaneous[i], to_good[i] = p, g
+        for new, w in DEGRADE_KIND_WEIGHTS.items():
+            if new is not kind:
+                degrade[i, KINDS.index(new)] = w
+    px_m = params.frame_nm * NM / params.pixels
+    required = tuple(math.ceil(a.required_side_m / px_m - 1e-6) for a in ACTIONS)
+    reset = np.zeros(N_ACTIONS, bool)
+    reset[list(RESET_ACTIONS)] = True
+    jitter = inspect.signature(jitter_probe).parameters["scale"].default
+    return Tables(jnp.asarray(fix), jnp.asarray(damage), jnp.asarray(damage_kind), jnp.asarray(stall),
+                  _severity_slope(), jnp.asarray(spontaneous), jnp.asarray(to_good), jnp.asarray(degrade),
+                  float(jitter), jnp.asarray(reset), required, _bank())
+
+
+# --- dynamics --------------------------------------------------------------------------------------------------
+
+
+def _area_density(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    c = SampleConfig()
+    return c.molecule_density_per_nm2 * jnp.exp(c.molecule_density_spread * jax.random.normal(key, shape))
+
+
+def draw_probes(key: jax.Array, kinds: jax.Array, t: Tables) -> ProbeBatch:
+    """Fresh probes of the given kinds (any batch shape), drawn from the bank; density left at 0."""
+    rows = jax.random.randint(key, kinds.shape, 0, BANK_SIZE)
+    return jax.tree.map(lambda leaf: leaf[kinds, rows], t.bank)
+
+
+def _select(mask: jax.Array, a: ProbeBatch, b: ProbeBatch) -> ProbeBatch:
+    def pick(x: jax.Array, y: jax.Array) -> jax.Array:
+        m = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+        return jnp.where(m, x, y)
+
+    return ProbeBatch(*(pick(x, y) for x, y in zip(a, b)))
+
+
+def initial_probes(key: jax.Array, n: int, t: Tables) -> ProbeBatch:
+    """`n` good probes (a training run starts from a good probe and damages it) on areas of random density."""
+    k1, k2 = jax.random.split(key)
+    probes = draw_probes(k1, jnp.full((n,), GOOD, jnp.int32), t)
+    return probes._replace(density=_area_density(k2, (n,)))
+
+
+def _jitter(key: jax.Array, p: ProbeBatch, scale: float) -> ProbeBatch:
+    k1, k2 = jax.random.split(key)
+    f = 1.0 + scale * jax.random.normal(k1, p.kernel.shape)
+    g = 1.0 + scale * jax.random.normal(k2, p.kernel.shape)
+    main = p.kernel == 0
+    dx = jnp.where(main, p.apex[..., 0] * f, p.apex[..., 0])
+    dy = jnp.where(main, p.apex[..., 1] * f, p.apex[..., 1])
+    w = jnp.where(main, jnp.maximum(0.1, p.apex[..., 2] * g), p.apex[..., 2])
+    return p._replace(apex=jnp.stack([dx, dy, w, p.apex[..., 3]], axis=-1))
+
+
+def act(key: jax.Array, p: ProbeBatch, actions: jax.Array, t: Tables) -> ProbeBatch:
+    """One conditioning action per environment (`conditioning.apply_event`'s draw, vectorised)."""
+    k_u, k_kind, k_new, k_fix, k_jit = jax.random.split(key, 5)
+    u = jax.random.uniform(k_u, actions.shape)
+    good = p.kind == GOOD
+    p_fix = jnp.where(good, 0.0, t.fix[p.kind, actions] * (1.0 - t.severity_slope * p.severity))
+    p_dmg = t.damage[actions]
+    fixed = u < p_fix
+    damaged = ~fixed & (u < p_fix + (1.0 - p_fix) * p_dmg)
+    new_kind = jax.random.categorical(k_kind, jnp.log(t.damage_kind[actions] + 1e-30))
+    fresh = draw_probes(k_new, jnp.where(fixed, GOOD, new_kind).astype(jnp.int32), t)
+    kept = _select(good, p, _jitter(k_jit, p, t.jitter_scale))
+    out = _select(fixed | damaged, fresh._replace(density=p.density), kept)
+    return _select(t.stall[actions], p, out)
+
+
+def scan_changes(key: jax.Array, p: ProbeBatch, lines: float, t: Tables) -> ProbeBatch:
+    """Spontaneous tip changes during `lines` scanned lines (`conditioning.spontaneous_change`, vectorised)."""
+    k_u, k_g, k_kind, k_new = jax.random.split(key, 4)
+    prob = 1.0 - (1.0 - t.spontaneous[p.kind]) ** (lines / 64.0)
+    change = jax.random.uniform(k_u, p.kind.shape) < prob
+    to_good = jax.random.uniform(k_g, p.kind.shape) < t.to_good[p.kind]
+    other = jax.random.categorical(k_kind, jnp.log(t.degrade_kind[p.kind] + 1e-30))
+    fresh = draw_probes(k_new, jnp.where(to_good, GOOD, other).astype(jnp.int32), t)
+    return _select(change, fresh._replace(density=p.density), p)
+
+
+def new_area(key: jax.Array, p: ProbeBatch, moved: jax.Array) -> ProbeBatch:
+    """Environments with `moved` set are on a fresh approach area (a new molecule density)."""
+    return p._replace(density=jnp.where(moved, _area_density(key, p.density.shape), p.density))
+
+
+# --- rendering -------------------------------------------------------------------------------------------------
+
+
+def _components(key: jax.Array, density: jax.Array, params: EnvParams) -> tuple[jax.Array, ...]:
+    """Gaussian components (x, y, sigma in nm; amplitude in Angstrom) of one frame's window, fixed slots."""
+    half = params.frame_nm / 2 + params.margin_nm
+    area = (2 * half) ** 2
+    core_nm = MOLECULE_HARD_CORE_M / NM
+    core = math.pi * core_nm**2
+    k_n, k_xy, k_dom, k_ang, k_mark, k_ad, k_adxy, k_adamp = jax.random.split(key, 8)
+    target = jnp.minimum(density * core, 0.95)
+    lam = -jnp.log1p(-target) / core * area
+    n = jnp.minimum(jax.random.poisson(k_n, lam), CANDIDATE_SLOTS)
+    xy = jax.random.uniform(k_xy, (CANDIDATE_SLOTS, 2), minval=-half, maxval=half)
+    active = jnp.arange(CANDIDATE_SLOTS) < n
+    mark = jnp.where(active, jax.random.uniform(k_mark, (CANDIDATE_SLOTS,)), 2.0)
+    d2 = jnp.sum(jnp.square(xy[:, None, :] - xy[None, :, :]), axis=-1)
+    beaten = (d2 < core_nm**2) & (mark[None, :] < mark[:, None])
+    keep = active & ~jnp.any(beaten, axis=1)
+    order = jnp.argsort(~keep, stable=True)[:MOLECULE_SLOTS]
+    mxy, mkeep = xy[order], keep[order]
+    domain = jnp.where(jax.random.uniform(k_dom, (MOLECULE_SLOTS,)) < 0.5, 1.0, -1.0)
+    angle = domain * math.radians(22.5) + jax.random.normal(k_ang, (MOLECULE_SLOTS,)) * math.radians(3.0)
+    lobe = angle[:, None] + jnp.arange(4)[None, :] * (math.pi / 2)
+    r = LOBE_RADIUS_M / NM
+    lx = (mxy[:, 0:1] + r * jnp.cos(lobe)).ravel()
+    ly = (mxy[:, 1:2] + r * jnp.sin(lobe)).ravel()
+    on = jnp.repeat(mkeep, 4)
+    c = SampleConfig()
+    n_ad = jnp.minimum(jax.random.poisson(k_ad, c.adatom_density_per_nm2 * area), ADATOM_SLOTS)
+    ad_xy = jax.random.uniform(k_adxy, (ADATOM_SLOTS, 2), minval=-half, maxval=half)
+    ad_amp = jax.random.uniform(k_adamp, (ADATOM_SLOTS,), minval=ADATOM_AMP_A[0], maxval=ADATOM_AMP_A[1])
+    ad_on = jnp.arange(ADATOM_SLOTS) < n_ad
+    cx = jnp.concatenate([lx, mxy[:, 0], ad_xy[:, 0]])
+    cy = jnp.concatenate([ly, mxy[:, 1], ad_xy[:, 1]])
+    sig = jnp.concatenate([jnp.full(4 * MOLECULE_SLOTS, LOBE_SIGMA_M / NM), jnp.full(MOLECULE_SLOTS, CENTRE_SIGMA_M / NM),
+                           jnp.full(ADATOM_SLOTS, ADATOM_SIGMA_NM)])
+    amp = jnp.concatenate([jnp.where(on, LOBE_AMP_M / ANGSTROM, 0.0), jnp.where(mkeep, CENTRE_AMP_M / ANGSTROM, 0.0),
+                           jnp.where(ad_on, ad_amp, 0.0)])
+    return cx, cy, sig, amp
+
+
+def _step_edge(key: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A straight monatomic step crossing the frame with the probability a 150 nm mean terrace width gives."""
+    c = SampleConfig()
+    radius = params.frame_nm / math.sqrt(2.0)
+    p_step = 2 * radius / (c.mean_terrace_width_m / NM)
+    k_on, k_ang, k_off, k_sign = jax.random.split(key, 4)
+    theta = jax.random.uniform(k_ang, (), maxval=2 * math.pi)
+    offset = jax.random.uniform(k_off, (), minval=-radius, maxval=radius)
+    height = jnp.where(jax.random.uniform(k_sign, ()) < 0.5, 1.0, -1.0) * (AG100_STEP_M / ANGSTROM)
+    height = jnp.where(jax.random.uniform(k_on, ()) < p_step, height, 0.0)
+    return jnp.cos(theta), jnp.sin(theta), offset, height
+
+
+def render_one(key: jax.Array, p: ProbeBatch, params: EnvParams = EnvParams()) -> tuple[jax.Array, jax.Array]:
+    """One levelled, normalised frame (pixels, pixels) float32 and its clean-substrate mask, for one probe
+    (`p` without a batch axis)."""
+    k_comp, k_step, k_flick, k_streak, k_noise = jax.random.split(key, 5)
+    cx, cy, sig, amp = _components(k_comp, p.density, params)
+    n = params.pixels
+    axis = (jnp.arange(n, dtype=jnp.float32) + 0.5) * (params.frame_nm / n) - params.frame_nm / 2
+    dx, dy, w, weight = (p.apex[:, i] for i in range(4))
+    var = sig[None, :] ** 2 + w[:, None] ** 2  # (slots, comps)
+    a = amp[None, :] * sig[None, :] ** 2 / var
+    gx = jnp.exp(-0.5 * jnp.square(axis[None, None, :] - (cx[None, :, None] - dx[:, None, None])) / var[..., None])
+    gy = jnp.exp(-0.5 * jnp.square(axis[None, None, :] - (cy[None, :, None] - dy[:, None, None])) / var[..., None])
+    layers = jnp.einsum("scv,scu->svu", gy, gx * a[..., None])  # (slots, rows = v, cols = u), Angstrom
+    nx, ny, off, h = _step_edge(k_step, params)
+    edge = jnp.sqrt(jnp.square(w) + (STEP_EDGE_WIDTH_M / NM) ** 2)
+    dist = (nx * (axis[None, None, :] + dx[:, None, None]) + ny * (axis[None, :, None] + dy[:, None, None]) - off)
+    terrace = h * jax.scipy.stats.norm.cdf(dist / edge[:, None, None])
+    used = weight > 0
+    heights = layers + terrace
+    top = jnp.max(jnp.where(used[:, None, None], heights, -jnp.inf), axis=0)
+    e = jnp.exp(_BETA_PER_A * (heights - top[None]))  # one exponential per slot and pixel
+
+    def kernel_image(k: int) -> jax.Array:
+        """The tunnelling sum over the apices of kernel k (`render.render_topography`), normalised weights."""
+        wk = jnp.where(used & (p.kernel == k), weight, 0.0)
+        total = jnp.sum(wk)
+        z = top + jnp.log(jnp.maximum(jnp.tensordot(wk / jnp.maximum(total, 1e-12), e, axes=1), 1e-30)) / _BETA_PER_A
+        return jnp.where(total > 0, z, top)
+
+    flips = jax.random.uniform(k_flick, (n,)) < p.flicker_rate
+    has_flicker = jnp.any(used & (p.kernel == 1))
+    row_kernel = jnp.where(has_flicker, jnp.cumsum(flips) % 2, 0)
+    topo = jnp.where(row_kernel[:, None] == 1, kernel_image(1), kernel_image(0))
+    bare = jnp.max(jnp.where(used[:, None, None], layers, 0.0), axis=0)  # molecules without the terrace
+    # streaks: at most one per line, start column uniform, geometric length (mean 6), exponential tail
+    ks = jax.random.split(k_streak, 5)
+    on_row = jax.random.uniform(ks[0], (n,)) < 1.0 - jnp.exp(-p.streak_rate)
+    col0 = jax.random.randint(ks[1], (n,), 0, n)
+    length = jnp.floor(jnp.log(jax.random.uniform(ks[2], (n,), minval=1e-7)) / math.log(1 - 1 / 6)) + 1
+    amp_s = jax.random.uniform(ks[3], (n,), minval=0.5, maxval=2.5) * jnp.where(jax.random.uniform(ks[4], (n,)) < 0.7, 1.0, -0.6)
+    k = jnp.arange(n)[None, :] - col0[:, None]
+    in_streak = on_row[:, None] & (k >= 0) & (k < length[:, None])
+    streak = jnp.where(in_streak, amp_s[:, None] * jnp.exp(-k / jnp.maximum(1.0, length[:, None] / 2.0)), 0.0)
+    kn1, kn2 = jax.random.split(k_noise)
+    noise = jax.random.normal(kn1, (n, n)) * p.noise_a
+    walk = jnp.cumsum(jax.random.normal(kn2, (n,))) * p.line_noise_a
+    z = topo + streak + noise + walk[:, None]
+    # level: least-squares plane over the clean substrate of the larger terrace
+    upper = dist[0] > 0.0  # the step's high side, as slot 0 sees it
+    upper_side = jnp.where(h != 0, jnp.mean(upper) > 0.5, False)
+    on_terrace = jnp.where(upper_side, upper, ~upper)
+    clean = (bare < 0.05) & jnp.where(h != 0, on_terrace, True)
+    clean = jnp.where(jnp.sum(clean) >= 3, clean, jnp.ones_like(clean))
+    rows = jnp.arange(n, dtype=jnp.float32)[:, None] * jnp.ones((1, n))
+    cols = jnp.ones((n, 1)) * jnp.arange(n, dtype=jnp.float32)[None, :]
+    wts = clean.astype(jnp.float32)
+    design = jnp.stack([jnp.ones_like(rows), rows - n / 2, cols - n / 2], axis=-1).reshape(-1, 3)
+    wd = design * wts.reshape(-1, 1)
+    coef = jnp.linalg.solve(wd.T @ design + 1e-6 * jnp.eye(3), wd.T @ z.reshape(-1))
+    levelled = z - (design @ coef).reshape(n, n)
+    normalised = jnp.clip(levelled - 1.0, -CLIP_LIMIT, CLIP_LIMIT)
+    empty = jnp.abs(normalised + 1.0) <= EMPTY_TOLERANCE + 1e-6
+    border = (jnp.arange(n) == 0) | (jnp.arange(n) == n - 1)
+    empty = empty & ~border[:, None] & ~border[None, :]
+    return normalised.astype(jnp.float32), empty
+
+
+def allowed_actions(empty: jax.Array, t: Tables) -> jax.Array:
+    """(..., N_ACTIONS) bool: the actions whose clean square fits the frame's largest empty square
+    (`controller.locator`'s rule, by integral images instead of its dynamic programme)."""
+    n = empty.shape[-1]
+    occupied = jnp.pad((~empty).astype(jnp.int32), [(0, 0)] * (empty.ndim - 2) + [(1, 0), (1, 0)])
+    integral = jnp.cumsum(jnp.cumsum(occupied, axis=-1), axis=-2)
+
+    def fits(side: int) -> jax.Array:
+        if side <= 0:
+            return jnp.ones(empty.shape[:-2], bool)
+        if side > n:
+            return jnp.zeros(empty.shape[:-2], bool)
+        s = (integral[..., side:, side:] - integral[..., :-side, side:] - integral[..., side:, :-side]
+             + integral[..., :-side, :-side])
+        return jnp.any(s == 0, axis=(-2, -1))
+
+    fit = {s: fits(s) for s in sorted(set(t.required_px))}
+    return jnp.stack([fit[s] for s in t.required_px], axis=-1)
+
+
+def render(key: jax.Array, p: ProbeBatch, params: EnvParams = EnvParams()) -> tuple[jax.Array, jax.Array]:
+    """Frames (N, pixels, pixels) and allowed-action masks (N, N_ACTIONS) for a batch of probes."""
+    keys = jax.random.split(key, p.kind.shape[0])
+    frames, empty = jax.vmap(lambda k, q: render_one(k, q, params))(keys, p)
+    return frames, allowed_actions(empty, tables(params))
+
+
+def step(key: jax.Array, p: ProbeBatch, actions: jax.Array, params: EnvParams = EnvParams()
+         ) -> tuple[ProbeBatch, jax.Array, jax.Array, ProbeBatch]:
+    """Apply one action per environment, scan: returns (probes after the scan, frames, masks, probes seen).
+
+    The frame shows the probe after the action and the creep frame's lines; the frame's own lines may change
+    the probe afterwards (the next step starts from that)."""
+    t = tables(params)
+    k_act, k_creep, k_render, k_after = jax.random.split(key, 4)
+    p = act(k_act, p, actions, t)
+    p = scan_changes(k_creep, p, float(params.lines_per_step - params.pixels), t)
+    frames, masks = render(k_render, p, params)
+    after = scan_changes(k_after, p, float(params.pixels), t)
+    return after, frames, masks, p
+
+
+def is_good(p: ProbeBatch) -> jax.Array:
+    """Ground truth (for statistics and reports only; training judges frames with the classifier)."""
+    return p.kind == GOOD
+
