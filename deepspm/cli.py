@@ -214,6 +214,10 @@ def _train_agent(args: argparse.Namespace) -> int:
     from deepspm.controller.agent_sim import sim_defaults, train_agent_sim
     from deepspm.controller.session import checkpoint_path
 
+    if args.vectorised or args.envs is not None:
+        from deepspm.controller.train_vectorised import vectorised_command
+
+        return vectorised_command(args)
     classifier, sample = sim_defaults(args.target_state, args.classifier, args.sample)
     init = None if args.init is None else checkpoint_path(args.init, "agent") if args.init == "shipped" else args.init
     train_agent_sim(classifier, args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite, init=init,
@@ -488,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue an agent (its weights; a fresh replay memory, no random phase, epsilon 0.05) "
                          "instead of a new one from the classifier")
     ta.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
+    ta.add_argument("--vectorised", action="store_true",
+                    help="train in the vectorised JAX environment, the whole loop jitted (simulator/jaxenv.py; the "
+                         "classifier's conv trunk frozen, see docs/training.md) instead of the run's plans")
+    ta.add_argument("--envs", type=check.int_range(1, 65536), default=None, metavar="N",
+                    help="with --vectorised: simulated microscopes stepped together (default 64)")
     _add_target_options(ta)
     ta.add_argument("--devices", type=_devices, default="all", metavar="N|all",
                     help=DEVICES_HELP + " (here: the learner's gradient updates)")

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from deepspm.controller.validate import ArgumentProblem
 from deepspm.io.actions import N_ACTIONS
 from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.dqn import (
@@ -55,8 +56,8 @@ EPISODE, RESET, ARMED = 0, 1, 2  # what each environment does next: the agent ac
 _RECENT = 100  # episode lengths kept for the progress line
 
 
-class VectorisedTrainingError(ValueError):
-    """Bad options for the vectorised training (one line naming the problem)."""
+class VectorisedTrainingError(ArgumentProblem):
+    """Bad options for the vectorised training (one line naming the option and the problem; CLI exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,11 @@ class VectorisedOptions:
 
     def check(self) -> None:
         if self.envs < 1:
-            raise VectorisedTrainingError(f"--envs must be >= 1, got {self.envs}")
+            raise VectorisedTrainingError("--envs", f"must be >= 1, got {self.envs}")
         if self.steps < 1:
-            raise VectorisedTrainingError(f"--steps must be >= 1, got {self.steps}")
+            raise VectorisedTrainingError("--steps", f"must be >= 1, got {self.steps}")
         if self.chunk < 1:
-            raise VectorisedTrainingError(f"chunk must be >= 1, got {self.chunk}")
+            raise VectorisedTrainingError("chunk", f"must be >= 1, got {self.chunk}")
 
 
 # --- the net split at the flatten: trunk (frozen, the classifier's) and head (FC layers + output) --------------
@@ -217,7 +218,7 @@ class Trainer:
                  config: DQNConfig, options: VectorisedOptions, env_params: jaxenv.EnvParams | None = None):
         options.check()
         if agent_net.spec != classifier_net.spec:
-            raise VectorisedTrainingError("the vectorised loop trains an agent of the classifier's preset (shared trunk)")
+            raise VectorisedTrainingError("agent", "must be of the classifier's preset (the trunk is shared)")
         self.cnet, self.cvars, self.net, self.config, self.options = classifier_net, classifier_vars, agent_net, config, options
         self.env_params = env_params or jaxenv.EnvParams()
         self.optimizer = make_optimizer(config)
@@ -346,10 +347,10 @@ def train_agent_vectorised(
     options = VectorisedOptions(envs=envs, steps=steps, seed=seed, chunk=chunk, max_episode_actions=max_episode_actions)
     options.check()
     if updates_per_step < 0:
-        raise VectorisedTrainingError(f"updates per step must be >= 0, got {updates_per_step}")
+        raise VectorisedTrainingError("updates_per_step", f"must be >= 0, got {updates_per_step}")
     classifier = load_net(classifier_checkpoint, expect_kind="classifier")
     if classifier.net.n_outputs != 1:
-        raise VectorisedTrainingError(f"{classifier_checkpoint}: the vectorised loop needs a good/bad classifier (1 output)")
+        raise VectorisedTrainingError("--classifier", f"{classifier_checkpoint}: needs a good/bad classifier (1 output)")
     config = DQNConfig(random_steps=random_steps, epsilon_decay_steps=epsilon_decay_steps, updates_per_step=updates_per_step)
     net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS,
                                            jax.random.fold_in(jax.random.key(seed), 1))
@@ -381,3 +382,19 @@ def train_agent_vectorised(
              f"episodes, {envs} environments) in {seconds:.0f} s; mean actions per episode over the last 100 "
              f"episodes: {'-' if mean is None else f'{mean:.2f}'}; saved {out}")
     return summary
+
+
+def vectorised_command(args: Any) -> int:
+    """`deepspm train agent --sim --vectorised --envs N`: the CLI's options checked, then the training."""
+    from deepspm.controller.session import checkpoint_path
+
+    if not args.vectorised:
+        raise ArgumentProblem("--envs", "needs --vectorised")
+    if args.init is not None:
+        raise ArgumentProblem("--init", "not with --vectorised (it trains a new agent from the classifier)")
+    if args.target_state != "good" or args.sample not in (None, "ag_mgpc"):
+        raise ArgumentProblem("--vectorised", "simulates the Ag/MgPc surface for the target state good only")
+    classifier = args.classifier or checkpoint_path("shipped", "classifier")
+    train_agent_vectorised(classifier, args.out, envs=args.envs or 64, steps=args.steps, seed=args.seed,
+                           overwrite=args.overwrite)
+    return 0
