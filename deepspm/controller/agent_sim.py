@@ -116,9 +116,11 @@ def sim_defaults(target_state: str, classifier: Path | str | None, sample: str |
     return classifier, sample or ("ag_mgpc" if good else "hsi")
 
 
-def sim_config(seed: int, max_episode_actions: int, *, sample: str = "ag_mgpc", target_state: str = GOOD) -> RunConfig:
+def sim_config(seed: int, max_episode_actions: int, *, sample: str = "ag_mgpc", target_state: str = GOOD,
+               threshold: float = 0.9) -> RunConfig:
     """The run's configuration for training in simulation (training mode; the microscope's piezo range)."""
     return load_config(None, {
+        "classifier.threshold": threshold,
         "run.seed": seed, "run.train": True, "classifier.lines_checkpoint": "none",
         "episode.max_episode_actions": max_episode_actions,
         "planner.piezo_range_xy_m": [ENV_CONFIG.piezo_xy_range_m, ENV_CONFIG.piezo_xy_range_m],
@@ -131,8 +133,9 @@ class SimRun:
 
     def __init__(self, seed: int, nets: SimNets, *, max_episode_actions: int = 100,
                  on_episode_end: Callable[[EpisodeRecord], None] | None = None, sample: str = "ag_mgpc",
-                 target_state: str = GOOD) -> None:
-        self.config = sim_config(seed, max_episode_actions, sample=sample, target_state=target_state)
+                 target_state: str = GOOD, threshold: float = 0.9) -> None:
+        self.config = sim_config(seed, max_episode_actions, sample=sample, target_state=target_state,
+                                 threshold=threshold)
         self.target_state = target_state
         self.instrument = InProcessInstrument(seed, env_config(sample), scan=self.config.scan, dip=self.config.dip,
                                               orientation=self.config.orientation)
@@ -155,13 +158,14 @@ def _compiled(net: NetDef, variables: Any, kind: Output) -> Predictor:
     return predictor
 
 
-def judging(classifier_checkpoint: Path | str, target_state: str) -> tuple[Any, Predictor | TargetPredictor]:
-    """The classifier checkpoint (loaded) and its compiled p(target) predictor; `TargetStateError` naming the
-    allowed states when the classifier cannot judge `target_state`."""
+def judging(classifier_checkpoint: Path | str, target_state: str) -> tuple[Any, Predictor | TargetPredictor, float]:
+    """The classifier checkpoint (loaded), its compiled p(target) predictor and the target's threshold (the
+    classifier's own for that state, else 0.9); `TargetStateError` naming the allowed states when the classifier
+    cannot judge `target_state`."""
     classifier = load_net(classifier_checkpoint, expect_kind="classifier")
-    predictor, _ = target_classifier(classifier, target_state, 0.9, str(classifier_checkpoint))
+    predictor, target = target_classifier(classifier, target_state, 0.9, str(classifier_checkpoint))
     predictor.compile([1])
-    return classifier, predictor
+    return classifier, predictor, target.threshold
 
 
 def _decision(q_values: Any, mask: np.ndarray, epsilon: float, rng: np.random.Generator, version: str) -> ActionDecision:
@@ -222,7 +226,8 @@ def train_agent_sim(
         "epsilon_decay_steps": epsilon_decay_steps, "max_episode_actions": max_episode_actions,
         "init": None if init is None else str(init), "target_state": target_state, "sample": sample,
     }
-    classifier, judge = judging(classifier_checkpoint, target_state)
+    classifier, judge, threshold = judging(classifier_checkpoint, target_state)
+    options["threshold"] = threshold
     root = jax.random.key(seed)
     if init is not None:
         if preset is not None:
@@ -282,7 +287,7 @@ def train_agent_sim(
 
     nets = SimNets(judge, choose, learner, after_learn)
     sim = SimRun(seed, nets, max_episode_actions=max_episode_actions, on_episode_end=episodes.append, sample=sample,
-                 target_state=target_state)
+                 target_state=target_state, threshold=threshold)
     sim.run(done=lambda: learner.env_steps >= steps)
     bar.close()
     save(final=True)
@@ -353,7 +358,7 @@ def evaluate_agent_sim(
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
     agent = load_net(agent_checkpoint, expect_kind="agent")
-    _, judge = judging(classifier_checkpoint, target_state)
+    _, judge, threshold = judging(classifier_checkpoint, target_state)
     q_net = _compiled(agent.net, agent.variables, "values")
     agent_rng, random_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
     results: dict[str, list[EpisodeRecord]] = {"agent": [], "random": []}
@@ -376,7 +381,7 @@ def evaluate_agent_sim(
     start = time.perf_counter()
     nets = SimNets(judge, choose)
     sim = SimRun(seed, nets, max_episode_actions=max_episode_actions, on_episode_end=on_episode_end, sample=sample,
-                 target_state=target_state)
+                 target_state=target_state, threshold=threshold)
     sim.run(done=lambda: len(results["random"]) >= episodes)
     bar.close()
     stats = {name: _length_stats(records, max_episode_actions) for name, records in results.items()}
@@ -387,7 +392,7 @@ def evaluate_agent_sim(
         "kind": "agent_evaluation", "agent_checkpoint": str(agent_checkpoint),
         "classifier_checkpoint": str(classifier_checkpoint),
         "options": {"episodes": episodes, "seed": seed, "epsilon": epsilon, "max_episode_actions": max_episode_actions,
-                    "target_state": target_state, "sample": sample},
+                    "target_state": target_state, "sample": sample, "threshold": threshold},
         **stats,
         "ratio_mean": float(a.mean() / r.mean()),
         "ratio_ci95": list(bootstrap_ratio(a, r, seed)),

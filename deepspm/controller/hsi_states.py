@@ -8,6 +8,7 @@ run's own RANSAC (`training.normalise_frames`, seeded per frame), one sigmoid ou
 
     python -m deepspm.controller.hsi_states synth --n 7000 --seed 1 --out hsi-run-s1.npz
     python -m deepspm.controller.hsi_states train --data hsi-run-s1.npz --out hsi_tipstates --epochs 12
+    python -m deepspm.controller.hsi_states thresholds --checkpoint hsi_tipstates --data hsi-run-s2.npz --seed 2
     python -m deepspm.controller.hsi_states evaluate --checkpoint hsi_tipstates --data hsi-run-s2.npz
 """
 
@@ -66,6 +67,63 @@ def state_metrics(scores: np.ndarray, states: Sequence[str], threshold: float = 
         }
     return {"n": len(states), "threshold": threshold, "top1_accuracy": float((top == truth).mean()),
             "per_state": per_state, "confusion_top1": confusion.tolist(), "states": list(RUN_STATES)}
+
+
+def choose_thresholds(scores: np.ndarray, states: Sequence[str], precision: float = 0.95, min_above: int = 5,
+                      grid: np.ndarray | None = None) -> dict[str, float | None]:
+    """Per state, the lowest threshold (0.05..0.95 in steps of 0.01) above which at least `min_above` frames are
+    and at least `precision` of them truly show that state; None where no threshold reaches it (the state
+    cannot be targeted with this net). A sigmoid per state trained on one-hot labels is under-confident where
+    states look alike, so one threshold for all (0.9) would leave most states unreachable."""
+    truth = np.array([RUN_STATES.index(s) for s in states])
+    grid = np.round(np.arange(0.05, 0.955, 0.01), 2) if grid is None else grid
+    out: dict[str, float | None] = {}
+    for i, name in enumerate(RUN_STATES):
+        out[name] = None
+        for t in grid:
+            above = scores[:, i] > t
+            if above.sum() >= min_above and (truth[above] == i).mean() >= precision:
+                out[name] = float(t)
+                break
+    return out
+
+
+def thresholds_command(checkpoint: Path | str, data: Sequence[Path | str], *, seed: int = 0, precision: float = 0.95,
+                       progress: bool = True) -> dict[str, Any]:
+    """Choose the per-state thresholds on the first half of `data`'s frames, measure them on the second half, and
+    write them into the checkpoint's metadata (`thresholds`: what `--target-state` compares p(state) with)."""
+    from deepspm.nets.checkpoint_info import META_FILE
+    from deepspm.nets.checkpoints import load_net
+    from deepspm.nets.inference import Predictor
+
+    loaded = load_net(checkpoint, expect_kind="classifier")
+    images, _, states = load_run_frames(data, seed, progress)
+    scores = Predictor(loaded.net, loaded.variables, "probability").predict_batched(images)
+    half = len(states) // 2
+    chosen = choose_thresholds(scores[:half], states[:half], precision)
+    truth = np.array([RUN_STATES.index(s) for s in states[half:]])
+    measured: dict[str, Any] = {}
+    for i, name in enumerate(RUN_STATES):
+        t = chosen[name]
+        if t is None:
+            measured[name] = None
+            continue
+        above = scores[half:, i] > t
+        mine = truth == i
+        measured[name] = {"threshold": t, "precision": float(mine[above].mean()) if above.any() else None,
+                          "recall": float(above[mine].mean()) if mine.any() else None, "n": int(mine.sum())}
+    meta_file = Path(checkpoint) / META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["metadata"]["thresholds"] = chosen
+    meta["metadata"]["thresholds_how"] = {"data": [str(p) for p in data], "seed": seed, "precision": precision,
+                                          "chosen_on": f"frames 0..{half - 1}", "measured_on": f"frames {half}..",
+                                          "measured": measured}
+    meta_file.write_text(json.dumps(meta))
+    for name, m in measured.items():
+        print(f"{name:<11} " + ("no threshold reaches precision " + f"{precision:g}" if m is None else
+                                f"threshold {m['threshold']:.2f}: precision {m['precision']:.3f}, recall "
+                                f"{m['recall']:.3f} on {m['n']} held-out frames"))
+    return {"thresholds": chosen, "measured": measured}
 
 
 def format_state_metrics(m: dict[str, Any]) -> str:
@@ -142,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=12, help="epochs (default 12)")
     t.add_argument("--seed", type=int, default=0, help="split, levelling and weights seed")
     t.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    h = sub.add_parser("thresholds", help="choose per-state thresholds (precision >= 0.95) into the checkpoint")
+    h.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (its metadata is updated)")
+    h.add_argument("--data", type=Path, nargs="+", required=True, help=".npz files of `synth` (unseen in training)")
+    h.add_argument("--seed", type=int, default=0, help="levelling seed")
+    h.add_argument("--precision", type=float, default=0.95, help="precision each threshold must reach")
     e = sub.add_parser("evaluate", help="per-state metrics of a checkpoint on `synth` frames")
     e.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
     e.add_argument("--data", type=Path, nargs="+", required=True, help=".npz files of `synth`")
@@ -150,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "synth":
         print(f"wrote {synth_hsi_run_frames(args.n, args.out, args.seed)}")
+    elif args.command == "thresholds":
+        thresholds_command(args.checkpoint, args.data, seed=args.seed, precision=args.precision)
     elif args.command == "train":
         train_states_command(args.data, args.out, preset=args.preset, epochs=args.epochs, seed=args.seed,
                              overwrite=args.overwrite)
@@ -160,5 +225,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the levelling pool spawns workers that import this module
     raise SystemExit(main())

@@ -89,13 +89,32 @@ def classifier_states(n_outputs: int, class_names: Sequence[str] | None) -> tupl
 def resolve_target(name: str, n_outputs: int, metadata: Mapping[str, Any] | None, threshold: float,
                    where: str = "the classifier") -> TipTarget:
     """The target `name` for a classifier with `n_outputs` outputs and this metadata, or `TargetStateError`
-    naming the allowed states."""
+    naming the allowed states. The threshold is the classifier's own for that state when its metadata has one
+    (`thresholds`: {state: threshold or null}, chosen on held-out frames), else `threshold`
+    (`classifier.threshold`); a state whose threshold is null cannot be targeted with this classifier."""
     states = classifier_states(n_outputs, class_names_of(metadata))
     if name not in states:
         kind = "one output, p(good)" if n_outputs == 1 else f"{n_outputs} outputs"
         raise TargetStateError(f"{KEY} {name!r} is not a state that {where} ({kind}) judges; allowed: "
                                f"{', '.join(states)}")
+    own = (metadata or {}).get("thresholds") if n_outputs > 1 else None
+    if isinstance(own, Mapping) and name in own:
+        if own[name] is None:
+            usable = [s for s in states if own.get(s) is not None]
+            raise TargetStateError(f"{KEY} {name!r}: {where} recognises it too rarely to target it (no threshold "
+                                   f"reached its precision); allowed: {', '.join(usable)}")
+        threshold = float(own[name])
     return TipTarget(name, None if n_outputs == 1 else states.index(name), threshold, states)
+
+
+def with_target_threshold(cfg: RunConfig, target: TipTarget) -> RunConfig:
+    """`cfg` with `classifier.threshold` (and the episode logic's linked copy) set to the target's threshold."""
+    import dataclasses
+
+    if cfg.classifier.threshold == target.threshold:
+        return cfg
+    return dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, threshold=target.threshold),
+                               episode=dataclasses.replace(cfg.episode, good_threshold=target.threshold))
 
 
 def check_target_setting(cfg: RunConfig, classifier_path: Path | str) -> TipTarget:
@@ -105,6 +124,13 @@ def check_target_setting(cfg: RunConfig, classifier_path: Path | str) -> TipTarg
     meta = require_kind(classifier_path, "classifier")
     return resolve_target(cfg.probe.target_state, int(meta.get("n_outputs", 1)), meta.get("metadata"),
                           cfg.classifier.threshold, f"the classifier.checkpoint {classifier_path}")
+
+
+def target_of(cfg: RunConfig) -> TipTarget:
+    """The run's target, resolved against its classifier checkpoint (`classifier.checkpoint`)."""
+    from deepspm.controller.session import checkpoint_path
+
+    return check_target_setting(cfg, checkpoint_path(cfg.classifier.checkpoint, "classifier"))
 
 
 class TargetPredictor:
@@ -202,4 +228,5 @@ def load_target_brain(cfg: RunConfig, classifier_path: Path | None = None, agent
 
 
 __all__ = ["GOOD", "TargetPredictor", "TargetStateError", "TipTarget", "check_target_setting", "class_names_of",
-           "classifier_states", "load_target_brain", "resolve_target", "target_classifier"]
+           "classifier_states", "load_target_brain", "resolve_target", "target_classifier", "target_of",
+           "with_target_threshold"]
