@@ -29,6 +29,16 @@ def journal_lines(run_dir: Path) -> int:
         return 0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _shared_compile_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One persistent JAX compilation cache for this module's processes (inherited through the environment):
+    each resumed process would compile its nets again otherwise (~3 s of CPU each, x 21 processes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-cache")))
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield
+
+
 def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "deepspm.cli", "run", "--quiet", *args, *NETS],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -137,3 +147,25 @@ def test_a_resumed_run_keeps_its_time_budget(tmp_path: Path) -> None:
     assert records[-1]["reason"] == "time budget of 0.5 h reached"
     assert budget_s <= time_spent_s(records) <= budget_s + step_s
     assert abs(records[-1]["counters"]["frames"] - whole[-1]["counters"]["frames"]) <= 5
+
+
+def test_a_resume_mid_frame_finds_the_embedded_microscope_still_scanning(tmp_path: Path) -> None:
+    """Killed between a frame's start_scan reply and its grabs: a real microscope goes on scanning, and so does
+    the fresh embedded simulator of the resumed process (`session.continue_scan`); before, the frame came back
+    empty and repeated kills in one frame ended the run as a fault."""
+    from deepspm.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["run", "--quiet", "--frames", "3", "--seed", "7", "--out", str(run_dir)]) == 0
+    lines = (run_dir / "journal.jsonl").read_text().splitlines(keepends=True)
+    records = read_journal(run_dir)
+    starts = [r["seq"] for r in records if r["kind"] == "command" and r["op"] == "start_scan"
+              and r.get("purpose") == "frame"]
+    cut = next(r["seq"] for r in records if r["kind"] == "reply" and r["of"] == starts[1])  # the 2nd frame's
+    (run_dir / "journal.jsonl").write_text("".join(lines[:cut + 1]))  # as if killed right after that reply
+
+    assert main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+    records = read_journal(run_dir)
+    assert records[-1]["status"] == "completed" and records[-1]["counters"]["frames"] == 3
+    assert not [r for r in records if r["kind"] == "note" and "incomplete" in r["message"]]
+    assert check_journal(records, require_stop=True) == []

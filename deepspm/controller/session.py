@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import hashlib
 import importlib.metadata
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ import jax
 import structlog
 
 from deepspm.controller.brain import NetBrain
-from deepspm.controller.config import RunConfig, config_from_dict, config_to_dict
-from deepspm.controller.documents import Start, record_of
+from deepspm.controller.commands import StartScan
+from deepspm.controller.config import RunConfig, ScanConfig, config_from_dict, config_to_dict
+from deepspm.controller.documents import Reply, Start, record_of
 from deepspm.controller.journal import (
     JOURNAL_FILE,
     SUSPENDED,
@@ -40,7 +42,7 @@ from deepspm.controller.journal import (
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.runcontrol import RunControl
-from deepspm.controller.runfold import Relived, RunFold, fold_records
+from deepspm.controller.runfold import RecordedCall, Relived, RunFold, fold_records
 from deepspm.controller.runlock import RunDirLock
 from deepspm.fsm.table import table_as_records, table_hash
 from deepspm.io.actions import N_ACTIONS
@@ -341,6 +343,10 @@ async def _locked_session(
                                    progress=progress, sleep=sleep, monotonic=monotonic,
                                    outputs=SxmOutput(run_dir, run_dir.name, cfg))
                 else:
+                    if sim is not None and sim_thread is not None:
+                        scan = scan_in_flight((recorded.relived or Relived()).calls)
+                        if scan is not None:
+                            await sim_thread.call_async(functools.partial(continue_scan, sim.microscope, scan, cfg.scan))
                     loop = _fast_forward_loop(recorded, run_dir, instrument, journal, brain, cfg, control, progress,
                                               sleep, monotonic)
                 status, reason = await loop.run()
@@ -418,6 +424,34 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
         outputs=SxmOutput(run_dir, recorded.run_id or run_dir.name, cfg),
     )
+
+
+def scan_in_flight(calls: Sequence[RecordedCall]) -> StartScan | None:
+    """The scan the killed process had started and not yet finished with (no stop, no complete frame grabbed
+    since), or None. A real microscope outlives its controller and is still scanning that frame."""
+    scan: StartScan | None = None
+    for call in calls:
+        if isinstance(call.command, StartScan):
+            scan = call.command if call.outcome is not None and isinstance(call.outcome.doc, Reply) else None
+        elif call.op == "stop_scan":
+            scan = None
+        elif call.op == "grab_frame" and call.outcome is not None and isinstance(call.outcome.doc, Reply):
+            result = call.outcome.doc.result
+            if isinstance(result, Mapping) and result.get("complete"):
+                scan = None
+    return scan
+
+
+async def continue_scan(microscope: Any, scan: StartScan, settings: ScanConfig) -> None:
+    """Put a fresh embedded simulator back to scanning `scan`, as the one that died with the killed process
+    was (its state is the microscope's, not a decision: nothing is journaled). Without this, every resume
+    of the embedded simulator mid-frame lost the frame, and repeated kills in one frame ended the run."""
+    from deepspm.simulator.microscope import Z_INDEX
+
+    microscope.set_scan_buffer([Z_INDEX], settings.pixels, settings.pixels)
+    microscope.set_scan_speed(settings.fwd_speed_mps, settings.bwd_speed_mps)
+    microscope.set_scan_frame(scan.centre_x_m, scan.centre_y_m, scan.size_m, scan.size_m, 0.0)
+    microscope.scan_action(0, settings.scan_up)
 
 
 def _summary(loop: RunLoop) -> dict[str, Any]:
