@@ -88,7 +88,13 @@ def run_dqn(devices: parallel.Devices) -> dict[str, np.ndarray]:
             "updates": np.asarray(state.updates)}
 
 
-CASES = {"classifier": run_classifier, "ensemble": run_ensemble, "dqn": run_dqn}
+def run_meshes(devices: parallel.Devices) -> dict[str, np.ndarray]:
+    """How many devices `mesh_for` takes for global batches of 1..64 (0 for no mesh: one device)."""
+    sizes = [parallel.device_count(parallel.mesh_for(devices, b)) for b in range(1, 65)]
+    return {"devices_for_batch": np.array(sizes)}
+
+
+CASES = {"classifier": run_classifier, "ensemble": run_ensemble, "dqn": run_dqn, "meshes": run_meshes}
 
 
 def main(argv: list[str]) -> int:

@@ -35,8 +35,16 @@ def worker_env(devices_per_process: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_worker(out: Path, devices: str, host_devices: int, cases: tuple[str, ...]) -> None:
-    done = subprocess.run([sys.executable, str(WORKER), devices, str(out), *cases], env=worker_env(host_devices),
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """JAX's persistent compilation cache, shared by this module's single-process runs: a step compiled for
+    one case (the classifier's) is not compiled again for the next (the ensemble's members)."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def run_worker(out: Path, devices: str, host_devices: int, cases: tuple[str, ...], cache: Path) -> None:
+    env = worker_env(host_devices, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    done = subprocess.run([sys.executable, str(WORKER), devices, str(out), *cases], env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -55,9 +63,9 @@ def assert_same_training(reference: dict[str, np.ndarray], other: dict[str, np.n
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def one_device(tmp_path_factory: pytest.TempPathFactory, compile_cache: Path) -> Path:
     out = tmp_path_factory.mktemp("one_device")
-    run_worker(out, "1", 1, CASES)
+    run_worker(out, "1", 1, CASES, compile_cache)
     return out
 
 
@@ -192,10 +200,12 @@ def test_cli_refuses_an_incomplete_multiprocess_environment(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_four_devices_train_as_one(one_device: Path, tmp_path: Path) -> None:
+def test_four_devices_train_as_one(one_device: Path, tmp_path: Path, compile_cache: Path) -> None:
     """Classifier, ensemble and DQN update: batches split over 4 devices, parameters replicated, the same
     parameters, batch statistics and losses as on one device."""
-    run_worker(tmp_path, "all", 4, CASES)
+    run_worker(tmp_path, "all", 4, (*CASES, "meshes"), compile_cache)
+    sizes = load(tmp_path / "meshes-0.npz")["devices_for_batch"]  # "all": the most devices that split the batch
+    assert [sizes[b - 1] for b in (1, 2, 3, 6, 7, 8, 9, 12, 64)] == [1, 2, 3, 3, 1, 4, 3, 4, 4]
     for case in CASES:
         reference, four = load(one_device / f"{case}-0.npz"), load(tmp_path / f"{case}-0.npz")
         assert int(reference["n_devices"]) == 1 and int(four["n_devices"]) == 4, case

@@ -288,9 +288,9 @@ def train_classifier(
     so that the jitted train step is compiled once for all of them.
 
     `devices`: data-parallel over this many local devices (of every process in a `jax.distributed` job), or
-    "all"; None: the enclosing `parallel.use_devices` block's choice, else 1 (one device, no mesh). The
-    global batch, its rows and its random streams do not depend on the device count, so the result is the
-    same to float rounding (`deepspm.nets.parallel`); the batch must split evenly over the devices.
+    "all" (the most that split the batch evenly); None: the enclosing `parallel.use_devices` block's choice,
+    else 1 (one device, no mesh). The global batch, its rows and its random streams do not depend on the
+    device count, so the result is the same to float rounding (`deepspm.nets.parallel`).
     """
     labels = np.asarray(labels, dtype=np.float32)
     n_outputs = 1 if labels.ndim == 1 else labels.shape[1]
@@ -313,7 +313,7 @@ def train_classifier(
     batch_size = min(config.batch_size, train_idx.size)
     if batch_size == 0:
         raise ValueError("no training images")
-    mesh = parallel.mesh_for(parallel.scoped_devices(devices))
+    mesh = parallel.mesh_for(parallel.scoped_devices(devices), batch_size)
     parallel.check_batch(parallel.device_count(mesh), batch_size)
     root = jax.random.key(seed)
     step_root = jax.random.fold_in(root, _STEP)

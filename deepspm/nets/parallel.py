@@ -23,7 +23,8 @@ batch and hands JAX only the rows its own devices hold, so neither the data orde
 the number of processes or devices. Training steps are collective: all processes must call them in the same
 order, which they do because they run the same seeded loop.
 
-The parallel path needs the global batch to split evenly over the devices; `mesh_for(1)` in one process is
+The parallel path needs the global batch to split evenly over the devices: "all" takes the most devices that
+split it (64 over 3 GPUs: 2), an explicit count that does not is an error. `mesh_for(1)` in one process is
 None, and callers then keep their single-device path unchanged.
 """
 
@@ -128,15 +129,19 @@ def is_main_process() -> bool:
 # --- the mesh ---------------------------------------------------------------------------------------------
 
 
-def mesh_for(devices: Devices = "all") -> Mesh | None:
-    """A 1-D mesh over `devices` local devices of every process ("all" or None: all of them), or None when
-    that is one device in one process (the caller's single-device path)."""
+def mesh_for(devices: Devices = "all", batch_size: int | None = None) -> Mesh | None:
+    """A 1-D mesh over `devices` local devices of every process, or None when that is one device in one process
+    (the caller's single-device path). "all" (or None): every local device, or with `batch_size` the most
+    (the same number in every process) over which a global batch of that size splits evenly."""
     by_process: dict[int, list[jax.Device]] = {}
     for device in jax.devices():
         by_process.setdefault(device.process_index, []).append(device)
     local = len(jax.local_devices())
     if devices is None or devices == "all":
         per_process = local
+        if batch_size is not None:
+            while per_process > 1 and batch_size % (per_process * len(by_process)):
+                per_process -= 1
     elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
         if devices > local:
             raise ParallelError(f"{devices} devices asked for but this process has {local} "
@@ -282,9 +287,10 @@ def data_parallel(
 
 def over_devices(
     fn: Callable[..., Any], batch_argnums: Sequence[int], devices: Devices = None, donate_argnums: Sequence[int] = (),
+    batch_size: int | None = None,
 ) -> Callable[..., Any]:
     """`fn` unchanged where `devices` (None: `scoped_devices()`) is one device in one process, else
-    `data_parallel(fn, ...)` over `mesh_for(devices)`: the one line a training loop needs to honour `--devices`,
-    e.g. the DQN learner's `over_devices(make_update_step(...), batch_argnums=range(1, 7))`."""
-    mesh = mesh_for(scoped_devices(devices))
+    `data_parallel(fn, ...)` over `mesh_for(devices, batch_size)`: the one line a training loop needs to honour
+    `--devices`, e.g. the DQN learner's `over_devices(make_update_step(...), range(1, 7), batch_size=64)`."""
+    mesh = mesh_for(scoped_devices(devices), batch_size)
     return fn if mesh is None else data_parallel(fn, mesh, batch_argnums, donate_argnums)
