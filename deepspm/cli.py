@@ -190,7 +190,8 @@ def _devices(text: str) -> int | str:
 
 
 DEVICES_HELP = ("data-parallel training: N local devices (GPUs; CPU devices with XLA_FLAGS=--xla_force_host_platform_"
-                "device_count=N) per process, or all (default); each batch is split over them, the parameters are "
+                "device_count=N) per process, or all (default: every one, or the most that split the batch evenly); each "
+                "batch is split over them, the parameters are "
                 "replicated, the result equals one device's to float rounding; 1 trains on one device as before. "
                 "Several processes or hosts: the same command in each, with JAX_COORDINATOR_ADDRESS=host:port (process "
                 "0's), DEEPSPM_NUM_PROCESSES and DEEPSPM_PROCESS_ID set, or started by srun/mpirun; process 0 writes --out")
