@@ -7,11 +7,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import pytest
 
 from deepspm.cli import main
 from deepspm.controller.journal import read_journal
 from deepspm.controller.report import write_report
+from deepspm.nets.checkpoints import load_learner, load_net
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,6 +91,16 @@ def test_training_without_an_agent_checkpoint_starts_a_new_agent_from_the_classi
     actions = [r for r in records if r["kind"] == "decision" and r["decision"] == "action" and "action" in r]
     assert actions and all(r["epsilon"] == 1.0 for r in actions)  # the paper's 500 random steps come first
     assert main(["replay", str(tmp_path / "run"), "--mode", "recompute"]) == 0
+    # what it learned is kept: the agent for a later run ([agent] checkpoint), the learner's one pytree beside it
+    assert records[-1]["saved"] == {"agent": "checkpoints/agent", "learner": "checkpoints/learner"}
+    learner, meta = load_learner(tmp_path / "run" / "checkpoints" / "learner")
+    assert learner.env_steps == len(actions) == meta["env_steps"] and len(learner.buffer) == 0
+    agent = load_net(tmp_path / "run" / "checkpoints" / "agent", expect_kind="agent")
+    for a, b in zip(jax.tree.leaves(agent.variables), jax.tree.leaves(learner.online), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    again = run_cli(tmp_path / "again", "--train", "--frames", "2", "--seed", "3",
+                    "--set", f"agent.checkpoint={tmp_path / 'run' / 'checkpoints' / 'agent'}")
+    assert again[0]["checkpoint_paths"]["agent"] == str(tmp_path / "run" / "checkpoints" / "agent")
 
 
 def test_interleaved_evaluation_alternates_agent_and_random_episodes(tmp_path: Path) -> None:

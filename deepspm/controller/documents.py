@@ -98,6 +98,7 @@ class Stop(Document):
     reason: str = ""
     counters: dict[str, Any] | None = None
     final_state: str | None = None
+    saved: dict[str, str] | None = None  # nets this process saved (run directory relative paths), by name
 
 
 # -- the instrument ------------------------------------------------------------------------------------------------

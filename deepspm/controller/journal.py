@@ -3,7 +3,7 @@ replay and resume rely on.
 
     RUN_DIR/journal.jsonl   one JSON object per line: {"seq", "t_mono", "t_wall", "kind", ...data}
     RUN_DIR/frames/         <sha256>.npy side files, referenced from records by that hash
-    RUN_DIR/checkpoints/    nets (orbax, written by their owners)
+    RUN_DIR/checkpoints/    what a run that learned online saved at its end: agent (net), learner (LearnerState)
 
 Records: "start" (seq 0, once), event kinds ("command", "reply", "failure", "decision", "transition",
 "operator", "note"), "resume" (written when a killed or stopped run continues) and "stop" (exit status and

@@ -30,6 +30,7 @@ from deepspm.controller.commands import StartScan
 from deepspm.controller.config import RunConfig, ScanConfig, config_from_dict, config_to_dict
 from deepspm.controller.documents import Reply, Start, record_of
 from deepspm.controller.journal import (
+    CHECKPOINTS_DIR,
     JOURNAL_FILE,
     SUSPENDED,
     DiskFull,
@@ -52,7 +53,7 @@ from deepspm.io.connection import NanonisConnection
 from deepspm.io.instrument import NanonisInstrument
 from deepspm.io.safety import SafetyEnvelope
 from deepspm.nets.checkpoint_info import CheckpointError
-from deepspm.nets.checkpoints import load_net
+from deepspm.nets.checkpoints import load_net, save_learner_async, save_net_async
 from deepspm.nets.dqn import DQNConfig, Learner, agent_from_classifier
 from deepspm.nets.inference import Predictor
 
@@ -359,8 +360,10 @@ async def _locked_session(
                     if journal.next_seq == 0:
                         journal.start(Start(run_id=run_dir.name, config=config_to_dict(cfg), seed=cfg.run.seed,
                                             versions=package_versions(), failed_before_start=True))
+                    saved = await save_learned(run_dir, brain) if loop is not None else {}
                     try:
-                        await journal.close(status, reason, **(_summary(loop) if loop else {}))
+                        await journal.close(status, reason, **(_summary(loop) if loop else {}),
+                                            **({"saved": saved} if saved else {}))
                     except DiskFull as exc:  # still full: the journal ends at its last complete record
                         status = SUSPENDED
                         reason = (reason if reason.startswith("disk full") else f"{exc}; {reason}") + (
@@ -452,6 +455,27 @@ async def continue_scan(microscope: Any, scan: StartScan, settings: ScanConfig) 
     microscope.set_scan_speed(settings.fwd_speed_mps, settings.bwd_speed_mps)
     microscope.set_scan_frame(scan.centre_x_m, scan.centre_y_m, scan.size_m, scan.size_m, 0.0)
     microscope.scan_action(0, settings.scan_up)
+
+
+async def save_learned(run_dir: Path, brain: Any) -> dict[str, str]:
+    """A run that learned online keeps what it learned: the agent net (`checkpoints/agent`, for
+    `--agent-checkpoint`) and the learner's state (`checkpoints/learner`: both nets, Adam state, counters;
+    the journal holds the experience, so the replay memory is left out). Returns the paths saved; a failure
+    to save is logged, never raised over the run's own outcome."""
+    learner = getattr(brain, "learner", None)
+    if not getattr(brain, "learn_online", False) or learner is None or learner.env_steps == 0:
+        return {}
+    folder = run_dir / CHECKPOINTS_DIR
+    meta = {"run_id": run_dir.name, "env_steps": learner.env_steps, "updates": learner.updates}
+    try:
+        await save_net_async(folder / "agent", learner.net, learner.online, kind="agent", metadata=meta,
+                             overwrite=True)
+        await save_learner_async(folder / "learner", learner, metadata=meta, overwrite=True, buffer=False)
+    except (OSError, ValueError) as exc:
+        log.error("session.save_failed", error=f"{type(exc).__name__}: {exc}", folder=str(folder))
+        return {}
+    log.info("session.saved", agent=str(folder / "agent"), learner=str(folder / "learner"), **meta)
+    return {"agent": f"{CHECKPOINTS_DIR}/agent", "learner": f"{CHECKPOINTS_DIR}/learner"}
 
 
 def _summary(loop: RunLoop) -> dict[str, Any]:

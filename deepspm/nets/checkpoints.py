@@ -187,11 +187,16 @@ def load_net(path: Path | str, expect_kind: str | None = None) -> NetCheckpoint:
 
 
 def save_learner(
-    path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False
+    path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False,
+    buffer: bool = True,
 ) -> Path:
     """Everything to resume learning exactly: the learner's one pytree (`LearnerState`: online and target
-    nets, Adam state, counters) and the replay buffer beside it (with its sampling RNG), config and seed."""
+    nets, Adam state, counters) and the replay buffer beside it (with its sampling RNG), config and seed.
+    `buffer=False` leaves the memory out (a run's journal holds its experience): it loads back empty."""
     state, buffer_state = learner.training_state()
+    if not buffer:
+        buffer_state = ReplayBuffer(learner.net.n_outputs, learner.config.buffer_capacity,
+                                    learner.net.spec.image_side_px, seed=learner.seed).state_dict()
     tree = {"state": state._replace(updates=np.int32(state.updates), env_steps=np.int32(state.env_steps)),
             "buffer": buffer_state["arrays"]}
     meta = _base_meta("dqn_training", learner.net, metadata)
@@ -200,9 +205,10 @@ def save_learner(
 
 
 async def save_learner_async(
-    path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False
+    path: Path | str, learner: Learner, *, metadata: dict[str, Any] | None = None, overwrite: bool = False,
+    buffer: bool = True,
 ) -> Path:
-    return await asyncio.to_thread(save_learner, path, learner, metadata=metadata, overwrite=overwrite)
+    return await asyncio.to_thread(save_learner, path, learner, metadata=metadata, overwrite=overwrite, buffer=buffer)
 
 
 def load_learner(path: Path | str) -> tuple[Learner, dict[str, Any]]:
