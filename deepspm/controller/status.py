@@ -136,7 +136,10 @@ def render(follower: JournalFollower, now: float) -> str:
         f = s.last_frame
         p = f" p({target}) {f.p_good:.3f}" if f.p_good is not None else ""
         when = f", {format_duration(now - f.t_wall)} ago" if not s.stopped else ""
-        lines.append(_row("last frame", f"#{f.number}{p} -> {f.verdict}{when}"))
+        verdict = f.verdict
+        if target != "good" and verdict in ("good probe", "bad probe"):
+            verdict = f"probe {target}" if verdict == "good probe" else f"probe not {target}"
+        lines.append(_row("last frame", f"#{f.number}{p} -> {verdict}{when}"))
     probe = f"bad-probe counter {s.bad_probe_count}/{s.bad_probe_threshold}"
     if s.in_episode and s.episode is not None:
         probe += f"; episode {s.episode.index} under way, actions so far: {s.episode_actions}"
