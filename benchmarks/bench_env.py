@@ -1,0 +1,103 @@
+"""Environment steps per second, JAX (vectorised, jitted) against the numpy simulator, and agent training time.
+
+One environment step = one conditioning action applied, the creep frame's and the frame's lines of scanning
+(tip changes), and one rendered 64 x 64 frame (levelled and normalised in JAX; raw heights from numpy's
+`ConditioningEnv`, which renders through `SimulatedMicroscope` as the run does, without levelling).
+- JAX: `jaxenv.step` jitted over N environments, random actions, timed after compilation; steps/s = N x
+  calls / seconds.
+- numpy: N `ConditioningEnv`s stepped round-robin in one process (the numpy simulator has no batch axis:
+  its rate does not grow with N; N = 1024 is measured on 64 environments and marked so).
+Training: wall seconds of `train_agent_vectorised` (compilation included) against the old loop's 1067 s for
+3000 actions (`deepspm/weights/README.md`, measured on this machine when the shipped agent was trained).
+Whether an agent reaches <= 0.5x random is judged by `deepspm evaluate agent --sim` (numpy simulator, the run's
+plans), reported in docs/training.md, not here. Goals (issue 16): >= 20 000 steps/s at N = 1024; training to
+<= 0.5x random in <= 3 minutes. Reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks.common import print_table, write_json
+from deepspm.io.actions import N_ACTIONS
+from deepspm.simulator import jaxenv
+from deepspm.simulator.environment import ConditioningEnv
+
+GOAL_STEPS_PER_S = 20_000.0  # at N = 1024
+GOAL_TRAIN_S = 180.0
+OLD_LOOP_TRAIN_S = 1067.0  # 3000 actions, deepspm/weights/README.md
+WEIGHTS = Path(__file__).resolve().parents[1] / "deepspm" / "weights"
+
+
+def jax_rate(n: int, calls: int) -> tuple[float, float]:
+    """(steps per second, compile seconds) of the jitted step over `n` environments."""
+    t = jaxenv.tables()
+    key = jax.random.key(0)
+    probes = jaxenv.initial_probes(key, n, t)
+    step = jax.jit(jaxenv.step)
+    actions = jax.random.randint(jax.random.key(1), (calls, n), 0, N_ACTIONS)
+    start = time.perf_counter()
+    out = step(key, probes, actions[0])
+    jax.block_until_ready(out)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(calls):
+        out = step(jax.random.fold_in(key, i), out[0], actions[i])
+    jax.block_until_ready(out)
+    return n * calls / (time.perf_counter() - start), compile_s
+
+
+def numpy_rate(n: int, steps: int) -> float:
+    envs = [ConditioningEnv(seed=i, render=True) for i in range(n)]
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for i in range(steps):
+        frame = envs[i % n].step(int(rng.integers(0, N_ACTIONS)))
+        assert frame is not None and frame.shape == (64, 64)
+    return steps / (time.perf_counter() - start)
+
+
+def main(smoke: bool = False) -> dict:
+    sizes = (1, 4) if smoke else (1, 64, 1024)
+    rows, payload = [], []
+    for n in sizes:
+        calls = 2 if smoke else max(3, min(200, 4096 // n))
+        rate, compile_s = jax_rate(n, calls)
+        n_numpy = min(n, 2 if smoke else 64)
+        np_rate = numpy_rate(n_numpy, 2 if smoke else max(32, 2 * n_numpy))
+        rows.append((n, rate, np_rate, rate / np_rate, compile_s, f"{rate / GOAL_STEPS_PER_S:.3f}" if n == 1024 else "-",
+                     "" if n_numpy == n else f"numpy on {n_numpy} envs"))
+        payload.append({"envs": n, "jax_steps_per_s": rate, "numpy_steps_per_s": np_rate, "numpy_envs": n_numpy,
+                        "jax_compile_s": compile_s})
+    print_table(f"Environment steps/s with a rendered 64x64 frame (goal >= {GOAL_STEPS_PER_S:.0f} at N = 1024); "
+                f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+                ("N envs", "JAX steps/s", "numpy steps/s", "JAX/numpy", "JAX compile s", "x goal", "note"), rows)
+    training = None
+    if not smoke:
+        from deepspm.controller.train_vectorised import train_agent_vectorised
+
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            summary = train_agent_vectorised(WEIGHTS / "classifier", Path(tmp) / "agent", envs=64, steps=3000,
+                                             progress=False)
+            seconds = time.perf_counter() - start
+        training = {"new_loop_s": seconds, "new_loop_actions": summary["env_steps"], "old_loop_s": OLD_LOOP_TRAIN_S,
+                    "old_loop_actions": 3000, "old_loop_source": "deepspm/weights/README.md (measured, 18 min)"}
+        print_table("Agent training wall time, 3000 actions (the old loop reached 0.49x random with them; judge the "
+                    "new agent with `deepspm evaluate agent --sim`)",
+                    ("loop", "actions", "seconds", "x old", "goal s"),
+                    [("old: run plans, numpy", 3000, OLD_LOOP_TRAIN_S, 1.0, "-"),
+                     ("new: jitted, 64 JAX envs", summary["env_steps"], seconds, seconds / OLD_LOOP_TRAIN_S, GOAL_TRAIN_S)])
+        print("wrote", write_json("env", {"rows": payload, "training": training,
+                                         "load_average": os.getloadavg()[0]}))
+    return {"rows": payload, "training": training}
+
+
+if __name__ == "__main__":
+    main()
