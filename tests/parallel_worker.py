@@ -88,13 +88,38 @@ def run_dqn(devices: parallel.Devices) -> dict[str, np.ndarray]:
             "updates": np.asarray(state.updates)}
 
 
+def run_learner(devices: parallel.Devices) -> dict[str, np.ndarray]:
+    """The `Learner` itself (as `train agent --sim --devices` builds it, inside `use_devices`): its updates
+    data-parallel, its state and snapshots ordinary local arrays."""
+    import jax
+
+    from deepspm.nets.dqn import DQNConfig, Learner
+    from deepspm.nets.model import NetDef
+
+    net = NetDef.of("tiny", 12)
+    config = DQNConfig(batch_size=16, target_update_every=2, random_steps=0, buffer_capacity=64)
+    with parallel.use_devices(devices):
+        learner = Learner(net, net.init(jax.random.key(21)), config, seed=3)
+    rng = np.random.default_rng(22)
+    for step in range(6):
+        learner.record(rng.normal(-1.0, 0.3, (64, 64)).astype(np.float32), step % 12, -1.0,
+                       rng.normal(-1.0, 0.3, (64, 64)).astype(np.float32), step == 5, np.ones(12, bool))
+        learner.catch_up()
+    assert learner._across_devices == (parallel.mesh_for(devices, config.batch_size) is not None)
+    snapshot = learner.snapshot().variables
+    assert all(len(leaf.devices()) == 1 for leaf in jax.tree.leaves(snapshot))
+    return {**flat(learner.online, "online"), **flat(learner.target, "target"),
+            "updates": np.asarray(learner.updates)}
+
+
 def run_meshes(devices: parallel.Devices) -> dict[str, np.ndarray]:
     """How many devices `mesh_for` takes for global batches of 1..64 (0 for no mesh: one device)."""
     sizes = [parallel.device_count(parallel.mesh_for(devices, b)) for b in range(1, 65)]
     return {"devices_for_batch": np.array(sizes)}
 
 
-CASES = {"classifier": run_classifier, "ensemble": run_ensemble, "dqn": run_dqn, "meshes": run_meshes}
+CASES = {"classifier": run_classifier, "ensemble": run_ensemble, "dqn": run_dqn, "learner": run_learner,
+         "meshes": run_meshes}
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ from deepspm.nets.parallel import ParallelError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "parallel_worker.py"
-CASES = ("classifier", "ensemble", "dqn")
+CASES = ("classifier", "ensemble", "dqn", "learner")
 DISTRIBUTED_ENV = (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID,
                    "JAX_LOCAL_DEVICE_IDS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deepspm.nets import parallel
 from deepspm.nets.inference import Predictor, TraceCounter
 from deepspm.nets.losses import l2_on_kernels
 from deepspm.nets.model import NetDef, NetVars, apply_eval, apply_train
@@ -228,7 +229,10 @@ class Learner:
         )
         self.optimizer = make_optimizer(config)
         self.traces = TraceCounter()
-        self._update_step = make_update_step(net, self.optimizer, config, self.traces)
+        step = make_update_step(net, self.optimizer, config, self.traces)
+        # data-parallel under `train ... --devices` (parallel.use_devices); one device otherwise (the run)
+        self._update_step = parallel.over_devices(step, batch_argnums=range(1, 7), batch_size=config.batch_size)
+        self._across_devices = self._update_step is not step
         self._key_root = jax.random.fold_in(jax.random.key(seed), 0xD09)
         self.state = LearnerState.create(variables, self.optimizer) if state is None else state
         self.last_metrics: dict[str, float] = {}
@@ -292,6 +296,8 @@ class Learner:
             key = jax.random.fold_in(self._key_root, self.updates)
             before = self.state
         after, metrics = self._update_step(before, *_batch_arrays(batch), key)
+        if self._across_devices:  # the actor's batch-1 predictor and the checkpoints see ordinary arrays
+            after = parallel.to_local(after)
         metrics = {k: float(v) for k, v in metrics.items()}
         with self._lock:  # counters back to ints; env_steps may have moved on while the step ran
             self.state = after._replace(updates=int(after.updates), env_steps=self.state.env_steps)
