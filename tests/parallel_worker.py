@@ -47,7 +47,25 @@ def run_classifier(devices: parallel.Devices) -> dict[str, np.ndarray]:
     result = train_classifier(images, labels, "tiny", 2, 7, config=config, progress=False, devices=devices)
     losses = np.array([r["train_loss"] for r in result.history])
     return {**flat(result.variables, "vars"), "losses": losses,
-            "val_auc": np.array(result.metrics.get("roc_auc", np.nan))}
+            "val_auc": np.array(result.metrics.get("roc_auc", np.nan)), "saved": saves_and_loads(result)}
+
+
+def saves_and_loads(result) -> np.ndarray:
+    """1 when the trained net round-trips through a checkpoint (in a multi-process job process 0 writes alone;
+    the others write nothing)."""
+    import tempfile
+
+    import jax
+
+    from deepspm.nets.checkpoints import load_net, save_net
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = save_net(Path(scratch) / "clf", result.net, result.variables, kind="classifier")
+        if jax.process_index() != 0:
+            return np.array(float(not path.exists()))
+        loaded = load_net(path, expect_kind="classifier").variables
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(result.variables)))
+        return np.array(float(same))
 
 
 def run_ensemble(devices: parallel.Devices) -> dict[str, np.ndarray]:

@@ -59,7 +59,17 @@ def unflatten_named(abstract: Any, named: dict[str, Any]) -> Any:
 
 
 def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    """Orbax's checkpointer. In a multi-process job (data-parallel training) each process reads and writes its
+    own checkpoints alone: orbax would otherwise coordinate every process of the job on one save."""
+    if jax.process_count() == 1:
+        return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=alone),
+        arrays=ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+        meta=ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+    )  # (orbax's numpy writer writes on process 0 only: `_write` saves there alone)
+    return ocp.Checkpointer(handler, multiprocessing_options=alone)
 
 
 def _write(path: Path | str, arrays: dict[str, Any], meta: dict[str, Any], overwrite: bool) -> Path:
@@ -69,10 +79,14 @@ def _write(path: Path | str, arrays: dict[str, Any], meta: dict[str, Any], overw
     interrupted save leaves either the old or the new checkpoint, never a mixture.
     """
     path = Path(path).absolute()
+    if jax.process_index() != 0:  # a multi-process job has one writer, process 0 (the others hold the same values)
+        return path
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     # orbax cannot store zero-size arrays; they are recreated from the abstract shape on restore.
     stored = {name: value for name, value in arrays.items() if np.size(value) > 0}
+    if jax.process_count() > 1:  # a process's arrays are host-local there: orbax stores them as numpy
+        stored = {name: _host_copy(value) for name, value in stored.items()}
     staging = path.with_name(f".{path.name}.saving-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(staging, ignore_errors=True)
     _checkpointer().save(
@@ -86,6 +100,12 @@ def _write(path: Path | str, arrays: dict[str, Any], meta: dict[str, Any], overw
     else:
         staging.rename(path)
     return path
+
+
+def _host_copy(value: Any) -> Any:
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return value  # (no net stores keys)
+    return np.asarray(value)
 
 
 def read_meta(path: Path | str) -> dict[str, Any]:
