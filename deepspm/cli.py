@@ -218,6 +218,9 @@ def _train_agent(args: argparse.Namespace) -> int:
     if args.vectorised or args.envs is not None:
         from deepspm.controller.train_vectorised import vectorised_command
 
+        if args.target_state != "good" or args.sample is not None:
+            raise check.ArgumentProblem("--target-state", "the vectorised loop trains for good on Ag/MgPc only; "
+                                                          "drop --vectorised/--envs to train for a tip state")
         return vectorised_command(args)
     classifier, sample = sim_defaults(args.target_state, args.classifier, args.sample)
     init = None if args.init is None else checkpoint_path(args.init, "agent") if args.init == "shipped" else args.init
