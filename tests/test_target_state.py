@@ -121,6 +121,8 @@ def test_the_episode_context_and_documents_name_the_target() -> None:
     (["run", "--target-state", "rows", "--frames", "2"], ("probe.target_state", "'rows'", "allowed: good")),
     (["train", "agent", "--sim", "--out", "{tmp}/a", "--target-state", "rows", "--classifier", str(WEIGHTS / "classifier")],
      ("probe.target_state", "allowed: good")),
+    (["train", "agent", "--sim", "--vectorised", "--target-state", "dimers", "--out", "{tmp}/v"],
+     ("--target-state", "vectorised")),
 ])
 def test_the_cli_refuses_a_target_the_classifier_does_not_judge(argv, words, tmp_path: Path, capsys) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
