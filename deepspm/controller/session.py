@@ -423,7 +423,7 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
                           classifier_version=brain.classifier_version),
         config=cfg,
         control=ReplayControl(replay_journal, relived, live=control),
-        progress=progress, sleep=sleep, monotonic=monotonic,
+        progress=_release_relived_memory(progress), sleep=sleep, monotonic=monotonic,
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
         outputs=SxmOutput(run_dir, recorded.run_id or run_dir.name, cfg),
     )
@@ -476,6 +476,35 @@ async def save_learned(run_dir: Path, brain: Any) -> dict[str, str]:
         return {}
     log.info("session.saved", agent=str(folder / "agent"), learner=str(folder / "learner"), **meta)
     return {"agent": f"{CHECKPOINTS_DIR}/agent", "learner": f"{CHECKPOINTS_DIR}/learner"}
+
+
+def _release_relived_memory(progress: Callable[[RunLoop], None] | None) -> Callable[[RunLoop], None]:
+    """`progress`, plus: at the first frame judged live after a resume's re-live, hand the heap the re-live freed back
+    to the OS (glibc's malloc_trim). The re-lived records are released at the handover, but the allocator keeps
+    their pages: a process that re-lived 1282 frames stayed ~80 MB above one that re-lived 588 for the rest of its
+    life (the soak's memory check, issue 17)."""
+    done = False
+
+    def hook(loop: RunLoop) -> None:
+        nonlocal done
+        if not done and not loop.journal.replaying:
+            done = True
+            _malloc_trim()
+        if progress is not None:
+            progress(loop)
+
+    return hook
+
+
+def _malloc_trim() -> None:
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library (musl): nothing to trim
+        pass
 
 
 def _summary(loop: RunLoop) -> dict[str, Any]:
