@@ -115,7 +115,7 @@ def _jax_frames(kind_index: int, n: int, tables: je.Tables) -> np.ndarray:
     key = jax.random.key(kind_index)
     probes = je.draw_probes(key, jnp.full((n,), kind_index, jnp.int32), tables)
     probes = probes._replace(density=je._area_density(jax.random.fold_in(key, 1), (n,)))
-    return np.asarray(je.render(jax.random.fold_in(key, 2), probes)[0])
+    return np.asarray(jax.jit(je.render)(jax.random.fold_in(key, 2), probes)[0])
 
 
 def _image_stats(frames: np.ndarray) -> np.ndarray:
