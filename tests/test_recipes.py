@@ -138,11 +138,19 @@ def test_default_command_on_real_hsi_images(tmp_path: Path, capsys: pytest.Captu
     _check_default_run(tmp_path / "real.npz", tmp_path / "ckpt", capsys)
 
 
-def test_single_net_refuses_ensemble_only_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_single_net_takes_the_augmentations_and_records_its_recipe(tmp_path: Path) -> None:
+    import json
+
     folders = _folder_set(tmp_path / "lab")
-    assert _train(["--data", str(folders), "--out", str(tmp_path / "a"), "--augment", "dihedral"]) == 2
-    err = capsys.readouterr().err
-    assert "--ensemble 1" in err and len(err.strip().splitlines()) == 1
+    assert _train(["--data", str(folders), "--out", str(tmp_path / "a"), "--preset", "tiny", "--epochs", "1",
+                   "--augment", "dihedral", "--crop-min-scale", "0.8", "--lr-schedule", "cosine"]) == 0
+    summary = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert summary["recipe"]["name"] == "standard"
+    assert {k: summary["options"][k] for k in ("dihedral", "crop_min_scale", "lr_schedule")} == {
+        "dihedral": True, "crop_min_scale": 0.8, "lr_schedule": "cosine"}
+
+
+def test_single_net_options_refused_by_an_ensemble_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hsi = _small_hsi_npz(tmp_path / "hsi.npz")
     assert _train(["--data", str(hsi), "--out", str(tmp_path / "b"), "--max-train", "10"]) == 2
     assert "--recipe standard" in capsys.readouterr().err

@@ -122,14 +122,12 @@ def train_with_recipe(
             dihedral=chosen.augment == "dihedral", crop_min_scale=chosen.crop_min_scale,
             lr_schedule=chosen.lr_schedule, fixed_holdout=chosen.fixed_holdout and holdout_fraction is None,
             recipe=record(chosen, reason, overrides))
-    if chosen.augment != "flips" or chosen.crop_min_scale < 1 or chosen.lr_schedule != "constant":
-        raise ArgumentProblem("--augment/--crop-min-scale/--lr-schedule",
-                              "a single net trains with flips and a constant learning rate; use --ensemble 1 "
-                              "for one net with these")
     from deepspm.controller.training import train_classifier_command
 
     return train_classifier_command(
         data, out, preset=chosen.preset, epochs=chosen.epochs, seed=seed, val_fraction=val_fraction,
         good_weight=chosen.good_weight, multiclass=multiclass, overwrite=overwrite, keep=chosen.keep, init=init,
         freeze_epochs=freeze_epochs, patience=patience, finetune_learning_rate=finetune_learning_rate,
-        max_train=max_train, lines=lines, min_lines=min_lines, progress=progress)
+        max_train=max_train, lines=lines, min_lines=min_lines, progress=progress,
+        dihedral=chosen.augment == "dihedral", crop_min_scale=chosen.crop_min_scale, lr_schedule=chosen.lr_schedule,
+        recipe=record(chosen, reason, overrides))

@@ -220,7 +220,8 @@ def train_classifier_command(
     min_responses: int = 1, workers: int | None = None, overwrite: bool = False, progress: bool = True,
     keep: str = "last", init: Path | str | None = None, freeze_epochs: int | None = None, patience: int | None = None,
     finetune_learning_rate: float | None = None, max_train: int | None = None, lines: bool = False,
-    min_lines: int = DEFAULT_MIN_LINES,
+    min_lines: int = DEFAULT_MIN_LINES, dihedral: bool = False, crop_min_scale: float = 1.0,
+    lr_schedule: str = "constant", recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a probe classifier (from scratch, or fine-tuned from `init`) and save it as a checkpoint directory
     `out` (kind "classifier").
@@ -243,6 +244,9 @@ def train_classifier_command(
     in `min_lines`..64 per image and step; the metadata says `{"lines": true, "line_window": {...}}`. Its
     validation metrics are on seeded random truncations; `by_lines` adds them at 8, 16, 32 and 64 visible lines
     (the validation images levelled as full frames, then masked; `evaluate --lines` re-levels each partial frame).
+
+    `dihedral`, `crop_min_scale`, `lr_schedule`: augmentation and schedule (`ClassifierConfig`); `recipe`: the
+    recipe record (`controller.recipes`) kept in the metadata and metrics.json.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -263,7 +267,8 @@ def train_classifier_command(
         "multiclass": multiclass, "min_responses": min_responses, "keep": keep,
         "init": None if init is None else str(init), "freeze_epochs": freeze_epochs or 0, "patience": patience or 0,
         "finetune_learning_rate": finetune_learning_rate, "max_train": max_train, "lines": lines,
-        "min_lines": min_lines if lines else None,
+        "min_lines": min_lines if lines else None, "dihedral": dihedral, "crop_min_scale": crop_min_scale,
+        "lr_schedule": lr_schedule,
     }
     images, labels, info = load_labelled_sets(
         list(data), multiclass=multiclass, min_responses=min_responses, seed=seed, workers=workers, progress=progress
@@ -272,7 +277,8 @@ def train_classifier_command(
                               val_fraction=val_fraction, threshold=threshold, keep=keep,
                               freeze_epochs=freeze_epochs or 0, patience=patience or 0,
                               finetune_learning_rate=finetune_learning_rate, max_train=max_train,
-                              line_window_min_lines=min_lines if lines else 0)
+                              line_window_min_lines=min_lines if lines else 0, dihedral=dihedral,
+                              crop_min_scale=crop_min_scale, lr_schedule=lr_schedule)
     start = time.perf_counter()
     result = train_classifier(images, labels, preset, epochs, seed, config=config,
                               class_names=info["class_names"], progress=progress, init=start_from)
@@ -290,7 +296,7 @@ def train_classifier_command(
     summary = {
         "kind": "classifier", "options": options, "data": _without_kinds(info), "n_train": int(result.train_indices.size),
         "n_val": int(result.val_indices.size), "train_seconds": round(seconds, 1), "epoch": result.epoch,
-        "metrics": metrics, "history": result.history,
+        "metrics": metrics, "history": result.history, **({"recipe": recipe} if recipe is not None else {}),
     }
     if lines:
         summary.update({LINE_WINDOW_KEY: True, "line_window": LineWindowSpec(min_lines=min_lines).to_dict(),
