@@ -89,8 +89,8 @@ def main(smoke: bool = False) -> dict:
             seconds = time.perf_counter() - start
         training = {"new_loop_s": seconds, "new_loop_actions": summary["env_steps"], "old_loop_s": OLD_LOOP_TRAIN_S,
                     "old_loop_actions": 3000, "old_loop_source": "deepspm/weights/README.md (measured, 18 min)"}
-        print_table("Agent training wall time (old: 3000 actions, 0.605x random today; new: 6000 actions, the shipped "
-                    "recipe, 0.495x; judge a new agent with `deepspm evaluate agent --sim`)",
+        print_table("Agent training wall time (old: 3000 actions, 0.605x random; new: 6000 actions, the shipped "
+                    "agent's recipe; judge a new agent with `deepspm evaluate agent --sim`, docs/training.md)",
                     ("loop", "actions", "seconds", "x old", "goal s"),
                     [("old: run plans, numpy", 3000, OLD_LOOP_TRAIN_S, 1.0, "-"),
                      ("new: jitted, 64 JAX envs", summary["env_steps"], seconds, seconds / OLD_LOOP_TRAIN_S, GOAL_TRAIN_S)])
