@@ -147,3 +147,35 @@ def test_image_statistics_and_classifier_per_tip_state_match_numpy(
         good_ours = float(np.mean(np.asarray(p_good(jnp.asarray(ours))) > 0.9))
         assert abs(good_ours - good_ref) < 0.1, (kind.value, good_ours, good_ref)
         assert (good_ours > 0.9) == kind.is_good
+
+
+def test_substrate_bank_follows_density_and_width() -> None:
+    """The pre-rendered layouts: denser strata carry more molecules, wider apices blur them lower, the frame's
+    centre is the canvas' middle, and a displaced apex reads the canvas shifted by its whole-pixel offset."""
+    lay = je.layouts()
+    canvas, centre = np.asarray(lay.canvas), np.asarray(lay.centre)
+    assert canvas.shape == (je.LAYOUTS, je.WIDTH_BINS, 64 + 2 * je.PAD_PX, 64 + 2 * je.PAD_PX)
+    np.testing.assert_array_equal(centre, canvas[:, :, je.PAD_PX:-je.PAD_PX, je.PAD_PX:-je.PAD_PX])
+    per = je.LAYOUTS // je.DENSITY_STRATA
+    covered = (canvas[:, 0] > 0.05).mean(axis=(1, 2)).reshape(je.DENSITY_STRATA, per).mean(axis=1)
+    assert covered[-1] > 1.5 * covered[0], covered
+    peaks = canvas.max(axis=(2, 3)).mean(axis=0)  # per width bin
+    assert np.all(np.diff(peaks) < 0), peaks
+    # a double tip whose second apex (equal weight, same width) sits 5 px to the right, 3 px down
+    t = je.tables()
+    p = je.draw_probes(jax.random.key(0), jnp.full((1,), je.KINDS.index(ProbeKind.DOUBLE), jnp.int32), t)
+    w = 0.15
+    apex = np.zeros((1, je.APEX_SLOTS, 4), np.float32)
+    apex[0, 0] = (0.0, 0.0, w, 1.0)
+    apex[0, 1] = (5 * 10 / 64, 3 * 10 / 64, w, 1.0)
+    p = p._replace(apex=jnp.asarray(apex), kernel=jnp.zeros((1, je.APEX_SLOTS), jnp.int32),
+                   noise_a=jnp.zeros(1), line_noise_a=jnp.zeros(1), streak_rate=jnp.zeros(1),
+                   density=jnp.full((1,), 0.06))
+    one = p._replace(apex=p.apex.at[0, 1, 3].set(0.0))
+    frame2 = np.asarray(jax.jit(je.render)(jax.random.key(3), p)[0][0])
+    frame1 = np.asarray(jax.jit(je.render)(jax.random.key(3), one)[0][0])
+    # the second apex adds a ghost of the same molecules: pixel (v, u) shows what the first sees at (v + 3, u + 5)
+    assert not np.allclose(frame1, frame2)
+    ghost = frame2[:-3, :-5] - frame1[:-3, :-5]
+    assert np.corrcoef(ghost.ravel(), frame1[3:, 5:].ravel())[0, 1] > 0.3
+    assert np.corrcoef(ghost[3:, 5:].ravel(), frame1[:-6, :-10].ravel())[0, 1] < 0.3  # not the other way round

@@ -10,9 +10,16 @@ The same physics as the numpy simulator, read from its own tables (nothing here 
   `SimConfig.degradation_per_frame`, per scanned line (`lines / 64` frames per step, creep frame included);
 - the sample: MgPc molecules (`sample.molecule_components`' lobe and centre constants, two rotational domains,
   Matern-II hard core, the per-area log-normal density), adatoms and monatomic Ag(100) steps from `SampleConfig`;
-- the image: every Gaussian component blurred by every apex (variances add), apices combined by the tunnelling
+- the image: the Gaussian components blurred by each apex (variances add), apices combined by the tunnelling
   sum with `probe.BETA_PER_M`, flicker between two kernels in bands of lines, streaks, white noise and a
   per-line random walk, all with the probe's own amplitudes (`render.py`'s model).
+
+How a frame is rendered fast (`layouts`, `render_one`): once per parameter set, `LAYOUTS` clean substrates (the
+components above, drawn at densities stratified over the per-area log-normal) are rendered on a canvas of
+`PAD_PX` around the frame at `WIDTH_BINS` apex widths. A frame takes a random layout of its area's density
+stratum; the main apex (never displaced) reads the frame's centre, its width interpolated between two bins; each
+other apex reads the crop at its offset rounded to whole pixels (clipped to `PAD_PX`), its width bin rounded
+stochastically; noise is a random block of a bank of white-noise rows with a random sign.
 
 What is simplified (training needs the frames' statistics, not the instrument; `tests/test_jaxenv.py` holds
 the two simulators' statistics together):
@@ -21,6 +28,8 @@ the two simulators' statistics together):
   clipped to +-1.5 as `controller.preprocess.normalise` does;
 - a spontaneous tip change happens between frames (numpy: at a random pixel within the scan);
 - at most one streak per line (numpy: a Poisson number; the rates are <= 0.3 per line);
+- a frame's molecules are one of `LAYOUTS` layouts (numpy: a fresh surface per area), displaced apices sit on
+  whole pixels (0.16 nm), the step edge is blurred by the main apex alone (numpy: seen through every apex);
 - no rough patches (the run discards bad-sample frames without classifying them), no debris (the run never
   scans where it acted), no crashes or lost contact (the training environment has no z jumps).
 
