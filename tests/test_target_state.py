@@ -21,11 +21,11 @@ from deepspm.cli import main
 from deepspm.controller.config import load_config
 from deepspm.controller.documents import ActionChosen, Classification, entry_from_record
 from deepspm.controller.episode import EpisodeConfig, EpisodeTracker
+from deepspm.controller.session import load_brain
 from deepspm.controller.targets import (
     TargetPredictor,
     TargetStateError,
     check_target_setting,
-    load_target_brain,
     resolve_target,
     target_classifier,
     target_of,
@@ -145,7 +145,7 @@ def test_a_new_agent_from_an_ensemble_classifier_is_refused(ensemble_checkpoint:
     cfg = load_config(None, {"classifier.checkpoint": str(ensemble_checkpoint), "agent.checkpoint": "new",
                              "classifier.lines_checkpoint": "none"})
     with pytest.raises(EnsembleError, match="a new agent from the classifier .* needs a single net, not an ensemble of 2"):
-        load_target_brain(cfg)
+        load_brain(cfg)
     argv = ["train", "agent", "--sim", "--out", str(tmp_path / "agent"), "--classifier", str(ensemble_checkpoint),
             "--steps", "1"]
     assert main(argv) == 2
@@ -185,7 +185,7 @@ def test_a_run_with_a_target_state_names_it_and_ends_episodes_on_it(tmp_path: Pa
     })
     cfg = with_target_threshold(cfg, target_of(cfg))  # the shipped classifier's own threshold for dimers
     assert cfg.classifier.threshold < 0.9
-    brain = load_target_brain(cfg)
+    brain = load_brain(cfg)
     simulator = SimulatorOptions(seed=4, time_scale=0.0, sim_config=SimConfig(surface="hsi", z_jump_rate_per_s=0.0))
     result = asyncio.run(run_session(cfg, tmp_path / "run", simulator=simulator, brain=brain))
     assert result.status == "completed", result.reason
@@ -207,3 +207,12 @@ def test_a_run_with_a_target_state_names_it_and_ends_episodes_on_it(tmp_path: Pa
     replayed = asyncio.run(replay_run(tmp_path / "run", mode="recorded"))
     assert replayed.identical, replayed.text()
     assert f"target tip state: {target}" in replayed.text()
+    # killed part-way (the journal cut after its 5th judgement), the run resumes with its multi-class target
+    journal = tmp_path / "run" / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    cut = [r["seq"] for r in records if r.get("decision") == "classify"][4]
+    journal.write_text("".join(lines[:cut + 1]))
+    assert main(["run", "--quiet", "--resume", str(tmp_path / "run")]) == 0
+    resumed = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert resumed[-1]["status"] == "completed" and resumed[-1]["counters"]["frames"] == 14
+    assert all(r["target"] == target for r in resumed if r.get("decision") == "classify")

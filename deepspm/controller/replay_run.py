@@ -25,8 +25,7 @@ from deepspm.controller.replay import (
     ReplayJournal,
 )
 from deepspm.controller.runfold import read_relived
-from deepspm.controller.session import LINES, check_recorded_nets, recorded_checkpoint
-from deepspm.controller.targets import load_target_brain
+from deepspm.controller.session import LINES, check_recorded_nets, load_brain, recorded_checkpoint
 
 MODES = ("recorded", "recompute")
 
@@ -93,7 +92,7 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
         # Recomputing learns as the run learned (at the journal's points, update for update); a what-if does not.
         learn_online = False if what_if else None
         nets = await asyncio.to_thread(
-            load_target_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
+            load_brain, cfg, Path(classifier) if classifier else recorded_checkpoint(start, "classifier"),
             Path(agent) if agent else recorded_checkpoint(start, "agent"), learn_online,
             recorded_checkpoint(start, LINES))
         check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent),

@@ -97,14 +97,11 @@ async def _main(cfg: RunConfig, run_dir: Path, simulator: SimulatorOptions | Non
                 resume: bool):
     control = RunControl.for_run_dir(run_dir)
     control.install_signal_handlers()
-    brain = None
-    if not resume and cfg.probe.target_state != "good":  # session.load_brain judges by one output, p(good)
-        from deepspm.controller.targets import load_target_brain, target_of, with_target_threshold
+    if not resume and cfg.probe.target_state != "good":
+        from deepspm.controller.targets import target_of, with_target_threshold
 
         cfg = with_target_threshold(cfg, target_of(cfg))  # the classifier's own threshold for the state
-        brain = await asyncio.to_thread(load_target_brain, cfg)
     try:
-        return await run_session(cfg, run_dir, simulator=simulator, progress=progress, control=control, resume=resume,
-                                 brain=brain)
+        return await run_session(cfg, run_dir, simulator=simulator, progress=progress, control=control, resume=resume)
     finally:
         control.remove_signal_handlers()

@@ -151,16 +151,22 @@ def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: 
 
     A new agent (`agent.checkpoint = "new"`, or "auto" in training) is built from the classifier as `train agent
     --sim` builds it (trunk copied, a fresh head drawn from the run's seed) and follows the paper's schedule: 500
-    random actions, then epsilon 1 -> 0.05. Training from a checkpoint continues from it at `agent.epsilon`."""
+    random actions, then epsilon 1 -> 0.05. Training from a checkpoint continues from it at `agent.epsilon`.
+
+    The run judges each frame by p(target state) (`probe.target_state`, `targets.target_classifier`): p(good) of a
+    one-output net, or one column of a multi-class net (then the line-window net, which says p(good), is not used).
+    A new agent from an ensemble classifier is refused (`require_single`)."""
+    from deepspm.controller.targets import target_classifier
+    from deepspm.nets.ensemble import require_single
+
     cls_path = classifier_path or checkpoint_path(cfg.classifier.checkpoint, "classifier")
     classifier = load_net(cls_path, expect_kind="classifier")
-    if classifier.net.n_outputs != 1:
-        raise CheckpointError(f"{cls_path}: this classifier has {classifier.net.n_outputs} outputs (a multi-class "
-                              f"net); the run judges the probe by one output, p(good)")
+    predictor, target = target_classifier(classifier, cfg.probe.target_state, cfg.classifier.threshold, str(cls_path))
     classifier_version = checkpoint_id(Path(cls_path))
     paths = {"classifier": str(cls_path)}
     new_agent = agent_path is None and agent_setting(cfg) == NEW_AGENT
     if new_agent:
+        require_single(classifier.net, f"a new agent from the classifier {cls_path}")
         net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS,
                                                jax.random.fold_in(jax.random.key(cfg.run.seed), 1))
         agent_version = f"new-from-{classifier_version}"
@@ -181,7 +187,7 @@ def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: 
         dqn = DQNConfig(random_steps=0, updates_per_step=cfg.agent.updates_per_action)
     learner = Learner(net, variables, dqn, seed=cfg.run.seed)
     lines, lines_version = None, None
-    if cfg.classifier.lines_checkpoint != "none":
+    if cfg.classifier.lines_checkpoint != "none" and target.index is None:
         lines_path = lines_path or checkpoint_path(cfg.classifier.lines_checkpoint, LINES)
         lines_net = load_net(lines_path, expect_kind="classifier")
         if lines_net.net.n_outputs != 1:
@@ -191,7 +197,7 @@ def load_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: 
         lines_version = checkpoint_id(Path(lines_path))
         paths[LINES] = str(lines_path)
     brain = NetBrain(
-        Predictor(classifier.net, classifier.variables, "probability"),
+        predictor,  # type: ignore[arg-type]  # a TargetPredictor is a Predictor seen through one column
         learner,
         classifier_version=classifier_version,
         agent_version=agent_version,

@@ -28,7 +28,6 @@ import numpy as np
 from deepspm.controller.config import ConfigError
 
 if TYPE_CHECKING:
-    from deepspm.controller.brain import NetBrain
     from deepspm.controller.config import RunConfig
     from deepspm.nets.checkpoints import NetCheckpoint
     from deepspm.nets.inference import Predictor
@@ -161,72 +160,6 @@ def target_classifier(loaded: NetCheckpoint, name: str, threshold: float,
     return (predictor if target.index is None else TargetPredictor(predictor, target.index)), target
 
 
-def load_target_brain(cfg: RunConfig, classifier_path: Path | None = None, agent_path: Path | None = None,
-                      learn_online: bool | None = None, lines_path: Path | None = None) -> NetBrain:
-    """The run's nets for its target (`probe.target_state`), compiled for batch 1.
-
-    A one-output classifier (target "good") is `session.load_brain` itself. A multi-class one is built the same
-    way (same agent choice, schedule and line-window net) around `TargetPredictor`: session.load_brain refuses
-    multi-output classifiers. A new agent from an ensemble classifier is refused (`require_single`)."""
-    import jax
-
-    from deepspm.controller.brain import NetBrain
-    from deepspm.controller.session import (
-        LINES,
-        NEW_AGENT,
-        agent_setting,
-        checkpoint_id,
-        checkpoint_path,
-        load_brain,
-    )
-    from deepspm.io.actions import N_ACTIONS
-    from deepspm.nets.checkpoints import load_net
-    from deepspm.nets.dqn import DQNConfig, Learner, agent_from_classifier
-    from deepspm.nets.ensemble import require_single
-    from deepspm.nets.inference import Predictor
-
-    cls_path = classifier_path or checkpoint_path(cfg.classifier.checkpoint, "classifier")
-    classifier = load_net(cls_path, expect_kind="classifier")
-    new_agent = agent_path is None and agent_setting(cfg) == NEW_AGENT
-    if new_agent:
-        require_single(classifier.net, f"a new agent from the classifier {cls_path}")
-    predictor, target = target_classifier(classifier, cfg.probe.target_state, cfg.classifier.threshold, str(cls_path))
-    if target.index is None:
-        return load_brain(cfg, cls_path, agent_path, learn_online, lines_path)
-    classifier_version = checkpoint_id(Path(cls_path))
-    paths = {"classifier": str(cls_path)}
-    if new_agent:
-        net, variables = agent_from_classifier(classifier.net, classifier.variables, N_ACTIONS,
-                                               jax.random.fold_in(jax.random.key(cfg.run.seed), 1))
-        agent_version = f"new-from-{classifier_version}"
-        dqn = DQNConfig(updates_per_step=cfg.agent.updates_per_action)
-    else:
-        agent_path = agent_path or checkpoint_path(agent_setting(cfg), "agent")
-        agent = load_net(agent_path, expect_kind="agent")
-        net, variables = agent.net, agent.variables
-        agent_version = checkpoint_id(Path(agent_path))
-        paths["agent"] = str(agent_path)
-        dqn = (DQNConfig(random_steps=0, epsilon_start=cfg.agent.epsilon, updates_per_step=cfg.agent.updates_per_action)
-               if cfg.run.train else DQNConfig(random_steps=0, updates_per_step=cfg.agent.updates_per_action))
-    lines, lines_version = None, None
-    if cfg.classifier.lines_checkpoint != "none":  # the line-window net says p(good): it may only stop bad scans
-        lines_path = lines_path or checkpoint_path(cfg.classifier.lines_checkpoint, LINES)
-        lines_net = load_net(lines_path, expect_kind="classifier")
-        lines = Predictor(lines_net.net, lines_net.variables, "probability")
-        lines_version = checkpoint_id(Path(lines_path))
-        paths[LINES] = str(lines_path)
-    brain = NetBrain(
-        predictor,  # type: ignore[arg-type]  # a Predictor seen through one column: the same calls
-        Learner(net, variables, dqn, seed=cfg.run.seed),
-        classifier_version=classifier_version, agent_version=agent_version,
-        epsilon=None if cfg.run.train else cfg.agent.epsilon,
-        learn_online=(cfg.agent.learn_online or cfg.run.train) if learn_online is None else learn_online,
-        checkpoint_paths=paths, lines=lines, lines_version=lines_version,
-    )
-    brain.compile()
-    return brain
-
-
 __all__ = ["GOOD", "TargetPredictor", "TargetStateError", "TipTarget", "check_target_setting", "class_names_of",
-           "classifier_states", "load_target_brain", "resolve_target", "target_classifier", "target_of",
+           "classifier_states", "resolve_target", "target_classifier", "target_of",
            "with_target_threshold"]
