@@ -286,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(run)
     run.add_argument("--host", help="Nanonis host (IP or name); omit to run against the embedded simulator")
-    run.add_argument("--port", type=check.config_value("instrument.port", int), help="Nanonis TCP programming-interface port (default 6501)")
-    run.add_argument("--frames", type=check.config_value("run.frames", int), help="stop after this many recorded frames (default: 300 in simulation)")
+    run.add_argument("--port", type=check.config_value("instrument.port", int),
+                     help="Nanonis TCP programming-interface port (default 6501)")
+    run.add_argument("--frames", type=check.config_value("run.frames", int),
+                     help="stop after this many recorded frames (default: 300 in simulation)")
     run.add_argument("--hours", type=check.config_value("run.hours", float), help="stop after this many hours of run time")
     run.add_argument("--train", action="store_true",
                      help="training mode: re-damage the probe after every success; without an agent checkpoint "
@@ -332,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--mode", choices=("recorded", "recompute"), default="recorded",
                         help="recorded: inject the journal's net outputs (checks the controller logic); recompute: "
                              "run the journal's checkpoints and require the same decisions (checks the nets too)")
-    replay.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT", help="what-if: replay with this classifier")
+    replay.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT",
+                        help="what-if: replay with this classifier")
     replay.add_argument("--agent", type=check.checkpoint_of_kind("agent"), metavar="CKPT", help="what-if: replay with this agent")
     replay.set_defaults(func=_replay)
 
@@ -340,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Write plots (approach-area maps, p(good) over time, actions per episode, "
                                         "frame montages) and an HTML page with the run's summary.")
     report.add_argument("run_dir", type=check.journaled_run, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
-    report.add_argument("--out", type=check.output_dir, required=True, metavar="DIR", help="where to write the PNGs and index.html")
+    report.add_argument("--out", type=check.output_dir, required=True, metavar="DIR",
+                        help="where to write the PNGs and index.html")
     report.set_defaults(func=_report)
 
     serve = sub.add_parser(
@@ -371,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Show a run's state, counters and last frame from its journal; usable over SSH.")
     status.add_argument("run_dir", type=check.run_directory, metavar="RUN_DIR", help="a run directory (holds journal.jsonl)")
     status.add_argument("--follow", action="store_true", help="refresh until the run stops (Ctrl-C to leave)")
-    status.add_argument("--interval", type=check.float_range(0, 3600, lo_open=True, unit="s"), default=2.0, help="seconds between refreshes with --follow (default 2)")
+    status.add_argument("--interval", type=check.float_range(0, 3600, lo_open=True, unit="s"), default=2.0,
+                        help="seconds between refreshes with --follow (default 2)")
     status.set_defaults(func=_status)
 
     dataset = sub.add_parser("dataset", help="training data: synthetic, imported from .sxm, galleries",
@@ -395,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Draw a labelled montage of good and bad frames of a data set.")
     gal.add_argument("dataset", type=Path, metavar="DIR", help="a folder with good/ and bad/ sub-folders")
     gal.add_argument("--out", type=check.output_file(".png"), required=True, metavar="PNG", help="the PNG to write")
-    gal.add_argument("--per-class", dest="per_class", type=check.int_range(1, 1000), default=12, help="frames per class (default 12)")
+    gal.add_argument("--per-class", dest="per_class", type=check.int_range(1, 1000), default=12,
+                     help="frames per class (default 12)")
     gal.add_argument("--seed", type=check.seed, default=0, help="which frames are picked (default 0)")
     gal.add_argument("--real", type=check.labelled_data, metavar="NPZ",
                      help="H:Si sets (.npz): real frames of the matching classes to show beside the simulated ones")
@@ -406,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "in the file's unit, the central square resampled to 64x64 px) with OUT/manifest.csv (source, "
                     "physical size, bias, setpoint, time). Labels: --labels CSV, else good/ or bad/ folder names, else "
                     "unlabelled. Nothing is written unless every input can be read.")
-    imp.add_argument("inputs", type=Path, nargs="+", metavar="SXM_FILE_OR_DIR", help=".sxm files or folders (searched recursively)")
+    imp.add_argument("inputs", type=Path, nargs="+", metavar="SXM_FILE_OR_DIR",
+                     help=".sxm files or folders (searched recursively)")
     imp.add_argument("--out", type=Path, required=True, metavar="DIR", help="the data set folder to create")
     imp.add_argument("--labels", type=Path, metavar="CSV", help="columns file,class: .sxm name (or path relative to "
                      "its folder argument) and good, bad or unlabelled")
@@ -490,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--out", type=check.output_dir, required=True, metavar="CKPT", help="checkpoint directory to write")
     ta.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT",
                     help="classifier that judges the episodes and initialises the agent (default: the shipped one)")
-    ta.add_argument("--steps", type=check.int_range(1, 10**8), default=3000, help="conditioning actions to train for (default 3000)")
+    ta.add_argument("--steps", type=check.int_range(1, 10**8), default=3000,
+                    help="conditioning actions to train for (default 3000)")
     ta.add_argument("--seed", type=check.seed, default=0, help="seed of the simulator and the agent (default 0)")
     ta.add_argument("--init", type=check.shipped_or(check.checkpoint_of_kind("agent")), metavar="CKPT|shipped",
                     help="continue an agent (its weights; a fresh replay memory, no random phase, epsilon 0.05) "
@@ -511,9 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = evaluate.add_subparsers(dest="evaluate_command", required=True, metavar="NET")
     ec = eval_sub.add_parser("classifier", help="metrics of a classifier checkpoint on a labelled set",
                              description="Accuracy, precision, recall, ROC AUC and confusion matrix of a checkpoint.")
-    ec.add_argument("--checkpoint", type=check.checkpoint_of_kind("classifier"), required=True, metavar="CKPT", help="classifier checkpoint directory")
+    ec.add_argument("--checkpoint", type=check.checkpoint_of_kind("classifier"), required=True, metavar="CKPT",
+                    help="classifier checkpoint directory")
     ec.add_argument("--data", type=check.labelled_data, nargs="+", required=True, metavar="PATH", help="labelled data set(s)")
-    ec.add_argument("--threshold", type=check.float_range(0, 1, lo_open=True, hi_open=True), default=0.9, help="p(good) above this is good (default 0.9)")
+    ec.add_argument("--threshold", type=check.float_range(0, 1, lo_open=True, hi_open=True), default=0.9,
+                    help="p(good) above this is good (default 0.9)")
     ec.add_argument("--json", type=check.output_file(), metavar="FILE", help="also write the metrics as JSON")
     ec.add_argument("--split", type=check.split_file, metavar="SPLIT_JSON",
                     help="evaluate only the validation rows of a training run (its split.json)")
@@ -532,8 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Episodes alternate between the agent and uniform random actions on one "
                                          "simulated microscope; prints actions per episode for each and the ratio.")
     ea.add_argument("--sim", action="store_true", required=True, help="evaluate in simulation (the only option)")
-    ea.add_argument("--checkpoint", type=check.checkpoint_of_kind("agent"), metavar="CKPT", help="agent checkpoint (default: the shipped one)")
-    ea.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT", help="classifier judging the frames (default: shipped)")
+    ea.add_argument("--checkpoint", type=check.checkpoint_of_kind("agent"), metavar="CKPT",
+                    help="agent checkpoint (default: the shipped one)")
+    ea.add_argument("--classifier", type=check.checkpoint_of_kind("classifier"), metavar="CKPT",
+                    help="classifier judging the frames (default: shipped)")
     ea.add_argument("--episodes", type=check.int_range(1, 10**6), default=200, help="episodes per policy (default 200)")
     ea.add_argument("--seed", type=check.seed, default=0, help="simulator seed (default 0)")
     ea.add_argument("--json", type=check.output_file(), metavar="FILE", help="also write the results as JSON")
