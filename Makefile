@@ -31,7 +31,7 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	@command -v chromium >/dev/null 2>&1 || test -n "$$DEEPSPM_CHROMIUM" || \
 		echo "make test: no chromium found: the browser tests (tests/test_serve_browser.py) will be SKIPPED"
-	$(BIN)/python -m pytest -q -p no:cacheprovider -rs
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs --durations=25
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks
