@@ -43,11 +43,10 @@ from deepspm.nets.dqn import (
     DQNConfig,
     LearnerState,
     agent_from_classifier,
-    double_dqn_targets,
+    make_learn_step,
     make_optimizer,
     masked_argmax,
 )
-from deepspm.nets.losses import l2_on_kernels
 from deepspm.nets.model import NetDef, NetVars
 from deepspm.simulator import jaxenv
 
@@ -88,15 +87,7 @@ class VectorisedOptions:
 def trunk_features(net: NetDef, variables: NetVars, images: jax.Array) -> jax.Array:
     """(B, 64, 64) normalised frames -> (B, F) flattened conv features (inference mode), as `ProbeNet`."""
     model: Any = nnx.merge(net.graphdef, variables.params, variables.batch_stats, copy=True)
-    x = images[..., None]
-    layer = 0
-    for conv_set, pooled in zip(net.spec.conv_sets, net.spec.pool_after):
-        for _ in conv_set:
-            x = model.convs[layer](x, False)
-            layer += 1
-        if pooled:
-            x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-    return jnp.mean(x, axis=(1, 2)) if net.spec.global_pool else x.reshape(x.shape[0], -1)
+    return model.features(images[..., None], train=False)
 
 
 def head_apply(net: NetDef, variables: NetVars, features: jax.Array, key: jax.Array | None = None
@@ -105,11 +96,7 @@ def head_apply(net: NetDef, variables: NetVars, features: jax.Array, key: jax.Ar
     running statistics updated, dropout), returning the new BN statistics; without: inference."""
     model: Any = nnx.merge(net.graphdef, variables.params, variables.batch_stats, copy=True)
     train = key is not None
-    keys = jax.random.split(key, len(model.dense)) if key is not None else None
-    x = features
-    for i, block in enumerate(model.dense):
-        x = block(x, train, None if keys is None else keys[i])
-    out = model.head(x)
+    out = model.head_on(features, train=train, dropout_key=key)
     return out, (nnx.state(model, nnx.BatchStat) if train else None)
 
 
@@ -121,31 +108,10 @@ def make_head_learn_step(net: NetDef, optimizer: optax.GradientTransformation, c
     """`(LearnerState, features, actions, rewards, next features, dones, next masks, key) -> (state, metrics)`:
     `dqn.make_learn_step` on trunk features (the trunk's gradients are zero, so Adam leaves it as it is).
     Pure and unjitted, so the data-parallel wrapper can shard it."""
-
-    def learn(state: LearnerState, states: jax.Array, actions: jax.Array, rewards: jax.Array,
-              next_states: jax.Array, dones: jax.Array, next_masks: jax.Array, key: jax.Array):
-        online = state.online
-        y = double_dqn_targets(head_apply(net, online, next_states)[0], head_apply(net, state.target, next_states)[0],
-                               rewards, dones, next_masks, config.gamma)
-        y = jax.lax.stop_gradient(y)
-
-        def loss_of(params: Any):
-            q, stats = head_apply(net, NetVars(params, online.batch_stats), states, key)
-            q_taken = jnp.take_along_axis(q, actions[:, None], axis=-1)[:, 0]
-            mse = jnp.mean(jnp.square(q_taken - y))
-            return mse + config.l2 * l2_on_kernels(params), (stats, mse, jnp.mean(q_taken))
-
-        (loss, (stats, mse, mean_q)), grads = jax.value_and_grad(loss_of, has_aux=True)(online.params)
-        grads = jax.tree_util.tree_map_with_path(lambda p, g: jnp.zeros_like(g) if _is_trunk(p) else g, grads)
-        step, opt_state = optimizer.update(grads, state.opt_state, online.params)
-        new_online = NetVars(optax.apply_updates(online.params, step), stats)
-        updates = state.updates + 1
-        sync = updates % config.target_update_every == 0
-        target = jax.tree.map(lambda new, old: jnp.where(sync, new, old), new_online, state.target)
-        metrics = {"loss": loss, "mse": mse, "mean_q": mean_q}
-        return LearnerState(new_online, target, opt_state, updates, state.env_steps), metrics
-
-    return learn
+    return make_learn_step(net, optimizer, config,
+                           q_eval=lambda variables, x: head_apply(net, variables, x)[0],
+                           q_train=lambda variables, x, key: head_apply(net, variables, x, key),
+                           frozen=_is_trunk)
 
 
 def epsilon_jnp(step: jax.Array, config: DQNConfig) -> jax.Array:

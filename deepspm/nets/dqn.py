@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -151,27 +152,46 @@ class LearnerState(NamedTuple):
         return cls(variables, variables, optimizer.init(variables.params), 0, 0)
 
 
-def make_learn_step(net: NetDef, optimizer: optax.GradientTransformation, config: DQNConfig):
+def make_learn_step(
+    net: NetDef, optimizer: optax.GradientTransformation, config: DQNConfig,
+    q_eval: Callable[[NetVars, jax.Array], jax.Array] | None = None,
+    q_train: Callable[[NetVars, jax.Array, jax.Array], tuple[jax.Array, Any]] | None = None,
+    frozen: Callable[[tuple[Any, ...]], bool] | None = None,
+):
     """The pure update `(state, batch arrays, key) -> (next state, metrics)`, unjitted (jit it, scan it or
     shard it as the caller needs): one double-DQN gradient step on the batch, `updates` + 1, and the target
-    net hard-copied from the new online net every `target_update_every` updates."""
+    net hard-copied from the new online net every `target_update_every` updates.
+
+    The Q-values come from the whole net on images (`apply_eval` / `apply_train`) unless `q_eval(vars, x)` and
+    `q_train(vars, x, key) -> (q, batch stats)` say otherwise (the vectorised loop's head on trunk features);
+    parameters whose path `frozen` accepts get zero gradients (Adam then leaves them as they are)."""
+    def default_eval(variables: NetVars, x: jax.Array) -> jax.Array:
+        return apply_eval(net, variables, x)
+
+    def default_train(variables: NetVars, x: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+        return apply_train(net, variables, x, key)
+
+    forward_eval = q_eval or default_eval
+    forward_train = q_train or default_train
 
     def learn(state: LearnerState, states: jax.Array, actions: jax.Array, rewards: jax.Array,
               next_states: jax.Array, dones: jax.Array, next_masks: jax.Array, key: jax.Array):
         online = state.online
         y = double_dqn_targets(
-            apply_eval(net, online, next_states), apply_eval(net, state.target, next_states),
+            forward_eval(online, next_states), forward_eval(state.target, next_states),
             rewards, dones, next_masks, config.gamma,
         )
         y = jax.lax.stop_gradient(y)
 
         def loss_of(params: Any):
-            q, stats = apply_train(net, NetVars(params, online.batch_stats), states, key)
+            q, stats = forward_train(NetVars(params, online.batch_stats), states, key)
             q_taken = jnp.take_along_axis(q, actions[:, None], axis=-1)[:, 0]
             mse = jnp.mean(jnp.square(q_taken - y))
             return mse + config.l2 * l2_on_kernels(params), (stats, mse, jnp.mean(q_taken))
 
         (loss, (stats, mse, mean_q)), grads = jax.value_and_grad(loss_of, has_aux=True)(online.params)
+        if frozen is not None:
+            grads = jax.tree_util.tree_map_with_path(lambda p, g: jnp.zeros_like(g) if frozen(p) else g, grads)
         step, opt_state = optimizer.update(grads, state.opt_state, online.params)
         new_online = NetVars(optax.apply_updates(online.params, step), stats)
         updates = state.updates + 1

@@ -82,6 +82,10 @@ class ProbeNet(nnx.Module):
         self.head = nnx.Linear(in_features, n_outputs, kernel_init=_GLOROT, bias_init=_output_bias_init, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
+        return self.head_on(self.features(x, train=train), train=train, dropout_key=dropout_key)
+
+    def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """The conv trunk: (B, H, W, 1) images -> (B, F) flattened (or globally pooled) features."""
         layer = 0
         for conv_set, pooled in zip(self.spec.conv_sets, self.spec.pool_after):
             for _ in conv_set:
@@ -89,7 +93,10 @@ class ProbeNet(nnx.Module):
                 layer += 1
             if pooled:
                 x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-        x = jnp.mean(x, axis=(1, 2)) if self.spec.global_pool else x.reshape(x.shape[0], -1)
+        return jnp.mean(x, axis=(1, 2)) if self.spec.global_pool else x.reshape(x.shape[0], -1)
+
+    def head_on(self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
+        """The FC layers and the output layer on trunk features."""
         keys = jax.random.split(dropout_key, len(self.dense)) if (train and dropout_key is not None) else None
         for i, block in enumerate(self.dense):
             x = block(x, train, None if keys is None else keys[i])

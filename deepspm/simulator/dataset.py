@@ -47,30 +47,12 @@ def synth_dataset(
         written = 0
         in_area = 0
         while written < n:
-            if in_area >= frames_per_area:
-                clock.advance(m.withdraw())
-                direction = MotorDirection.X_PLUS if rng.random() < 0.5 else MotorDirection.Y_PLUS
-                clock.advance(m.motor_move(direction, int(math.ceil(850e-9 / m.config.motor_step_xy_m))))
-                approach_and_settle(m, clock)
-                in_area = 0
-            gt = m.ground_truth()
-            if gt.lost_contact or gt.in_contact:
-                clock.advance(m.withdraw())
-                approach_and_settle(m, clock)
+            in_area = ready_to_scan(m, clock, rng, in_area, frames_per_area)
             kind = ProbeKind.GOOD if rng.random() < good_fraction else BAD_KINDS[int(rng.integers(0, len(BAD_KINDS)))]
             m.set_probe(kind, rng)
-            x, y = rng.uniform(-half, half, 2)
-            clock.advance(m.set_folme_xy(float(x), float(y)))
-            clock.advance(30.0)
-            m.set_scan_frame(float(x), float(y), frame_m, frame_m, 0.0)
-            m.scan_action(0, True)
-            clock.advance(m.frame_time_s())
-            _, data, up = m.frame_data(Z_INDEX, True)
+            x, y, data = scan_at_random(m, clock, rng, half, frame_m)
             in_area += 1
-            if up and m.config.acquisition_order:
-                data = data[::-1]
-            data = np.ascontiguousarray(data, dtype=np.float32)
-            if not np.all(np.isfinite(data)) or float(np.ptp(data)) >= BAD_SAMPLE_PEAK_TO_PEAK_M:
+            if data is None:
                 continue
             label = "good" if kind is ProbeKind.GOOD else "bad"
             name = f"sim_{written:06d}.npy"
@@ -83,6 +65,42 @@ def synth_dataset(
         w.writerow(["file", "label", "kind", "area_i", "area_j", "x_m", "y_m"])
         w.writerows(rows)
     return out
+
+
+def ready_to_scan(m: SimulatedMicroscope, clock: SimClock, rng: np.random.Generator, in_area: int,
+                  frames_per_area: int) -> int:
+    """Before a synthetic frame: a new approach area every `frames_per_area` frames (a coarse move) and the tip
+    back in tunnelling range if it lost contact or touched; returns the frames scanned in the area so far."""
+    if in_area >= frames_per_area:
+        clock.advance(m.withdraw())
+        direction = MotorDirection.X_PLUS if rng.random() < 0.5 else MotorDirection.Y_PLUS
+        clock.advance(m.motor_move(direction, int(math.ceil(850e-9 / m.config.motor_step_xy_m))))
+        approach_and_settle(m, clock)
+        in_area = 0
+    gt = m.ground_truth()
+    if gt.lost_contact or gt.in_contact:
+        clock.advance(m.withdraw())
+        approach_and_settle(m, clock)
+    return in_area
+
+
+def scan_at_random(m: SimulatedMicroscope, clock: SimClock, rng: np.random.Generator, half: float,
+                   frame_m: float) -> tuple[float, float, np.ndarray | None]:
+    """One frame at a random position within +-`half` of the area's centre, in acquisition order as float32;
+    None for the data when the frame is unusable (NaN, or the tip crashed through it: a bad sample)."""
+    x, y = rng.uniform(-half, half, 2)
+    clock.advance(m.set_folme_xy(float(x), float(y)))
+    clock.advance(30.0)
+    m.set_scan_frame(float(x), float(y), frame_m, frame_m, 0.0)
+    m.scan_action(0, True)
+    clock.advance(m.frame_time_s())
+    _, data, up = m.frame_data(Z_INDEX, True)
+    if up and m.config.acquisition_order:
+        data = data[::-1]
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(data)) or float(np.ptp(data)) >= BAD_SAMPLE_PEAK_TO_PEAK_M:
+        return float(x), float(y), None
+    return float(x), float(y), data
 
 
 def level(frame_m: np.ndarray) -> np.ndarray:

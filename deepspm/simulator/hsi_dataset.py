@@ -334,9 +334,8 @@ def synth_hsi_run_frames(
     from tqdm import tqdm
 
     from deepspm.simulator.clock import SimClock
-    from deepspm.simulator.dataset import BAD_SAMPLE_PEAK_TO_PEAK_M
-    from deepspm.simulator.environment import approach_and_settle
-    from deepspm.simulator.microscope import Z_INDEX, MotorDirection, SimConfig, SimulatedMicroscope
+    from deepspm.simulator.dataset import ready_to_scan, scan_at_random
+    from deepspm.simulator.microscope import Z_INDEX, SimConfig, SimulatedMicroscope
 
     if n <= 0:
         raise ValueError(f"the number of frames must be positive, got {n}")
@@ -354,30 +353,12 @@ def synth_hsi_run_frames(
     in_area = 0
     with tqdm(total=n, desc="synthesising H:Si run frames", unit="frame", disable=not progress) as bar:
         while len(frames) < n:
-            if in_area >= frames_per_area:
-                clock.advance(m.withdraw())
-                direction = MotorDirection.X_PLUS if rng.random() < 0.5 else MotorDirection.Y_PLUS
-                clock.advance(m.motor_move(direction, int(math.ceil(850e-9 / m.config.motor_step_xy_m))))
-                approach_and_settle(m, clock)
-                in_area = 0
-            gt = m.ground_truth()
-            if gt.lost_contact or gt.in_contact:
-                clock.advance(m.withdraw())
-                approach_and_settle(m, clock)
+            in_area = ready_to_scan(m, clock, rng, in_area, frames_per_area)
             state = HsiTipState(RUN_STATES[int(rng.integers(0, len(RUN_STATES)))])
             m.set_probe(state, rng)
-            x, y = rng.uniform(-half, half, 2)
-            clock.advance(m.set_folme_xy(float(x), float(y)))
-            clock.advance(30.0)
-            m.set_scan_frame(float(x), float(y), frame_m, frame_m, 0.0)
-            m.scan_action(0, True)
-            clock.advance(m.frame_time_s())
-            _, data, up = m.frame_data(Z_INDEX, True)
+            x, y, data = scan_at_random(m, clock, rng, half, frame_m)
             in_area += 1
-            if up and m.config.acquisition_order:
-                data = data[::-1]
-            data = np.ascontiguousarray(data, dtype=np.float32)
-            if not np.all(np.isfinite(data)) or float(np.ptp(data)) >= BAD_SAMPLE_PEAK_TO_PEAK_M:
+            if data is None:
                 continue
             frames.append(data)
             states.append(state.value)
