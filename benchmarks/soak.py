@@ -423,6 +423,10 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
         writes_checked += c["writes_checked"]
         reads += c["reads"]
         undecodable += c["undecodable_writes"]
+    # the motor-fault file is written the moment the failure fires; a process killed before its next per-frame
+    # counts file would otherwise lose the count (the other kinds' counts of such a process are lost the same way)
+    if (soak_dir / MOTOR_FAULT_FILE).exists():
+        injected["coarse_motor"] = 1
     samples = [json.loads(line) for line in (soak_dir / MEMORY_FILE).read_text().splitlines() if line.strip()]
     replay_ok, replay_line, replay_s = _replay(run_dir, soak_dir) if not args.no_replay else (True, "skipped", 0.0)
     frames = int(counters.get("frames", 0))

@@ -680,6 +680,7 @@ class Journal:
     def _requeue(self, batch: list[tuple[int, bytes]]) -> None:
         with self._lock:
             self._pending = sorted(batch + self._pending, key=lambda item: item[0])
+        self._notify()  # the writer task ends on a full disk, whoever's write met it (it may be `flush`'s)
 
     def _wait_on_disk(self, target: int) -> None:
         with self._disk:
@@ -704,6 +705,8 @@ class Journal:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if isinstance(self._failure, DiskFull):  # met by another caller's write (flush): stop as below
+                return
             batch = self._take()
             if batch:
                 try:
