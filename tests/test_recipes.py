@@ -13,21 +13,11 @@ import pytest
 
 from deepspm.controller.recipes import RECIPES, choose_recipe, resolve
 from deepspm.nets.classifier import ClassifierConfig
-from deepspm.nets.data import HSI100_CATEGORIES, hsi100_holdout_rows, load_hsi100_npz
+from deepspm.nets.data import hsi100_holdout_rows, load_hsi100_npz
 from deepspm.nets.losses import random_crops, random_dihedral
+from tests.test_nets_ensemble import _small_hsi_npz
 
 REAL = Path(__file__).parents[1] / ".." / "shared" / "data" / "hsi100_tipstates_64.npz"
-
-
-def _small_hsi_npz(path: Path, n: int = 60, seed: int = 3) -> Path:
-    """An H:Si(100)-layout .npz of `n` random images with clear votes (good, bad or rows only)."""
-    rng = np.random.default_rng(seed)
-    scores = np.zeros((n, 6), np.float32)
-    scores[np.arange(n), rng.choice([0, 1, 2, 3, 4, 5], n)] = 1.0
-    np.savez(path, images=rng.integers(0, 255, (n, 64, 64)).astype(np.uint8), scores=scores,
-             n_responses=np.full(n, 2, np.int32), names=np.array([f"img{i}.png" for i in range(n)]),
-             categories=np.array(HSI100_CATEGORIES), orig_shape=np.full((n, 2), 300))
-    return path
 
 
 def _folder_set(root: Path) -> Path:
@@ -40,7 +30,7 @@ def _folder_set(root: Path) -> Path:
 
 
 def test_auto_recipe_follows_the_data(tmp_path: Path) -> None:
-    hsi = _small_hsi_npz(tmp_path / "hsi.npz")
+    hsi = _small_hsi_npz(tmp_path / "hsi.npz", n=60)
     folders = _folder_set(tmp_path / "lab")
     assert choose_recipe("auto", [hsi])[0] is RECIPES["hsi100"]
     assert choose_recipe("auto", [folders])[0] is RECIPES["standard"]
@@ -127,7 +117,7 @@ def _check_default_run(data: Path, out: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_default_command_trains_the_hsi100_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _check_default_run(_small_hsi_npz(tmp_path / "hsi.npz"), tmp_path / "ckpt", capsys, ("--ensemble", "2"))
+    _check_default_run(_small_hsi_npz(tmp_path / "hsi.npz", n=60), tmp_path / "ckpt", capsys, ("--ensemble", "2"))
 
 
 @pytest.mark.skipif(not REAL.is_file(), reason="needs ../shared/data (the real H:Si(100) set)")
@@ -151,6 +141,6 @@ def test_a_single_net_takes_the_augmentations_and_records_its_recipe(tmp_path: P
 
 
 def test_single_net_options_refused_by_an_ensemble_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    hsi = _small_hsi_npz(tmp_path / "hsi.npz")
+    hsi = _small_hsi_npz(tmp_path / "hsi.npz", n=60)
     assert _train(["--data", str(hsi), "--out", str(tmp_path / "b"), "--max-train", "10"]) == 2
     assert "--recipe standard" in capsys.readouterr().err
