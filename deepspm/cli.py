@@ -481,9 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train K members (seeds SEED..SEED+K-1, each with its own split of the rows outside a "
                          "hold-out) into ONE checkpoint, run as one batched call; metrics on the hold-out "
                          "(recipe default: none for standard, 5 for hsi100)")
-    tc.add_argument("--combine", choices=("mean", "vote"),
-                    help="with --ensemble: mean of the members' probabilities (recipe default), or vote: the "
-                         "fraction of members with probability > 0.5")
+    tc.add_argument("--combine", choices=("mean", "vote", "dihedral-mean", "dihedral-vote"),
+                    help="with --ensemble: mean of the members' probabilities, or vote: the fraction of members "
+                         "with probability > 0.5; dihedral-: each member also judges the 90-degree rotations and "
+                         "mirrorings of every image (8 views, one call) and the rule runs over all of them "
+                         "(stored in the checkpoint; recipe default: mean for standard, see the recipe line)")
     tc.add_argument("--holdout-fraction", dest="holdout_fraction", type=check.float_range(0, 1, hi_open=True),
                     help="with --ensemble: fraction of the rows no member sees, stratified by label and seeded by "
                          "--seed (default 0.2; the hsi100 recipe holds out the set's fixed 20 %% instead, the same "

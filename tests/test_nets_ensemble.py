@@ -24,6 +24,7 @@ from deepspm.nets.data import (
 from deepspm.nets.ensemble import (
     EnsembleDef,
     EnsembleError,
+    dihedral_views,
     member_variables,
     require_single,
     stack_members,
@@ -64,6 +65,47 @@ def test_vote_is_the_fraction_of_members_above_one_half(three) -> None:
     np.testing.assert_allclose(vote(images), (each > 0.5).mean(axis=0), atol=1e-6)
 
 
+def _symmetries(images: np.ndarray) -> list[np.ndarray]:
+    """The 8 symmetries of the square of (B, S, S) images, by numpy (rotations of the image and its mirror)."""
+    return [np.rot90(base, k, axes=(1, 2)) for base in (images, images[:, :, ::-1]) for k in range(4)]
+
+
+def test_dihedral_views_are_the_8_symmetries_view_major() -> None:
+    images = _images(3, 6)[..., None]
+    views = np.asarray(dihedral_views(images))[..., 0]
+    assert views.shape == (24, 64, 64)
+    got = {views[v * 3 + b].tobytes() for v in range(8) for b in range(3)}
+    assert got == {view[b].tobytes() for view in _symmetries(images[..., 0]) for b in range(3)}
+    np.testing.assert_array_equal(views[:3], images[..., 0])  # view 0 is the image itself
+    assert len({views[v * 3].tobytes() for v in range(8)}) == 8  # a generic image has 8 distinct views
+
+
+def test_dihedral_mean_averages_members_over_the_8_symmetries_in_one_call(three) -> None:
+    net, members = three
+    tta = Predictor(EnsembleDef.of_member(net, 3, "dihedral-mean"), stack_members(members), "probability")
+    images = _images(4, 7)
+    singles = [Predictor(net, m, "probability") for m in members]
+    expected = np.mean([p(view) for p in singles for view in _symmetries(images)], axis=0)
+    np.testing.assert_allclose(tta(images), expected, atol=1e-6)
+    plain = Predictor(EnsembleDef.of_member(net, 3, "mean"), stack_members(members), "probability")
+    assert np.abs(plain(images) - expected).max() > 1e-4  # the views change the score of an untrained net
+    # invariant under the symmetries it averages over; batch 1 (a run's frame) and predict_batched agree
+    for view in _symmetries(images)[1:]:
+        np.testing.assert_allclose(tta(view.copy()), tta(images), atol=1e-6)
+    np.testing.assert_allclose(tta(images[:1]), expected[:1], atol=1e-6)
+    np.testing.assert_allclose(tta.predict_batched(images, batch_size=3), expected, atol=1e-6)
+    assert tta.traces["forward"] == 3  # batch sizes 4, 1 and 3, each traced once
+
+
+def test_dihedral_vote_counts_every_member_and_view(three) -> None:
+    net, members = three
+    vote = Predictor(EnsembleDef.of_member(net, 3, "dihedral-vote"), stack_members(members), "probability")
+    images = _images(5, 8)
+    each = np.stack([Predictor(net, m, "probability")(view) for m in members for view in _symmetries(images)])
+    np.testing.assert_allclose(vote(images), (each > 0.5).mean(axis=0), atol=1e-6)
+    assert EnsembleDef.of_member(net, 3, "dihedral-vote").views == 8 and EnsembleDef.of_member(net, 3).views == 1
+
+
 def test_single_output_ensemble_squeezes_like_a_single_net() -> None:
     net = NetDef.of("tiny", 1)
     ens = EnsembleDef.of_member(net, 2)
@@ -84,6 +126,11 @@ def test_ensemble_checkpoint_round_trip(tmp_path: Path, three) -> None:
                                Predictor(ens, stack_members(members))(images), atol=1e-6)
     single = load_net(save_net(tmp_path / "one", net, members[0], kind="classifier"))
     assert type(single.net) is NetDef
+    tta = EnsembleDef.of_member(net, 3, "dihedral-mean")  # the views travel with the checkpoint
+    back = load_net(save_net(tmp_path / "tta", tta, stack_members(members), kind="classifier"))
+    assert back.net == tta and back.net.views == 8
+    np.testing.assert_allclose(Predictor(back.net, back.variables)(images),
+                               Predictor(tta, stack_members(members))(images), atol=1e-6)
 
 
 def test_bad_ensembles_are_refused(three) -> None:

@@ -8,8 +8,13 @@ An ensemble is K members of ONE net definition whose variables are stacked along
 Combination rules (`COMBINE_RULES`), per output:
 - "mean": the mean of the members' probabilities (sigmoid of each member's logits);
 - "vote": the fraction of members whose probability is above 0.5 (majority vote: the fraction > 0.5). With
-  the run's threshold 0.9 a vote score passes only when more than 90 % of the members say yes.
-For raw outputs ("values") both rules average the members' outputs.
+  the run's threshold 0.9 a vote score passes only when more than 90 % of the members say yes;
+- "dihedral-mean", "dihedral-vote": test-time augmentation: every member also judges the 7 other symmetries of
+  the square of each image (90-degree rotations and mirrorings, `dihedral_views`), in the same call (the batch
+  is 8x larger), and the rule runs over the 8K (member, view) outputs. The rule is stored with the ensemble in
+  the checkpoint (`meta.ensemble.combine`), so the run, replay and evaluate apply it; a reader that does not
+  know it refuses the checkpoint rather than dropping the views.
+For raw outputs ("values") every rule averages the outputs.
 
 Training (`train_ensemble`): a held-out evaluation split is carved first (seeded, stratified), then member
 k trains on the rest with seed `seed + k`, i.e. its own initialisation, shuffling, flips and its own
@@ -32,7 +37,10 @@ from deepspm.nets.classifier import ClassifierConfig, TrainResult, stratified_sp
 from deepspm.nets.model import NetDef, NetVars
 from deepspm.nets.presets import NetSpec
 
-COMBINE_RULES = ("mean", "vote")
+BASE_RULES = ("mean", "vote")
+DIHEDRAL = "dihedral-"  # the prefix of a rule that also averages over the 8 symmetries of each image
+COMBINE_RULES = (*BASE_RULES, *(DIHEDRAL + rule for rule in BASE_RULES))
+N_DIHEDRAL = 8
 VOTE_LEVEL = 0.5  # a member votes "yes" for an output when its probability is above this
 
 
@@ -75,8 +83,27 @@ class EnsembleDef(NetDef):
         """K fresh members (keys folded from `key` by member index), stacked."""
         return stack_members([self.member.init(jax.random.fold_in(key, i)) for i in range(self.k)])
 
+    @property
+    def views(self) -> int:
+        """How many symmetries of each image every member judges: 8 for a "dihedral-" rule, else 1."""
+        return views_of(self.combine)
+
     def to_meta(self) -> dict[str, Any]:
         return {"k": self.k, "combine": self.combine}
+
+
+def views_of(rule: str) -> int:
+    """The number of views of each image a combination rule averages over (8 with "dihedral-", else 1)."""
+    return N_DIHEDRAL if rule.startswith(DIHEDRAL) else 1
+
+
+def dihedral_views(images: jax.Array) -> jax.Array:
+    """(B, S, S, C) -> (8B, S, S, C): the 8 symmetries of the square, view-major (rows v*B .. v*B + B - 1 are
+    view v of every image): identity, the 3 rotations by 90 degrees, then the same 4 of the transpose."""
+    views: list[jax.Array] = []
+    for base in (images, jnp.swapaxes(images, 1, 2)):
+        views.extend(jnp.rot90(base, k, axes=(1, 2)) for k in range(4))
+    return jnp.concatenate(views)
 
 
 def require_single(net: NetDef, purpose: str) -> NetDef:
@@ -105,10 +132,14 @@ def member_variables(stacked: NetVars, index: int) -> NetVars:
 
 
 def combine_outputs(outputs: jax.Array, rule: str, probability: bool) -> jax.Array:
-    """(K, B, ...) member outputs -> (B, ...): see the module docstring for the rules."""
+    """(K, V*B, ...) member outputs, V = `views_of(rule)` views of B images (view-major, as `dihedral_views`
+    stacks them) -> (B, ...): see the module docstring for the rules."""
     if rule not in COMBINE_RULES:
         raise EnsembleError(f"unknown combination rule {rule!r}")
-    if probability and rule == "vote":
+    views = views_of(rule)
+    if views > 1:  # (K, V*B, ...) -> (K*V, B, ...): each (member, view) pair is one voter
+        outputs = outputs.reshape(outputs.shape[0] * views, outputs.shape[1] // views, *outputs.shape[2:])
+    if probability and rule.removeprefix(DIHEDRAL) == "vote":
         return jnp.mean((outputs > VOTE_LEVEL).astype(outputs.dtype), axis=0)
     return jnp.mean(outputs, axis=0)
 

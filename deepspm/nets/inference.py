@@ -86,7 +86,7 @@ class Predictor:
     def __init__(self, net: NetDef, variables: NetVars, output: Output = "probability") -> None:
         if output not in ("probability", "values"):
             raise ValueError(f"unknown output kind {output!r}")
-        from deepspm.nets.ensemble import EnsembleDef, combine_outputs  # here: ensemble imports classifier
+        from deepspm.nets.ensemble import EnsembleDef, combine_outputs, dihedral_views  # (ensemble imports classifier)
 
         self.net = net
         self.output: Output = output
@@ -98,6 +98,8 @@ class Predictor:
         ensemble = net if isinstance(net, EnsembleDef) else None
         member: NetDef = ensemble.member if ensemble is not None else net
         self._member = member
+        # a "dihedral-" rule judges the 8 symmetries of every image in the same call: the members see 8x the batch
+        self._views = ensemble.views if ensemble is not None else 1
 
         def prepare(layout: DenseLayout, variables: NetVars) -> Any:
             one = partial(serving.prepare, member, layout=layout)
@@ -116,8 +118,10 @@ class Predictor:
         def forward(layout: DenseLayout, leaves: list[jax.Array], images: jax.Array) -> jax.Array:
             weights = jax.tree.unflatten(self._serving_treedefs[layout], leaves)
 
+            seen = dihedral_views(images) if self._views > 1 else images
+
             def one(w: Any) -> jax.Array:
-                outputs = serving.forward(member, w, images, layout)
+                outputs = serving.forward(member, w, seen, layout)
                 return jax.nn.sigmoid(outputs) if output == "probability" else outputs
 
             if ensemble is not None:
@@ -137,7 +141,7 @@ class Predictor:
     def set_variables(self, variables: NetVars) -> None:
         """Swap in new variables of the same structure (no recompilation); prepares the layouts in use."""
         prepared = self._snapshot_of(variables)
-        for layout in {layout_for(b) for b in self._compiled}:
+        for layout in {self._layout(b) for b in self._compiled}:
             prepared.leaves(layout)
         self._current = prepared
 
@@ -145,6 +149,10 @@ class Predictor:
         if jax.tree.structure(variables) != self._treedef:  # type: ignore[operator]  # jaxlib: no PyTreeDef stub
             raise ValueError("variables do not match this predictor's net structure")
         return _Prepared(variables, self._prepare)
+
+    def _layout(self, batch_size: int) -> DenseLayout:
+        """The dense layout for a call of `batch_size` images (the members see `views` x as many)."""
+        return layout_for(batch_size * self._views)
 
     def _prepare(self, variables: NetVars, layout: DenseLayout) -> list[Any]:
         return jax.tree.leaves(self._prepare_jitted[layout](variables))
@@ -159,7 +167,7 @@ class Predictor:
         """Trace, lower and compile for each batch size now, before the run needs it."""
         for batch_size in batch_sizes:
             self._executable(int(batch_size))
-            self._current.leaves(layout_for(int(batch_size)))
+            self._current.leaves(self._layout(int(batch_size)))
 
     def _executable(self, batch_size: int) -> Any:
         executable = self._compiled.get(batch_size)
@@ -167,7 +175,7 @@ class Predictor:
             with self._compile_lock:
                 executable = self._compiled.get(batch_size)
                 if executable is None:
-                    layout = layout_for(batch_size)
+                    layout = self._layout(batch_size)
                     side = self.net.spec.image_side_px
                     images = jax.ShapeDtypeStruct((batch_size, side, side, 1), jnp.float32)
                     lowered = self._jitted[layout].lower(self._serving_abstract(layout), images)
@@ -188,7 +196,7 @@ class Predictor:
         """Images (B, 64, 64[, 1]) pre-processed to [-1.5, 1.5] -> numpy outputs; compiles a new B once."""
         batch = as_image_batch(images, self.net.spec.image_side_px)
         executable = self._executable(batch.shape[0])
-        leaves = self._prepared_for(variables).leaves(layout_for(batch.shape[0]))
+        leaves = self._prepared_for(variables).leaves(self._layout(batch.shape[0]))
         return np.asarray(executable(leaves, batch))
 
     def predict_batched(self, images: Any, batch_size: int = 256) -> np.ndarray:
