@@ -169,3 +169,54 @@ def test_a_resume_mid_frame_finds_the_embedded_microscope_still_scanning(tmp_pat
     assert records[-1]["status"] == "completed" and records[-1]["counters"]["frames"] == 3
     assert not [r for r in records if r["kind"] == "note" and "incomplete" in r["message"]]
     assert check_journal(records, require_stop=True) == []
+
+
+def test_a_resume_adopts_the_learners_resume_point_and_learns_the_same_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that learns online saves its learner's resume point every few updates; a resume adopts the last one
+    behind the journal's end and redoes only the updates after it (issue 17: a long run's resumes spent their time
+    re-learning). The weights, and so every later decision, are the ones a resume that redoes every update
+    reaches: the two resumes of the same killed run write the same journal and end with the same learner."""
+    import shutil
+
+    from deepspm.cli import main
+    from deepspm.controller import resume_points
+    from deepspm.nets.checkpoints import load_learner, read_meta
+
+    monkeypatch.setattr(resume_points, "RESUME_POINT_EVERY", 5)
+    learn = ["--set", "episode.bad_probe_threshold=1", "--set", "classifier.threshold=0.99999",
+             "--set", "agent.updates_per_action=1"]
+    whole = tmp_path / "whole"
+    assert main(["run", "--quiet", "--frames", "40", "--seed", "2", "--out", str(whole), *learn]) == 0
+    point = read_meta(whole / resume_points.RESUME_LEARNER)["metadata"]
+    assert point["updates"] >= 5
+    # as if killed 3 actions after the last resume point
+    records = read_journal(whole)
+    actions = [r["seq"] for r in records if r["kind"] == "decision" and r["decision"] == "action"]
+    assert len(actions) >= point["env_steps"] + 3, "too few actions after the last resume point"
+    cut = actions[point["env_steps"] + 2]
+    lines = (whole / "journal.jsonl").read_text().splitlines(keepends=True)[:cut + 1]
+    runs = {}
+    for name, keep_point in (("adopting", True), ("relearning", False)):
+        run_dir = tmp_path / name
+        shutil.copytree(whole, run_dir)
+        (run_dir / "journal.jsonl").write_text("".join(lines))
+        if not keep_point:
+            shutil.rmtree(run_dir / resume_points.RESUME_LEARNER)
+        capsys.readouterr()
+        assert main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+        assert ("resume_point.adopted" in capsys.readouterr().err) == keep_point
+        runs[name] = run_dir
+    journals = {name: [{k: v for k, v in r.items() if k not in ("t_mono", "t_wall", "time_spent_s")}
+                       for r in read_journal(d)] for name, d in runs.items()}
+    assert journals["adopting"] == journals["relearning"]
+    learners = {name: load_learner(d / "checkpoints" / "learner")[0] for name, d in runs.items()}
+    assert learners["adopting"].updates == learners["relearning"].updates > point["updates"]
+    for a, b in zip(*(jax_leaves(learner.state) for learner in learners.values()), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree: object) -> list[np.ndarray]:
+    import jax
+
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]

@@ -67,9 +67,11 @@ class RunLoop:
         progress: Callable[[RunLoop], None] | None = None,
         time_spent_s: float = 0.0,
         outputs: SxmOutput | None = None,
+        after_learning: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`time_spent_s`: run time of the processes before a resume, which the time budget counts too.
-        `outputs`: files for people (.sxm frames), written live only."""
+        `outputs`: files for people (.sxm frames), written live only. `after_learning`: called after each
+        live learning step (`resume_points.ResumePoints.after_learning`)."""
         self.config = config
         self.journal = journal
         self.brain = brain
@@ -83,6 +85,7 @@ class RunLoop:
         self._started = self._monotonic() - time_spent_s
         self._consecutive_faults = 0
         self.outputs = outputs
+        self._after_learning = after_learning
 
     @property
     def state(self) -> State:
@@ -256,5 +259,7 @@ class RunLoop:
             return None
         if isinstance(message, Learn):
             await self.brain.learn()
+            if self._after_learning is not None and not self.journal.replaying:
+                await self._after_learning()
             return None
         raise UnknownMessage(f"a plan yielded {message!r}, which no engine performs")

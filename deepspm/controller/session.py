@@ -17,7 +17,7 @@ import importlib.metadata
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import structlog
 from deepspm.controller.brain import NetBrain
 from deepspm.controller.commands import StartScan
 from deepspm.controller.config import RunConfig, ScanConfig, config_from_dict, config_to_dict
-from deepspm.controller.documents import Reply, Start, record_of
+from deepspm.controller.documents import ActionChosen, Reply, Start, record_of
 from deepspm.controller.journal import (
     CHECKPOINTS_DIR,
     JOURNAL_FILE,
@@ -42,6 +42,7 @@ from deepspm.controller.journal import (
 )
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.outputs import SxmOutput
+from deepspm.controller.resume_points import ResumePoints, adopt_resume_point
 from deepspm.controller.runcontrol import RunControl
 from deepspm.controller.runfold import RecordedCall, Relived, RunFold, fold_records
 from deepspm.controller.runlock import RunDirLock
@@ -348,7 +349,8 @@ async def _locked_session(
                     }))
                     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
                                    progress=progress, sleep=sleep, monotonic=monotonic,
-                                   outputs=SxmOutput(run_dir, run_dir.name, cfg))
+                                   outputs=SxmOutput(run_dir, run_dir.name, cfg),
+                                   after_learning=_resume_points(run_dir, journal, brain))
                 else:
                     if sim is not None and sim_thread is not None:
                         scan = scan_in_flight((recorded.relived or Relived()).calls)
@@ -421,6 +423,9 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
     from deepspm.controller.replay import ReplayBrain, ReplayControl, ReplayInstrument, ReplayJournal
 
     relived = recorded.relived or Relived()  # _resumable keeps it
+    if brain.learn_online:
+        actions = sum(isinstance(entry.doc, ActionChosen) for entry in relived.decisions)
+        adopt_resume_point(run_dir, brain.learner, actions)
     replay_journal = ReplayJournal(run_dir, relived.entries, live=journal)
     return RunLoop(
         instrument=ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref), live=instrument),
@@ -432,7 +437,13 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
         progress=_release_relived_memory(progress), sleep=sleep, monotonic=monotonic,
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
         outputs=SxmOutput(run_dir, recorded.run_id or run_dir.name, cfg),
+        after_learning=_resume_points(run_dir, journal, brain),
     )
+
+
+def _resume_points(run_dir: Path, journal: Journal, brain: NetBrain) -> Callable[[], Awaitable[None]] | None:
+    """The saver of the learner's resume points, for a run that learns online."""
+    return ResumePoints(run_dir, journal, brain.learner).after_learning if brain.learn_online else None
 
 
 def scan_in_flight(calls: Sequence[RecordedCall]) -> StartScan | None:

@@ -212,11 +212,29 @@ def save_learner(
 ) -> Path:
     """Everything to resume learning exactly: the learner's one pytree (`LearnerState`: online and target
     nets, Adam state, counters) and the replay buffer beside it (with its sampling RNG), config and seed.
-    `buffer=False` leaves the memory out (a run's journal holds its experience): it loads back empty."""
-    state, buffer_state = learner.training_state()
-    if not buffer:
-        buffer_state = ReplayBuffer(learner.net.n_outputs, learner.config.buffer_capacity,
-                                    learner.net.spec.image_side_px, seed=learner.seed).state_dict()
+    `buffer=False` leaves the memory's rows out (a run's journal holds its experience): it loads back empty,
+    with the sampling RNG where it was."""
+    if buffer:
+        state, buffer_state = learner.training_state()
+    else:
+        state, sampling = learner.resume_point()
+        buffer_state = empty_buffer_state(learner, sampling)
+    return write_learner_state(path, learner, state, buffer_state, metadata=metadata, overwrite=overwrite)
+
+
+def empty_buffer_state(learner: Learner, sampling: dict[str, Any]) -> dict[str, Any]:
+    """The state of `learner`'s replay memory emptied, its sampling RNG at `sampling`."""
+    empty = ReplayBuffer(learner.net.n_outputs, learner.config.buffer_capacity, learner.net.spec.image_side_px,
+                         seed=learner.seed).state_dict()
+    empty["meta"]["rng_state"] = sampling
+    return empty
+
+
+def write_learner_state(
+    path: Path | str, learner: Learner, state: LearnerState, buffer_state: dict[str, Any], *,
+    metadata: dict[str, Any] | None = None, overwrite: bool = False,
+) -> Path:
+    """Write a state taken from `learner` earlier (`training_state`, `resume_point`) as `save_learner` does."""
     tree = {"state": state._replace(updates=np.int32(state.updates), env_steps=np.int32(state.env_steps)),
             "buffer": buffer_state["arrays"]}
     meta = _base_meta("dqn_training", learner.net, metadata)

@@ -381,6 +381,24 @@ class Learner:
         with self._update_lock, self._lock:
             return self.state, self.buffer.state_dict()
 
+    def resume_point(self) -> tuple[LearnerState, dict[str, Any]]:
+        """`training_state` without the memory's rows (cheap): the state and the sampling RNG's state, for a
+        run whose journal holds the experience (the memory is rebuilt from it)."""
+        with self._update_lock, self._lock:
+            return self.state, self.buffer.sampling_state()
+
+    def adopt_resume_point(self, state: LearnerState, sampling_state: dict[str, Any]) -> None:
+        """Take a state saved earlier in this run before a resume re-lives the run's experience: its nets, Adam
+        state, update count and sampling RNG; `env_steps` counts from 0 again as the re-live records the
+        experience. No update is due until the re-live passes the saved point (`updates_due`), and from there
+        on the updates are the ones the run made, so the updates behind the saved state are not redone."""
+        with self._update_lock, self._lock:
+            if self.env_steps or len(self.buffer):
+                raise RuntimeError("a resume point is adopted by a fresh learner, before any experience")
+            self.state = state._replace(updates=int(state.updates), env_steps=0)
+            self.buffer.load_sampling_state(sampling_state)
+            self._snapshot = PolicySnapshot(self.updates, self.net, self.state.online)
+
 
 @dataclass(frozen=True)
 class Decision:

@@ -123,6 +123,13 @@ class ReplayBuffer:
         }
         return {"arrays": arrays, "meta": meta}
 
+    def sampling_state(self) -> dict[str, Any]:
+        """The sampling RNG's state (JSON-able): what decides the next batches, given the same rows."""
+        return dict(self._rng.bit_generator.state)
+
+    def load_sampling_state(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()` output into this buffer (same capacity, actions and image size)."""
         meta, arrays = state["meta"], state["arrays"]
