@@ -330,16 +330,17 @@ def _components(key: jax.Array, density: jax.Array, half: float, candidates: int
     return cx, cy, sig, amp
 
 
-def _step_edge(key: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """A straight monatomic step crossing the frame with the probability a 150 nm mean terrace width gives."""
+def _step_edge(u: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A straight monatomic step crossing the frame with the probability a 150 nm mean terrace width gives, from 4
+    uniforms (on, angle, offset, sign): (nx, ny, offset nm, height A; 0 without a step)."""
     c = SampleConfig()
     radius = params.frame_nm / math.sqrt(2.0)
     p_step = 2 * radius / (c.mean_terrace_width_m / NM)
-    k_on, k_ang, k_off, k_sign = jax.random.split(key, 4)
-    theta = jax.random.uniform(k_ang, (), maxval=2 * math.pi)
-    offset = jax.random.uniform(k_off, (), minval=-radius, maxval=radius)
-    height = jnp.where(jax.random.uniform(k_sign, ()) < 0.5, 1.0, -1.0) * (AG100_STEP_M / ANGSTROM)
-    height = jnp.where(jax.random.uniform(k_on, ()) < p_step, height, 0.0)
+    u_on, u_ang, u_off, u_sign = u
+    theta = u_ang * (2 * math.pi)
+    offset = (2.0 * u_off - 1.0) * radius
+    height = jnp.where(u_sign < 0.5, 1.0, -1.0) * (AG100_STEP_M / ANGSTROM)
+    height = jnp.where(u_on < p_step, height, 0.0)
     return jnp.cos(theta), jnp.sin(theta), offset, height
 
 
@@ -349,6 +350,7 @@ class Layouts(NamedTuple):
 
     canvas: jax.Array  # (layouts, widths, pixels + 2 pad, pixels + 2 pad): the frame and PAD_PX around it
     centre: jax.Array  # (layouts, widths, pixels, pixels): the frame itself (an apex without offset)
+    boltzmann: jax.Array  # exp(beta canvas): what a displaced apex adds to the tunnelling sum
     widths: jax.Array  # (widths,) nm, geometric
     noise: jax.Array  # (NOISE_ROWS, pixels): white-noise rows, N(0, 1)
 
@@ -385,7 +387,8 @@ def _layouts(params: EnvParams) -> Layouts:
 
     canvas = jax.lax.map(lambda x: one(*x), (jnp.arange(LAYOUTS), jnp.asarray(density, jnp.float32)))
     noise = jax.random.normal(jax.random.fold_in(root, LAYOUTS), (NOISE_ROWS, n))
-    return Layouts(canvas, canvas[:, :, PAD_PX:PAD_PX + n, PAD_PX:PAD_PX + n], widths, noise)
+    return Layouts(canvas, canvas[:, :, PAD_PX:PAD_PX + n, PAD_PX:PAD_PX + n], jnp.exp(_BETA_PER_A * canvas), widths,
+                   noise)
 
 
 def _erfinv(x: np.ndarray) -> np.ndarray:
@@ -403,84 +406,108 @@ def _width_bin(w: jax.Array, lay: Layouts) -> tuple[jax.Array, jax.Array]:
 _ROW_GATHER = jax.lax.GatherDimensionNumbers(offset_dims=(2,), collapsed_slice_dims=(0, 1, 2), start_index_map=(0, 1, 2, 3))
 
 
+def _unit(bits: jax.Array) -> jax.Array:
+    """Uniform [0, 1) floats from uint32 bits (`jax.random.uniform`'s mantissa construction)."""
+    return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+
+
+def _randint(u: jax.Array, high: int | jax.Array) -> jax.Array:
+    """Integers in [0, high) from uniforms in [0, 1)."""
+    return jnp.minimum(jnp.floor(u * high), high - 1).astype(jnp.int32)
+
+
 def render_one(key: jax.Array, p: ProbeBatch, params: EnvParams = EnvParams(), lay: Layouts | None = None
                ) -> tuple[jax.Array, jax.Array]:
     """One levelled, normalised frame (pixels, pixels) float32 and its clean-substrate mask, for one probe
     (`p` without a batch axis); `lay` defaults to `layouts(params)`."""
     lay = layouts(params) if lay is None else lay
-    k_lay, k_round, k_step, k_flick, k_streak, k_noise = jax.random.split(key, 6)
     n, px = params.pixels, params.frame_nm / params.pixels
     c = SampleConfig()
+    slots = APEX_SLOTS
+    # every random number of the frame from one threefry call (one call per draw cost more than the rest of the
+    # frame's randomness): uniforms by the mantissa construction, normals by erfinv, as jax.random draws them
+    u = _unit(jax.random.bits(key, (7 * n + slots + 8,), jnp.uint32))
+    u_row = u[:7 * n].reshape(7, n)
+    u_flick, u_on, u_col, u_len, u_amp, u_sign, u_walk = u_row
+    u_round = u[7 * n:7 * n + slots - 1]
+    u_lay, u_start, u_nsign = u[7 * n + slots - 1:7 * n + slots + 2]
+    u_edge = u[7 * n + slots + 2:7 * n + slots + 6]
     # the layout: a random one of the density stratum of this area's density
     quantile = jax.scipy.stats.norm.cdf(jnp.log(p.density / c.molecule_density_per_nm2) / c.molecule_density_spread)
     per = LAYOUTS // DENSITY_STRATA
     stratum = jnp.clip(jnp.floor(quantile * DENSITY_STRATA), 0, DENSITY_STRATA - 1).astype(jnp.int32)
-    layout = stratum * per + jax.random.randint(k_lay, (), 0, per)
+    layout = stratum * per + _randint(u_lay, per)
     dx, dy, w, weight = (p.apex[:, i] for i in range(4))
     lo, frac = _width_bin(w, lay)
-    # slot 0 (the main apex, never displaced): the frame's centre, widths interpolated
+    # slot 0 (the main apex, never displaced): the frame's centre, widths interpolated (heights, then one exp)
     a0 = lay.centre[layout, lo[0]]
     layer0 = a0 + frac[0] * (lay.centre[layout, lo[0] + 1] - a0)
-    # the other slots: an integer-pixel crop at the apex's offset, the width bin rounded stochastically
-    b = lo[1:] + (jax.random.uniform(k_round, frac[1:].shape) < frac[1:]).astype(jnp.int32)
+    # the other slots: an integer-pixel crop of the Boltzmann bank exp(beta h) at the apex's offset, the width bin
+    # rounded stochastically
+    b = lo[1:] + (u_round < frac[1:]).astype(jnp.int32)
     ox = jnp.clip(jnp.round(dx[1:] / px), -PAD_PX, PAD_PX).astype(jnp.int32) + PAD_PX
     oy = jnp.clip(jnp.round(dy[1:] / px), -PAD_PX, PAD_PX).astype(jnp.int32) + PAD_PX
     # a gather of whole rows (XLA's CPU gather copies contiguous slices fast; dynamic_slice under vmap is ~9x slower)
     rows = oy[:, None] + jnp.arange(n)[None, :]  # (slots - 1, n)
     idx = jnp.stack([jnp.broadcast_to(layout, rows.shape), jnp.broadcast_to(b[:, None], rows.shape), rows,
                      jnp.broadcast_to(ox[:, None], rows.shape)], axis=-1)
-    crops = jax.lax.gather(lay.canvas, idx, _ROW_GATHER, (1, 1, 1, n), mode="promise_in_bounds")
-    layers = jnp.concatenate([layer0[None], crops])  # (slots, rows = v, cols = u), Angstrom
+    crops = jax.lax.gather(lay.boltzmann, idx, _ROW_GATHER, (1, 1, 1, n), mode="promise_in_bounds")
+    e = jnp.concatenate([jnp.exp(_BETA_PER_A * layer0)[None], crops])  # (slots, rows = v, cols = u): exp(beta h)
     used = weight > 0
-    top = jnp.max(jnp.where(used[:, None, None], layers, -jnp.inf), axis=0)
-    e = jnp.exp(_BETA_PER_A * (layers - top[None]))  # one exponential per slot and pixel
     # the tunnelling sum over the apices of each line's kernel (`render.render_topography`), normalised weights;
     # the flicker switches kernels in bands of lines
-    flips = jax.random.uniform(k_flick, (n,)) < p.flicker_rate
+    flips = u_flick < p.flicker_rate
     has_flicker = jnp.any(used & (p.kernel == 1))
     row_kernel = jnp.where(has_flicker, jnp.cumsum(flips) % 2, 0)
     wk = jnp.where(used[None, :] & (p.kernel[None, :] == row_kernel[:, None]), weight[None, :], 0.0)  # (rows, slots)
     wk = wk / jnp.maximum(jnp.sum(wk, axis=1, keepdims=True), 1e-12)
-    topo = top + jnp.log(jnp.maximum(jnp.sum(wk.T[:, :, None] * e, axis=0), 1e-30)) / _BETA_PER_A
-    bare = jnp.max(jnp.where(used[:, None, None], layers, 0.0), axis=0)  # molecules without the terrace
+    topo = jnp.log(jnp.maximum(jnp.sum(wk.T[:, :, None] * e, axis=0), 1e-30)) / _BETA_PER_A
+    # no molecule under any apex: every used layer below 0.05 A (exp(beta h) below exp(beta 0.05))
+    bare = jnp.all(~used[:, None, None] | (e < math.exp(_BETA_PER_A * 0.05)), axis=0)
     # the step edge, blurred by the main apex
-    nx, ny, off, h = _step_edge(k_step, params)
+    nx, ny, off, h = _step_edge(u_edge, params)
     axis = (jnp.arange(n, dtype=jnp.float32) + 0.5) * px - params.frame_nm / 2
     edge = jnp.sqrt(jnp.square(w[0]) + (STEP_EDGE_WIDTH_M / NM) ** 2)
     dist = nx * axis[None, :] + ny * axis[:, None] - off
-    terrace = h * jax.scipy.stats.norm.cdf(dist / edge)
+    terrace = (0.5 * h) * (1.0 + jax.lax.erf(dist * (1.0 / (math.sqrt(2.0) * edge))))  # the normal cdf via erf
     # streaks: at most one per line, start column uniform, geometric length (mean 6), exponential tail
-    ks = jax.random.split(k_streak, 5)
-    on_row = jax.random.uniform(ks[0], (n,)) < 1.0 - jnp.exp(-p.streak_rate)
-    col0 = jax.random.randint(ks[1], (n,), 0, n)
-    length = jnp.floor(jnp.log(jax.random.uniform(ks[2], (n,), minval=1e-7)) / math.log(1 - 1 / 6)) + 1
-    amp_s = jax.random.uniform(ks[3], (n,), minval=0.5, maxval=2.5) * jnp.where(jax.random.uniform(ks[4], (n,)) < 0.7, 1.0, -0.6)
+    on_row = u_on < 1.0 - jnp.exp(-p.streak_rate)
+    col0 = _randint(u_col, n)
+    length = jnp.floor(jnp.log(jnp.maximum(u_len, 1e-7)) / math.log(1 - 1 / 6)) + 1
+    amp_s = (0.5 + 2.0 * u_amp) * jnp.where(u_sign < 0.7, 1.0, -0.6)
     k = jnp.arange(n)[None, :] - col0[:, None]
     in_streak = on_row[:, None] & (k >= 0) & (k < length[:, None])
     streak = jnp.where(in_streak, amp_s[:, None] * jnp.exp(-k / jnp.maximum(1.0, length[:, None] / 2.0)), 0.0)
     # white noise: a random block of rows of the bank's noise, random sign; the per-line random walk
-    kn1, kn2, kn3 = jax.random.split(k_noise, 3)
-    sign = jnp.where(jax.random.uniform(kn3, ()) < 0.5, -1.0, 1.0)
-    noise = jax.lax.dynamic_slice(lay.noise, (jax.random.randint(kn1, (), 0, NOISE_ROWS - n + 1), 0), (n, n))
+    sign = jnp.where(u_nsign < 0.5, -1.0, 1.0)
+    noise = jax.lax.dynamic_slice(lay.noise, (_randint(u_start, NOISE_ROWS - n + 1), 0), (n, n))
     noise = noise * (sign * p.noise_a)
-    walk = jnp.cumsum(jax.random.normal(kn2, (n,))) * p.line_noise_a
+    step_normal = math.sqrt(2.0) * jax.scipy.special.erfinv(jnp.maximum(2.0 * u_walk - 1.0, np.nextafter(np.float32(-1), 0)))
+    walk = jnp.cumsum(step_normal) * p.line_noise_a
     z = topo + terrace + streak + noise + walk[:, None]
-    # level: least-squares plane over the clean substrate of the larger terrace
+    # level: least-squares plane over the clean substrate of the larger terrace (coordinates centred on the clean
+    # pixels' mean, so the normal equations split into the mean and a 2 x 2 system for the slopes)
     upper = dist > 0.0
     upper_side = jnp.where(h != 0, jnp.mean(upper) > 0.5, False)
     on_terrace = jnp.where(upper_side, upper, ~upper)
-    clean = (bare < 0.05) & jnp.where(h != 0, on_terrace, True)
+    clean = bare & jnp.where(h != 0, on_terrace, True)
     clean = jnp.where(jnp.sum(clean) >= 3, clean, jnp.ones_like(clean))
     wts = clean.astype(jnp.float32)
-    r = (jnp.arange(n, dtype=jnp.float32) - n / 2)[:, None]
-    col = (jnp.arange(n, dtype=jnp.float32) - n / 2)[None, :]
-    s0, sr, sc = jnp.sum(wts), jnp.sum(wts * r), jnp.sum(wts * col)
-    srr, src, scc = jnp.sum(wts * r * r), jnp.sum(wts * r * col), jnp.sum(wts * col * col)
+    idx_f = jnp.arange(n, dtype=jnp.float32) - n / 2
+    w_row, w_col = jnp.sum(wts, axis=1), jnp.sum(wts, axis=0)
+    s0 = jnp.sum(w_row)
+    r = idx_f - jnp.dot(w_row, idx_f) / s0  # (rows,) centred
+    col = idx_f - jnp.dot(w_col, idx_f) / s0  # (cols,) centred
     wz = wts * z
-    normal = jnp.stack([jnp.stack([s0, sr, sc]), jnp.stack([sr, srr, src]), jnp.stack([sc, src, scc])])
-    rhs = jnp.stack([jnp.sum(wz), jnp.sum(wz * r), jnp.sum(wz * col)])
-    coef = jnp.linalg.solve(normal + 1e-6 * jnp.eye(3), rhs)
-    levelled = z - (coef[0] + coef[1] * r + coef[2] * col)
+    wz_row = jnp.sum(wz, axis=1)
+    srr = jnp.dot(w_row, r * r) + 1e-6
+    scc = jnp.dot(w_col, col * col) + 1e-6
+    src = jnp.dot(r, wts @ col)
+    szr, szc = jnp.dot(wz_row, r), jnp.dot(jnp.sum(wz, axis=0), col)
+    det = srr * scc - src * src
+    slope_r = (szr * scc - szc * src) / det
+    slope_c = (szc * srr - szr * src) / det
+    levelled = z - (jnp.sum(wz_row) / s0 + slope_r * r[:, None] + slope_c * col[None, :])
     normalised = jnp.clip(levelled - 1.0, -CLIP_LIMIT, CLIP_LIMIT)
     empty = jnp.abs(normalised + 1.0) <= EMPTY_TOLERANCE + 1e-6
     border = (jnp.arange(n) == 0) | (jnp.arange(n) == n - 1)
@@ -500,17 +527,44 @@ def _erode(x: jax.Array, side: int, axis: int) -> jax.Array:
     return jax.lax.slice_in_dim(x, 0, out, axis=axis) & jax.lax.slice_in_dim(x, side - length, m, axis=axis)
 
 
+def _shift_down(words: jax.Array, bits: int) -> jax.Array:
+    """The bit string `words` (..., W) uint32, bit i of word j = column 32 j + i, shifted toward column 0 by `bits`
+    (zeros enter at the top)."""
+    q, r = divmod(bits, 32)
+    m = words.shape[-1]
+    zeros = jnp.zeros(words.shape[:-1] + (q + 1,), words.dtype)
+    x = jnp.concatenate([words[..., q:], zeros], axis=-1)  # x[j] = words[j + q]
+    if r == 0:
+        return x[..., :m]
+    return (x[..., :m] >> r) | (x[..., 1:m + 1] << (32 - r))
+
+
+def _erode_bits(words: jax.Array, side: int) -> jax.Array:
+    """Bit i := all(bits i .. i + side - 1) of a packed row (zeros past the row's end: a window that leaves it
+    is not all set)."""
+    length = 1
+    while 2 * length <= side:
+        words = words & _shift_down(words, length)
+        length *= 2
+    return words if side == length else words & _shift_down(words, side - length)
+
+
 def allowed_actions(empty: jax.Array, t: Tables) -> jax.Array:
     """(..., N_ACTIONS) bool: the actions whose clean square fits the frame's largest empty square
-    (`controller.locator`'s rule, by erosion with the square instead of its dynamic programme)."""
+    (`controller.locator`'s rule, by erosion with the square instead of its dynamic programme). The columns of a
+    row are packed into the bits of uint32 words, so erosion along a row is a shift and an AND per word."""
     n = empty.shape[-1]
+    words = -(-n // 32)
+    padded = jnp.pad(empty, [(0, 0)] * (empty.ndim - 1) + [(0, 32 * words - n)])
+    bits = padded.reshape(empty.shape[:-1] + (words, 32)).astype(jnp.uint32)
+    packed = jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)  # (..., rows, words)
 
     def fits(side: int) -> jax.Array:
         if side <= 0:
             return jnp.ones(empty.shape[:-2], bool)
-        if side > n:
+        if side > n or side > empty.shape[-2]:
             return jnp.zeros(empty.shape[:-2], bool)
-        return jnp.any(_erode(_erode(empty, side, -1), side, -2), axis=(-2, -1))
+        return jnp.any(_erode(_erode_bits(packed, side), side, -2) != 0, axis=(-2, -1))
 
     fit = {s: fits(s) for s in sorted(set(t.required_px))}
     return jnp.stack([fit[s] for s in t.required_px], axis=-1)
