@@ -18,18 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from deepspm.nets import parallel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `tests` is not on the path
 
-
-def toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """'Good' images carry bright blobs on a flat plane, 'bad' ones only noise."""
-    rng = np.random.default_rng(seed)
-    labels = (rng.random(n) < 0.4).astype(np.int64)
-    x = rng.normal(-1.0, 0.1, (n, 64, 64)).astype(np.float32)
-    for i in np.flatnonzero(labels):
-        for r, c in rng.integers(4, 60, (6, 2)):
-            x[i, r - 2 : r + 3, c - 2 : c + 3] = 1.0
-    return np.clip(x, -1.5, 1.5), labels
+from deepspm.nets import parallel  # noqa: E402
+from tests.toy_data import toy_set  # noqa: E402
 
 
 def flat(tree: object, prefix: str) -> dict[str, np.ndarray]:

@@ -22,17 +22,7 @@ from deepspm.nets.inference import TraceCounter
 from deepspm.nets.losses import l2_on_kernels, random_flips, weighted_sigmoid_cross_entropy
 from deepspm.nets.metrics import binary_metrics, format_metrics, multilabel_metrics
 from deepspm.nets.model import NetDef
-
-
-def toy_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """'Good' images carry bright blobs on a flat plane, 'bad' ones only noise: learnable by `tiny`."""
-    rng = np.random.default_rng(seed)
-    labels = (rng.random(n) < 0.4).astype(np.int64)
-    x = rng.normal(-1.0, 0.1, (n, 64, 64)).astype(np.float32)
-    for i in np.flatnonzero(labels):
-        for r, c in rng.integers(4, 60, (6, 2)):
-            x[i, r - 2 : r + 3, c - 2 : c + 3] = 1.0
-    return np.clip(x, -1.5, 1.5), labels
+from tests.toy_data import toy_set
 
 
 def test_weighted_cross_entropy_weights_good_samples() -> None:

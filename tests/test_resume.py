@@ -1,4 +1,4 @@
-"""Kill -9 a simulated run at 20 seeded points and resume it each time: one sound journal, every frame once."""
+"""Kill -9 a simulated run at 12 seeded points and resume it each time: one sound journal, every frame once."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from deepspm.controller.journal import check_journal, read_journal, time_spent_s
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FRAMES = 60
-KILLS = 20
+KILLS = 12  # each kill costs a process start (~4 s here); `make soak` kills 20 times over 10 000 frames
 NETS: list[str] = []  # extra CLI options for the nets; empty = the shipped ones
 
 
@@ -61,7 +61,7 @@ def run_until(proc: subprocess.Popen, run_dir: Path, lines: int, deadline_s: flo
     return False
 
 
-def test_kill_9_at_twenty_points_and_resume(tmp_path: Path) -> None:
+def test_kill_9_at_twelve_points_and_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     rng = np.random.default_rng(2026)
     # an uninterrupted run of this length writes ~650 lines; kill points spread over most of it
@@ -74,7 +74,7 @@ def test_kill_9_at_twenty_points_and_resume(tmp_path: Path) -> None:
         kills += 1
         proc = start(["--resume", str(run_dir)])
     assert proc.wait(timeout=300) == 0
-    assert kills >= 15, f"only {kills} kills happened before the run ended"
+    assert kills >= 9, f"only {kills} kills happened before the run ended"
 
     records = read_journal(run_dir)
     assert check_journal(records, require_stop=True) == []  # contiguous seq: no gap, no duplicate

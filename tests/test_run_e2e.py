@@ -58,7 +58,9 @@ def config(frames: int, **overrides: Any):
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory) -> SessionResult:
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    return asyncio.run(run_session(config(FRAMES), run_dir, simulator=eventful_simulator(),
+    # Without online learning: its ~100 gradient updates doubled this run's time and its recompute replay's, and
+    # tests/test_run_behaviour.py replays a learning run by recomputing (test_resume.py resumes one).
+    return asyncio.run(run_session(config(FRAMES, **{"agent.learn_online": False}), run_dir, simulator=eventful_simulator(),
                                    on_simulator=script_events_and_faults))
 
 
