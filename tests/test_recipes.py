@@ -50,6 +50,9 @@ def test_given_options_override_the_recipe() -> None:
     recipe, overrides = resolve(RECIPES["hsi100"], {"epochs": 3, "preset": None, "good_weight": 1.0, "augment": "flips"})
     assert overrides == {"epochs": 3, "augment": "flips"}  # None = not given; equal to the recipe's = no override
     assert (recipe.epochs, recipe.augment, recipe.ensemble, recipe.name) == (3, "flips", 5, "hsi100")
+    plain, overrides = resolve(RECIPES["hsi100"], {"combine": "mean"})  # --combine mean: no test-time views
+    assert overrides == {"combine": "mean"} and "(mean)" in plain.describe()
+    assert "ensemble of 5 compact nets (dihedral-mean)" in RECIPES["hsi100"].describe()
 
 
 def test_dihedral_gives_the_eight_symmetries_evenly() -> None:
@@ -107,7 +110,7 @@ def _check_default_run(data: Path, out: Path, capsys: pytest.CaptureFixture[str]
     given = {"preset": "tiny", "epochs": 1, **({"ensemble": k} if more else {})}
     assert recipe["name"] == "hsi100" and recipe["overridden"] == given
     assert recipe["settings"]["augment"] == "dihedral" and recipe["settings"]["lr_schedule"] == "cosine"
-    assert meta["ensemble"] == {"k": k, "combine": "mean"}
+    assert meta["ensemble"] == {"k": k, "combine": "dihedral-mean"}  # test-time augmentation, in the checkpoint
     assert meta["metadata"]["options"]["holdout"] == "hsi100_fixed"
     kept = load_hsi100_npz(data).indices
     split = json.loads((out / "split.json").read_text())["val_indices"]
