@@ -143,8 +143,8 @@ def test_a_schema_1_record_reads_only_in_a_schema_1_journal() -> None:
         entry_from_record(old)
     with pytest.raises(JournalError, match="the journal does not begin with a start record"):
         fold_records([rec("note", seq=0, message="m")])
-    with pytest.raises(JournalError, match="journal schema 3 is not one this version reads"):
-        fold_records([rec("start", seq=0, schema=3)])
+    with pytest.raises(JournalError, match="journal schema 4 is not one this version reads"):
+        fold_records([rec("start", seq=0, schema=4)])
 
 
 # -- schema 1 ---------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_a_schema_1_journal_is_not_replayed(v1_run: Path) -> None:
     with pytest.raises(JournalError) as error:
         asyncio.run(replay_run(v1_run))
     assert str(error.value) == ("journal schema 1 (written by deepspm 0.1.0, before the single-operation instrument "
-                                "commands) cannot be replayed by this version (schema 2); deepspm report and status "
+                                "commands) cannot be replayed by this version (schema 3); deepspm report and status "
                                 "still read it")
 
 
@@ -191,14 +191,14 @@ def test_a_killed_schema_1_run_is_not_resumed_and_its_journal_is_untouched(v1_ru
     path = v1_run / "journal.jsonl"
     path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:300]))  # killed: no stop record
     before = path.read_bytes()
-    with pytest.raises(JournalError, match="journal schema 1 .* cannot be resumed by this version \\(schema 2\\)"):
+    with pytest.raises(JournalError, match="journal schema 1 .* cannot be resumed by this version \\(schema 3\\)"):
         asyncio.run(run_session(load_config(None, {}), v1_run, resume=True))
     assert main(["run", "--quiet", "--resume", str(v1_run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]  # refused at the edge, before "resuming ..." is printed
     assert err[0].startswith("deepspm run: error: argument --resume: ") and "journal schema 1 (written by deepspm 0.1.0" in err[0]
     assert main(["replay", str(v1_run)]) == 2
-    assert "cannot be replayed by this version (schema 2)" in capsys.readouterr().err
+    assert "cannot be replayed by this version (schema 3)" in capsys.readouterr().err
     assert path.read_bytes() == before  # no resume record, no cut
     assert sorted(p.name for p in v1_run.iterdir()) == [".lock", "journal.jsonl"]  # no frames/, checkpoints/
 

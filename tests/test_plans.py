@@ -123,8 +123,12 @@ def test_a_confident_bad_judgement_stops_the_scan_and_a_good_one_never_does() ->
     rs = line_config()
     messages, result = drive(plans.scan_frame(rs, 0, 0, 10e-9, 64, "frame"), scan_answers({16: 0.95, 32: 0.05}))
     assert result.aborted_at == 32 and result.judgements == [(16, 0.95), (32, 0.05)]
-    assert isinstance(messages[-1], LineJudgement) and messages[-1].abort and isinstance(messages[-2], StopScan)
+    # the reason is journaled before the stop it causes (schema 3), after it in a re-lived schema-2 journal
+    assert isinstance(messages[-2], LineJudgement) and messages[-2].abort and isinstance(messages[-1], StopScan)
     assert not any(isinstance(m, WaitScanEnd) for m in messages)
+    rs.schema = 2
+    messages, _ = drive(plans.scan_frame(rs, 0, 0, 10e-9, 64, "frame"), scan_answers({16: 0.95, 32: 0.05}))
+    assert isinstance(messages[-1], LineJudgement) and messages[-1].abort and isinstance(messages[-2], StopScan)
     messages, result = drive(plans.scan_frame(rs, 0, 0, 10e-9, 64, "frame"), scan_answers({16: 0.99, 32: 0.99, 48: 0.99}))
     assert result.aborted_at is None and any(isinstance(m, WaitScanEnd) for m in messages)
     assert not any(isinstance(m, StopScan) for m in messages)

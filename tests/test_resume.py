@@ -220,3 +220,45 @@ def jax_leaves(tree: object) -> list[np.ndarray]:
     import jax
 
     return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def test_a_kill_during_the_stop_of_an_early_abort_resumes_and_replays_identically(tmp_path: Path) -> None:
+    """A confident bad line judgement stops the scan. Killed during that stop_scan, the journal must already say
+    why the scan stopped (schema 3 journals the judgement first): before, it held the stop_scan without its
+    judgement, the re-live took the next frame's judgement for this one, and the replay of the resumed run
+    diverged there (seen once in a soak)."""
+    from deepspm.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["run", "--quiet", "--frames", "12", "--seed", "9", "--out", str(run_dir),
+                 "--set", "simulator.degradation_per_frame=0.15"]) == 0
+    records = read_journal(run_dir)
+    abort = next(r for r in records if r["kind"] == "decision" and r["decision"] == "lines" and r["abort"])
+    stop = next(r for r in records[abort["seq"] - 3:abort["seq"] + 2] if r["kind"] == "command" and r["op"] == "stop_scan")
+    assert stop["seq"] == abort["seq"] + 1  # the reason first, then the stop
+    assert main(["replay", str(as_schema_2(run_dir, tmp_path / "schema2"))]) == 0  # old order
+    lines = (run_dir / "journal.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "journal.jsonl").write_text("".join(lines[:stop["seq"] + 1]))  # killed before the stop's reply
+
+    assert main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+    records = read_journal(run_dir)
+    assert records[-1]["status"] == "completed" and check_journal(records, require_stop=True) == []
+    interrupted = [r for r in records if r["kind"] == "failure" and r["of"] == stop["seq"]]
+    assert [r["error"] for r in interrupted] == ["Interrupted"]
+    assert main(["replay", str(run_dir)]) == 0
+
+
+def as_schema_2(run_dir: Path, out: Path) -> Path:
+    """A copy of `run_dir` whose journal is schema 2: each early abort written after its stop_scan."""
+    import json
+    import shutil
+
+    shutil.copytree(run_dir, out)
+    records = read_journal(run_dir)
+    records[0]["schema"] = 2
+    for seq in [r["seq"] for r in records if r["kind"] == "decision" and r["decision"] == "lines" and r["abort"]]:
+        decision, command, reply = records[seq:seq + 3]
+        command["seq"], reply["seq"], reply["of"], decision["seq"] = seq, seq + 1, seq, seq + 2
+        records[seq:seq + 3] = [command, reply, decision]
+    (out / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out

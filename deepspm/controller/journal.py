@@ -15,8 +15,10 @@ is the low-level writer underneath. Sequence numbers are contiguous from 0; `che
 Schema versions (the start record's "schema"): 1, composite instrument commands (approach,
 set_z_extension, retract_after_crash, move_area, scan); 2, single-operation commands (start_approach,
 approach_running, stop_approach, motor_move, wait, start_scan, wait_scan_end, stop_scan, grab_frame,
-set_bias, set_setpoint) and the reset phase's own triggers (reset_continues, reset_over). Report and status
-read both; replay and resume need the current one (`check_schema`).
+set_bias, set_setpoint) and the reset phase's own triggers (reset_continues, reset_over); 3, the line judgement
+that stops a scan early is journaled before the stop_scan it causes (a kill during that stop_scan left no record
+of why the scan stopped, and the re-live took the next frame's judgement). Report and status read all three;
+replay and resume re-live 2 and 3 (`check_schema`), the plans following the journal's order (`RunState.schema`).
 
 Writing never blocks the event loop: `event()` encodes the record and assigns its seq synchronously, then
 only appends it to an in-memory queue. `writer()` (a task in the loop's TaskGroup) drains the queue in
@@ -70,10 +72,12 @@ from deepspm.controller.runlock import RunDirLock
 if TYPE_CHECKING:  # documents.py imports this module
     from deepspm.controller.documents import Start, Written
 
-SCHEMA_VERSION = 2  # of the record layout; start() adds it to the start record as "schema"
+SCHEMA_VERSION = 3  # of the record layout; start() adds it to the start record as "schema"
+RELIVABLE_SCHEMAS = (2, 3)  # what replay and resume re-live (the plans follow the journal's order: RunState.schema)
 # What each older schema lacks, for the refusal to replay or resume it.
 SCHEMA_HISTORY = {
     1: "before the single-operation instrument commands",
+    2: "the line judgement that stops a scan journaled after the stop",
 }
 JOURNAL_FILE = "journal.jsonl"
 FRAMES_DIR = "frames"
@@ -393,7 +397,7 @@ def check_schema(start: Mapping[str, Any], verb: str) -> None:
     """JournalError unless the journal whose start record is `start` has this version's layout, which replay
     and resume need (`verb`: "replayed", "resumed"); report and status read older journals too."""
     schema = start.get("schema")
-    if schema == SCHEMA_VERSION:
+    if schema in RELIVABLE_SCHEMAS and not isinstance(schema, bool):
         return
     if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
         raise JournalError(f"the journal's start record has no valid schema version ({schema!r})")

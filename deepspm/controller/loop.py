@@ -68,17 +68,20 @@ class RunLoop:
         time_spent_s: float = 0.0,
         outputs: SxmOutput | None = None,
         after_learning: Callable[[], Awaitable[None]] | None = None,
+        schema: int | None = None,
     ) -> None:
         """`time_spent_s`: run time of the processes before a resume, which the time budget counts too.
         `outputs`: files for people (.sxm frames), written live only. `after_learning`: called after each
-        live learning step (`resume_points.ResumePoints.after_learning`)."""
+        live learning step (`resume_points.ResumePoints.after_learning`). `schema`: of the journal re-lived
+        (replay, resume), whose record order the plans follow; None: the current one."""
         self.config = config
         self.journal = journal
         self.brain = brain
         self.executor = Executor(instrument, journal, sleep)
         self.model = RunModel()
         self.machine = build_machine(self.model, self._on_transition)
-        self.plan_state = RunState.new(config, classifier_version=brain.classifier_version)
+        self.plan_state = RunState.new(config, classifier_version=brain.classifier_version,
+                                       **({"schema": schema} if schema is not None else {}))
         self.control = control or RunControl()
         self._progress = progress
         self._monotonic = monotonic or asyncio.get_running_loop().time

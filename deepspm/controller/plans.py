@@ -55,6 +55,7 @@ from deepspm.controller.documents import (
     ZCheck,
 )
 from deepspm.controller.episode import EpisodeTracker, ProbeOutcome, random_reset_action
+from deepspm.controller.journal import SCHEMA_VERSION
 from deepspm.controller.locator import ActionSite, action_mask, locate_action
 from deepspm.controller.messages import (
     ActionDecision,
@@ -151,14 +152,15 @@ class RunState:
     random_policy_rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     episode_start_actions: int = 0
     classifier_version: str = "unknown"  # which weights judge the frames (journaled with each judgement)
+    schema: int = SCHEMA_VERSION  # of the journal written or re-lived: its record order (journal.SCHEMA_HISTORY)
 
     @classmethod
-    def new(cls, config: RunConfig, classifier_version: str = "unknown") -> RunState:
+    def new(cls, config: RunConfig, classifier_version: str = "unknown", schema: int = SCHEMA_VERSION) -> RunState:
         seed = config.run.seed
         return cls(config, RegionPlanner(config.planner), EpisodeTracker(config=config.episode),
                    reset_rng=np.random.default_rng([seed, 1]), agent_rng=np.random.default_rng([seed, 2]),
                    random_policy_rng=np.random.default_rng([seed, 3]),
-                   classifier_version=classifier_version)
+                   classifier_version=classifier_version, schema=schema)
 
     def remember(self, ref: str, image: np.ndarray, mask: np.ndarray, keep: int = 8) -> None:
         self.images[ref] = (image, mask)
@@ -305,8 +307,14 @@ def scan_frame(rs: RunState, x: float, y: float, size: float, lines: int, purpos
             seen, p_good = judged
             judgements.append((seen, p_good))
             if cl.early_abort and seen >= cl.abort_min_lines and p_good < cl.abort_below:
+                # the decision is journaled before the stop it causes (schema 3): a kill during the stop_scan
+                # must leave the reason in the journal for the resume's re-live; schema 2 wrote it after
+                abort = LineJudgement(frame=partial.ref, lines=seen, p_good=p_good, abort=True)
+                if rs.schema >= 3:
+                    yield abort
                 yield StopScan()
-                yield LineJudgement(frame=partial.ref, lines=seen, p_good=p_good, abort=True)
+                if rs.schema < 3:
+                    yield abort
                 result = ScanResult(partial, None, judgements, seen)
                 break
             yield LineJudgement(frame=partial.ref, lines=seen, p_good=p_good)

@@ -103,7 +103,7 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     journal = ReplayJournal(run_dir, relived.entries)
     instrument = ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref))
     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg,
-                   control=ReplayControl(journal, relived), sleep=_no_wait, monotonic=lambda: 0.0)
+                   control=ReplayControl(journal, relived), sleep=_no_wait, monotonic=lambda: 0.0, schema=fold.schema)
     report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=fold.records,
                           target_state=cfg.probe.target_state)
     try:

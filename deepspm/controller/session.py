@@ -438,6 +438,7 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
         outputs=SxmOutput(run_dir, recorded.run_id or run_dir.name, cfg),
         after_learning=_resume_points(run_dir, journal, brain),
+        schema=recorded.schema,
     )
 
 
