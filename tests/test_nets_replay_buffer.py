@@ -36,26 +36,45 @@ def test_each_experience_is_stored_with_the_same_flip_on_s_and_s_next() -> None:
     buf = ReplayBuffer(N_ACTIONS, capacity=20, image_side_px=SIDE)
     buf.add(image(1), 4, -1.0, image(2), False, mask_of(0, 4))
     assert len(buf) == 4
+    rows = buf.rows(np.arange(4))
     for k in range(4):
-        np.testing.assert_array_equal(buf.states[k], four_flips(image(1))[k])
-        np.testing.assert_array_equal(buf.next_states[k], four_flips(image(2))[k])
-    assert np.all(buf.actions[:4] == 4) and np.all(buf.rewards[:4] == -1.0) and not buf.dones[:4].any()
-    assert np.all(buf.next_masks[:4] == mask_of(0, 4))
+        np.testing.assert_array_equal(rows.states[k], four_flips(image(1))[k])
+        np.testing.assert_array_equal(rows.next_states[k], four_flips(image(2))[k])
+    assert np.all(rows.actions == 4) and np.all(rows.rewards == -1.0) and not rows.dones.any()
+    assert np.all(rows.next_masks == mask_of(0, 4))
+
+
+def test_an_experience_is_stored_once_and_its_copies_are_made_when_sampled() -> None:
+    """The four copies are virtual rows: a capacity of 15 000 rows holds 3750 images a side (~123 MB, not ~0.5 GB),
+    and a seeded sample draws exactly the rows the stored copies gave (row r = copy r % 4 of experience r // 4)."""
+    buf = ReplayBuffer(N_ACTIONS, capacity=16, image_side_px=SIDE, seed=5)
+    assert buf._states.shape == (4, SIDE, SIDE)
+    for i in range(6):  # wraps: experiences 2..5 remain
+        buf.add(image(10 * i), i, float(i), image(10 * i + 1), i == 5, mask_of(i))
+    stored = {(e % 4) * 4 + k: (four_flips(image(10 * e))[k], four_flips(image(10 * e + 1))[k], e)
+              for e in range(6) for k in range(4)}  # the rows as the ring of copies held them
+    idx = np.random.default_rng(5).integers(0, 16, 32)
+    batch = buf.sample(32)
+    for j, row in enumerate(idx):
+        s, s2, e = stored[int(row)]
+        np.testing.assert_array_equal(batch.states[j], s)
+        np.testing.assert_array_equal(batch.next_states[j], s2)
+        assert batch.actions[j] == e and batch.rewards[j] == e and batch.dones[j] == (e == 5)
+    with pytest.raises(ValueError, match="multiple of the 4 rows"):
+        ReplayBuffer(N_ACTIONS, capacity=10, image_side_px=SIDE)
 
 
 def test_ring_wraps_and_keeps_the_newest() -> None:
-    buf = ReplayBuffer(N_ACTIONS, capacity=10, image_side_px=SIDE)  # room for 2.5 experiences
+    buf = ReplayBuffer(N_ACTIONS, capacity=12, image_side_px=SIDE)  # room for 3 experiences
     for i in range(7):
         buf.add(image(10 * i), i % N_ACTIONS, float(i), image(10 * i + 1), i == 6, mask_of(i))
-    assert len(buf) == 10 and buf.added == 7
-    rows = buf.ordered_rows()
-    # 28 rows were written; the last 10 are rows 18..27: experience 4 (copies 2, 3), 5 and 6 (all copies)
-    expected_experience = [4, 4, 5, 5, 5, 5, 6, 6, 6, 6]
-    expected_copy = [2, 3, 0, 1, 2, 3, 0, 1, 2, 3]
-    for row, e, k in zip(rows, expected_experience, expected_copy):
-        np.testing.assert_array_equal(buf.states[row], four_flips(image(10 * e))[k])
-        assert buf.rewards[row] == e and buf.next_masks[row].argmax() == e
-    assert buf.dones[rows[-1]]
+    assert len(buf) == 12 and buf.added == 7
+    rows = buf.rows(buf.ordered_rows())
+    # 28 rows were written; the last 12 are experiences 4, 5 and 6 (all copies), oldest first
+    for j, (e, k) in enumerate((e, k) for e in (4, 5, 6) for k in range(4)):
+        np.testing.assert_array_equal(rows.states[j], four_flips(image(10 * e))[k])
+        assert rows.rewards[j] == e and rows.next_masks[j].argmax() == e
+    assert rows.dones[-1]
     sampled = buf.sample(200)
     assert set(np.unique(sampled.rewards)) <= {4.0, 5.0, 6.0}  # nothing older survives
 
@@ -88,7 +107,7 @@ def test_state_dict_round_trip_resumes_the_same_samples() -> None:
     # new additions overwrite the oldest rows in both
     buf.add(image(9), 9, 9.0, image(9), False, mask_of(9))
     fresh.add(image(9), 9, 9.0, image(9), False, mask_of(9))
-    np.testing.assert_array_equal(np.sort(buf.rewards), np.sort(fresh.rewards))
+    np.testing.assert_array_equal(buf.rows(np.arange(12)).rewards, fresh.rows(np.arange(12)).rewards)
     with pytest.raises(ValueError, match="layout"):
         ReplayBuffer(N_ACTIONS, capacity=16, image_side_px=SIDE).load_state_dict(state)
 

@@ -1,12 +1,15 @@
 """Fixed-capacity FIFO replay memory for the double DQN (reference section 4.3).
 
 Preallocated numpy rings (the original kept an ever-growing list and reloaded it whole on resume). Each
-experience is stored four times: as recorded, flipped left-right, up-down, and both (the same transform
-on s and s'; the action, reward and the allowed-action mask of s' are flip-invariant because an action is
-executed at the centre of the largest empty square, whose size a flip does not change).
+experience counts four times (four rows): as recorded, flipped left-right, up-down, and both (the same
+transform on s and s'; the action, reward and the allowed-action mask of s' are flip-invariant because an
+action is executed at the centre of the largest empty square, whose size a flip does not change).
 
-Memory: two (capacity, 64, 64) float32 image rings, ~0.5 GB at 15 000; numpy allocates pages lazily, so
-a fresh buffer costs what it holds. Not thread-safe by itself: the `Learner` guards it with a lock.
+Memory: the rows are virtual. An experience is stored once and its flipped copies are made when a batch is
+sampled, so `capacity` rows (15 000) hold capacity / 4 experiences in two (capacity / 4, 64, 64) float32 image
+rings, ~123 MB at 15 000 (it was ~0.5 GB with the four copies stored). Row r is copy r % 4 of experience slot
+r // 4, the layout the stored copies had, so sampling draws the same rows as before. numpy allocates pages
+lazily, so a fresh buffer costs what it holds. Not thread-safe by itself: the `Learner` guards it with a lock.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ class Batch:
     next_masks: np.ndarray
 
 
+def _flipped(images: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """(B, H, W) images, each as its copy `copies[i]` of `four_flips` (0 identity, 1 left-right, 2 up-down, 3 both)."""
+    out = np.array(images)  # a copy: the caller's batch, never a view of the ring
+    lr = (copies == 1) | (copies == 3)
+    ud = (copies == 2) | (copies == 3)
+    out[lr] = out[lr][:, :, ::-1]
+    out[ud] = out[ud][:, ::-1, :]
+    return out
+
+
 class ReplayBuffer:
     _ARRAYS = ("states", "next_states", "actions", "rewards", "dones", "next_masks")
 
@@ -50,22 +63,28 @@ class ReplayBuffer:
         seed: int = 0,
         augment: bool = True,
     ) -> None:
-        if capacity < 4:
-            raise ValueError("capacity must hold at least one experience's four copies")
+        copies = 4 if augment else 1
+        if capacity < copies or capacity % copies:
+            raise ValueError(f"capacity must be a multiple of the {copies} rows of an experience, got {capacity}")
         self.capacity = capacity
         self.n_actions = n_actions
         self.augment = augment
-        shape = (capacity, image_side_px, image_side_px)
-        self.states = np.zeros(shape, np.float32)
-        self.next_states = np.zeros(shape, np.float32)
-        self.actions = np.zeros(capacity, np.int32)
-        self.rewards = np.zeros(capacity, np.float32)
-        self.dones = np.zeros(capacity, bool)
-        self.next_masks = np.zeros((capacity, n_actions), bool)
-        self.size = 0  # filled slots
-        self.cursor = 0  # next slot to write
+        self.side = image_side_px
+        slots = capacity // copies
+        self._states = np.zeros((slots, image_side_px, image_side_px), np.float32)
+        self._next_states = np.zeros((slots, image_side_px, image_side_px), np.float32)
+        self._actions = np.zeros(slots, np.int32)
+        self._rewards = np.zeros(slots, np.float32)
+        self._dones = np.zeros(slots, bool)
+        self._next_masks = np.zeros((slots, n_actions), bool)
+        self.size = 0  # filled rows
+        self.cursor = 0  # next row to write (a multiple of the copies)
         self.added = 0  # experiences ever added (each one is 4 rows with augmentation)
         self._rng = np.random.default_rng(seed)
+
+    @property
+    def copies(self) -> int:
+        return 4 if self.augment else 1
 
     def __len__(self) -> int:
         return self.size
@@ -73,35 +92,37 @@ class ReplayBuffer:
     def add(
         self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, done: bool, next_mask: Any
     ) -> None:
-        """Store one experience (and its flipped copies); the oldest rows are overwritten when full."""
+        """Store one experience (its rows: the flipped copies); the oldest rows are overwritten when full."""
         next_mask = np.asarray(next_mask, dtype=bool)
         if next_mask.shape != (self.n_actions,):
             raise ValueError(f"mask must have {self.n_actions} entries, got shape {next_mask.shape}")
         if not 0 <= int(action) < self.n_actions:
             raise ValueError(f"action {action} out of range 0..{self.n_actions - 1}")
-        states = four_flips(state) if self.augment else np.asarray(state)[None]
-        next_states = four_flips(next_state) if self.augment else np.asarray(next_state)[None]
-        for s, s2 in zip(states, next_states):
-            i = self.cursor
-            self.states[i] = s
-            self.next_states[i] = s2
-            self.actions[i] = action
-            self.rewards[i] = reward
-            self.dones[i] = done
-            self.next_masks[i] = next_mask
-            self.cursor = (i + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+        slot = self.cursor // self.copies
+        self._states[slot] = state
+        self._next_states[slot] = next_state
+        self._actions[slot] = action
+        self._rewards[slot] = reward
+        self._dones[slot] = done
+        self._next_masks[slot] = next_mask
+        self.cursor = (self.cursor + self.copies) % self.capacity
+        self.size = min(self.size + self.copies, self.capacity)
         self.added += 1
+
+    def rows(self, idx: np.ndarray) -> Batch:
+        """The rows `idx` (their flipped copies made now)."""
+        idx = np.asarray(idx)
+        slots, copies = idx // self.copies, idx % self.copies
+        return Batch(
+            _flipped(self._states[slots], copies), self._actions[slots], self._rewards[slots],
+            _flipped(self._next_states[slots], copies), self._dones[slots], self._next_masks[slots],
+        )
 
     def sample(self, batch_size: int) -> Batch:
         """Uniformly with replacement from the filled rows (seeded)."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty buffer")
-        idx = self._rng.integers(0, self.size, batch_size)
-        return Batch(
-            self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.dones[idx],
-            self.next_masks[idx],
-        )
+        return self.rows(self._rng.integers(0, self.size, batch_size))
 
     def ordered_rows(self) -> np.ndarray:
         """Indices of the filled rows from oldest to newest."""
@@ -111,14 +132,13 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: `arrays` (the filled rows in storage order, so sampled
-        indices mean the same rows after a resume) and `meta` (JSON-able: sizes, cursor, RNG state)."""
-        n = self.size  # the ring fills rows 0..size-1 before wrapping, so these are all the filled rows
-        arrays = {  # copies: the caller may write them out while the actor keeps adding
-            name: getattr(self, name)[:n].copy() for name in self._ARRAYS
-        }
+        indices mean the same rows after a resume; the checkpoint layout of the stored copies) and `meta`
+        (JSON-able: sizes, cursor, RNG state)."""
+        batch = self.rows(np.arange(self.size))  # new arrays: the caller may write them out while the actor adds
+        arrays = {name: getattr(batch, name) for name in self._ARRAYS}
         meta = {
             "capacity": self.capacity, "n_actions": self.n_actions, "augment": self.augment,
-            "image_side_px": int(self.states.shape[1]), "size": self.size, "cursor": self.cursor,
+            "image_side_px": self.side, "size": self.size, "cursor": self.cursor,
             "added": self.added, "rng_state": self._rng.bit_generator.state,
         }
         return {"arrays": arrays, "meta": meta}
@@ -133,16 +153,17 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()` output into this buffer (same capacity, actions and image size)."""
         meta, arrays = state["meta"], state["arrays"]
-        expected = (self.capacity, self.n_actions, int(self.states.shape[1]))
+        expected = (self.capacity, self.n_actions, self.side)
         found = (int(meta["capacity"]), int(meta["n_actions"]), int(meta["image_side_px"]))
         if found != expected:
             raise ValueError(f"buffer layout (capacity, n_actions, side) {found} != this buffer's {expected}")
+        self.augment = bool(meta["augment"])
         size = int(meta["size"])
-        for name in self._ARRAYS:
-            target = getattr(self, name)
-            target[:size] = arrays[name][:size]
+        if size % self.copies:
+            raise ValueError(f"buffer of {size} rows is not whole experiences of {self.copies} rows")
+        for name in self._ARRAYS:  # copy 0 of each experience (rows 0, 4, 8, ...) is the experience as recorded
+            getattr(self, f"_{name}")[:size // self.copies] = arrays[name][:size:self.copies]
         self.size = size
         self.cursor = int(meta["cursor"])
         self.added = int(meta["added"])
-        self.augment = bool(meta["augment"])
         self._rng.bit_generator.state = meta["rng_state"]
