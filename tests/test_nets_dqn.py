@@ -143,6 +143,8 @@ def small_config(**overrides) -> DQNConfig:
 def test_learner_follows_the_update_ratio_and_copies_the_target(agent) -> None:
     _, _, net, variables = agent
     learner = Learner(net, variables, small_config(updates_per_step=2.0), seed=0)
+    learner.compile()  # as a run does before it starts: the step is traced once, the learner's state untouched
+    assert learner.traces["dqn_update"] == 1 and learner.updates == 0 and learner.state.online is variables
     rng = np.random.default_rng(1)
     mask = np.ones(N_ACTIONS, bool)
     for _ in range(4):

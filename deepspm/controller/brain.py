@@ -63,11 +63,14 @@ class NetBrain:
         self.checkpoint_paths = checkpoint_paths or {}  # where the weights came from (journaled, for replay)
 
     def compile(self) -> None:
-        """Compile both nets for batch 1 before the run starts (the first frame must not pay for tracing)."""
+        """Compile both nets for batch 1, and the learner's update step when the run learns, before the run
+        starts (the first frame, and the first learning step, must not pay for tracing)."""
         self.classifier.compile([1])
         self.actor.predictor.compile([1])
         if self.lines is not None:
             self.lines.compile([1])
+        if self.learn_online:
+            self.learner.compile()
 
     async def classify(self, image: np.ndarray) -> float:
         return float((await predict_async(self.classifier, image))[0])

@@ -325,6 +325,16 @@ class Learner:
         self.last_metrics = metrics
         return metrics
 
+    def compile(self) -> None:
+        """Compile the update step now, by one step on a dummy batch whose result is dropped: a run compiles it
+        before it starts, so its first learning step does not stall it (seconds), and every process of a
+        resumed run holds the compiled step from its start (the soak's memory samples compare like with like)."""
+        b, side = self.config.batch_size, self.net.spec.image_side_px
+        images = np.zeros((b, side, side), np.float32)
+        dummy = Batch(images, np.zeros(b, np.int32), np.zeros(b, np.float32), images, np.zeros(b, bool),
+                      np.ones((b, self.net.n_outputs), bool))
+        jax.block_until_ready(self._update_step(self.state, *_batch_arrays(dummy), self._key_root))
+
     def catch_up(self, max_updates: int | None = None, stoppable: bool = False) -> int:
         """Run the updates that are due (at most `max_updates`); returns how many ran. With `stoppable`
         (the learner task), `stop()` ends it after the update in progress."""
