@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from deepspm.controller.recipes import RECIPES, choose_recipe, resolve
-from deepspm.nets.classifier import ClassifierConfig
+from deepspm.nets.classifier import ClassifierConfig, shift_output_bias, train_classifier
 from deepspm.nets.data import hsi100_holdout_rows, load_hsi100_npz
+from deepspm.nets.inference import Predictor
 from deepspm.nets.losses import random_crops, random_dihedral
+from deepspm.nets.model import NetDef
 from tests.test_nets_ensemble import _small_hsi_npz
 
 REAL = Path(__file__).parents[1] / ".." / "shared" / "data" / "hsi100_tipstates_64.npz"
@@ -47,12 +49,13 @@ def test_auto_recipe_follows_the_data(tmp_path: Path) -> None:
 
 
 def test_given_options_override_the_recipe() -> None:
-    recipe, overrides = resolve(RECIPES["hsi100"], {"epochs": 3, "preset": None, "good_weight": 1.0, "augment": "flips"})
-    assert overrides == {"epochs": 3, "augment": "flips"}  # None = not given; equal to the recipe's = no override
-    assert (recipe.epochs, recipe.augment, recipe.ensemble, recipe.name) == (3, "flips", 5, "hsi100")
-    plain, overrides = resolve(RECIPES["hsi100"], {"combine": "mean"})  # --combine mean: no test-time views
-    assert overrides == {"combine": "mean"} and "(mean)" in plain.describe()
-    assert "ensemble of 5 compact nets (dihedral-mean)" in RECIPES["hsi100"].describe()
+    recipe, overrides = resolve(RECIPES["hsi100"], {"epochs": 3, "preset": None, "good_weight": 8.0, "augment": "dihedral"})
+    assert overrides == {"epochs": 3, "augment": "dihedral"}  # None = not given; equal to the recipe's = no override
+    assert (recipe.epochs, recipe.augment, recipe.ensemble, recipe.name) == (3, "dihedral", 5, "hsi100")
+    tta, overrides = resolve(RECIPES["hsi100"], {"combine": "dihedral-mean"})  # test-time views on request
+    assert overrides == {"combine": "dihedral-mean"} and "(dihedral-mean)" in tta.describe()
+    assert "good weight 8 (prior-corrected" in RECIPES["hsi100"].describe()
+    assert all(r.ensemble for r in RECIPES.values() if r.prior_correction)  # the single-net path has no correction
 
 
 def test_dihedral_gives_the_eight_symmetries_evenly() -> None:
@@ -77,6 +80,28 @@ def test_random_crops_zoom_into_the_image() -> None:
         ClassifierConfig(crop_min_scale=0.0)
     with pytest.raises(ValueError, match="lr_schedule"):
         ClassifierConfig(lr_schedule="step")
+
+
+def test_prior_correction_moves_the_logit_by_minus_log_of_the_good_weight() -> None:
+    net = NetDef.of("tiny", 2)
+    variables = net.init(jax.random.key(0))
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 64, 64)).astype(np.float32)
+    raw = Predictor(net, variables, "values")(images)
+    np.testing.assert_allclose(Predictor(net, shift_output_bias(variables, -0.5), "values")(images), raw - 0.5,
+                               atol=1e-5)
+    # the same training with and without the correction: the weights differ by the shift alone
+    rng = np.random.default_rng(2)
+    labels = (rng.random(40) < 0.5).astype(np.int64)
+    data = rng.uniform(-1, 1, (40, 64, 64)).astype(np.float32) * 0.2 + labels[:, None, None] * 0.5
+    kwargs = dict(good_weight=8.0, batch_size=16, val_fraction=0.25)
+    plain = train_classifier(data, labels, "tiny", 1, 3, config=ClassifierConfig(**kwargs), progress=False)
+    fixed = train_classifier(data, labels, "tiny", 1, 3, config=ClassifierConfig(prior_correction=True, **kwargs),
+                             progress=False)
+    logits = [Predictor(r.net, r.variables, "values")(data[:8])[:, 0] for r in (plain, fixed)]
+    np.testing.assert_allclose(logits[1], logits[0] - np.log(8.0), atol=1e-4)
+    assert fixed.metrics["roc_auc"] == pytest.approx(plain.metrics["roc_auc"])  # the ranking is unchanged
+    with pytest.raises(ValueError, match="good_weight > 0"):
+        ClassifierConfig(prior_correction=True, good_weight=0.0)
 
 
 def test_hsi100_holdout_is_fixed_and_stratified(tmp_path: Path) -> None:
@@ -109,8 +134,10 @@ def _check_default_run(data: Path, out: Path, capsys: pytest.CaptureFixture[str]
     k = int(more[1]) if more else RECIPES["hsi100"].ensemble
     given = {"preset": "tiny", "epochs": 1, **({"ensemble": k} if more else {})}
     assert recipe["name"] == "hsi100" and recipe["overridden"] == given
-    assert recipe["settings"]["augment"] == "dihedral" and recipe["settings"]["lr_schedule"] == "cosine"
-    assert meta["ensemble"] == {"k": k, "combine": "dihedral-mean"}  # test-time augmentation, in the checkpoint
+    assert recipe["settings"]["augment"] == "flips" and recipe["settings"]["lr_schedule"] == "cosine"
+    assert recipe["settings"]["good_weight"] == 8.0 and recipe["settings"]["prior_correction"] is True
+    assert meta["metadata"]["options"]["prior_correction"] is True
+    assert meta["ensemble"] == {"k": k, "combine": "mean"}
     assert meta["metadata"]["options"]["holdout"] == "hsi100_fixed"
     kept = load_hsi100_npz(data).indices
     split = json.loads((out / "split.json").read_text())["val_indices"]

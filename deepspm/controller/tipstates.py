@@ -144,6 +144,7 @@ def train_ensemble_command(
     multiclass: bool = False, min_responses: int = 1, keep: str = "last", overwrite: bool = False,
     progress: bool = True, plots: Path | str | None = None, dihedral: bool = False, crop_min_scale: float = 1.0,
     lr_schedule: str = "constant", fixed_holdout: bool = False, recipe: dict[str, Any] | None = None,
+    prior_correction: bool = False,
 ) -> dict[str, Any]:
     """Train an ensemble of `k` members into one checkpoint `out` (kind "classifier", metadata `ensemble`).
 
@@ -152,7 +153,8 @@ def train_ensemble_command(
     six-class view, whatever the seed); member i trains with seed `seed + i` on the other rows, split again by
     its own seed (`val_fraction`) for its validation. The hold-out rows are written to `out/split.json` (so
     `evaluate --split` measures exactly them); `out/metrics.json` holds the ensemble's and each member's hold-out
-    metrics (calibration included). `dihedral`, `crop_min_scale`, `lr_schedule`: `nets.classifier.ClassifierConfig`.
+    metrics (calibration included). `dihedral`, `crop_min_scale`, `lr_schedule`, `prior_correction`:
+    `nets.classifier.ClassifierConfig`.
     `recipe`: the recipe record (`controller.recipes.record`) for the metadata.
     """
     from deepspm.controller.training import METRICS_FILE, _write_json, load_labelled_sets
@@ -169,7 +171,8 @@ def train_ensemble_command(
                                               seed=seed, progress=progress)
     config = ClassifierConfig(batch_size=batch_size, learning_rate=learning_rate, l2=l2, good_weight=good_weight,
                               val_fraction=val_fraction, threshold=threshold, keep=keep, dihedral=dihedral,
-                              crop_min_scale=crop_min_scale, lr_schedule=lr_schedule)
+                              crop_min_scale=crop_min_scale, lr_schedule=lr_schedule,
+                              prior_correction=prior_correction)
     holdout_rows = None
     if fixed_holdout and len(data) == 1 and Path(data[0]).suffix == ".npz":
         kept = load_hsi100_npz(data[0], mode="multiclass" if multiclass else "binary",
@@ -199,6 +202,7 @@ def train_ensemble_command(
                     "learning_rate": learning_rate, "l2": l2, "good_weight": good_weight, "threshold": threshold,
                     "multiclass": multiclass, "min_responses": min_responses, "keep": keep, "dihedral": dihedral,
                     "crop_min_scale": crop_min_scale, "lr_schedule": lr_schedule,
+                    "prior_correction": prior_correction,
                     "holdout": "hsi100_fixed" if holdout_rows is not None else "seeded"},
         "recipe": recipe,
         "data": {k_: v for k_, v in info.items() if k_ != "kinds"}, "n_holdout": int(holdout.size),

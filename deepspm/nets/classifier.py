@@ -81,6 +81,10 @@ class ClassifierConfig:
     dihedral: bool = False
     crop_min_scale: float = 1.0
     lr_schedule: str = "constant"
+    # a one-output (good/bad) net trained with good_weight w scores log(w) too high in logit (the weighted loss's
+    # optimum); `prior_correction` subtracts log(w) from the output bias (validation and the returned weights), so
+    # the probabilities are those of the unweighted data while the weight still shapes the training
+    prior_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP_CHOICES:
@@ -93,6 +97,8 @@ class ClassifierConfig:
             raise ValueError(f"line_window_min_lines must be >= 0, got {self.line_window_min_lines}")
         if not 0.0 < self.crop_min_scale <= 1.0:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.prior_correction and not self.good_weight > 0:
+            raise ValueError(f"prior_correction needs a good_weight > 0, got {self.good_weight}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
@@ -149,6 +155,15 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, int)
     train_idx = np.setdiff1d(np.arange(labels.shape[0]), val_idx)
     return train_idx, val_idx
+
+
+def shift_output_bias(variables: NetVars, offset: float) -> NetVars:
+    """The variables with `offset` added to the output layer's bias (every output's logit moves by `offset`)."""
+    def shift(path: tuple[Any, ...], leaf: Any) -> Any:
+        names = [getattr(p, "key", getattr(p, "name", p)) for p in path]
+        return leaf + offset if names[:2] == ["head", "bias"] else leaf
+
+    return NetVars(jax.tree_util.tree_map_with_path(shift, variables.params), variables.batch_stats)
 
 
 def classifier_loss(
@@ -358,9 +373,16 @@ def train_classifier(
         counts = seeded_line_counts(val_idx.size, config.line_window_min_lines, batch.shape[1], seed)
         val_images = mask_rows(val_images[..., 0], counts)[..., None]
 
+    # the prior correction (`ClassifierConfig.prior_correction`): only the weighted one-output loss shifts the logit
+    offset = -math.log(config.good_weight) if config.prior_correction and labels.ndim == 1 else 0.0
+
+    def corrected(current: NetVars) -> NetVars:
+        return shift_output_bias(current, offset) if offset else current
+
     def validation_metrics(current: NetVars) -> dict[str, Any]:
         if val_idx.size == 0:
             return {}
+        current = corrected(current)
         predictor.set_variables(current if mesh is None else parallel.to_local(current))
         return evaluate(predictor, val_images, labels[val_idx], config.threshold, class_names,
                         config.eval_batch_size)
@@ -408,6 +430,7 @@ def train_classifier(
         kept_epoch, variables, metrics = best
     if mesh is not None:
         variables = parallel.to_local(variables)
+    variables = corrected(variables)
     traces.update(predictor.traces)
     return TrainResult(net, variables, config, seed, metrics, history, train_idx, val_idx,
                        tuple(class_names) if class_names is not None else None, traces, kept_epoch)
