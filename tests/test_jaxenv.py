@@ -151,11 +151,17 @@ def test_image_statistics_and_classifier_per_tip_state_match_numpy(
 
 def test_substrate_bank_follows_density_and_width() -> None:
     """The pre-rendered layouts: denser strata carry more molecules, wider apices blur them lower, the frame's
-    centre is the canvas' middle, and a displaced apex reads the canvas shifted by its whole-pixel offset."""
+    centre is the canvas' middle, the Boltzmann bank is exp(beta h) of the canvas, and a displaced apex reads the
+    canvas shifted by its whole-pixel offset."""
     lay = je.layouts()
     canvas, centre = np.asarray(lay.canvas), np.asarray(lay.centre)
     assert canvas.shape == (je.LAYOUTS, je.WIDTH_BINS, 64 + 2 * je.PAD_PX, 64 + 2 * je.PAD_PX)
-    np.testing.assert_array_equal(centre, canvas[:, :, je.PAD_PX:-je.PAD_PX, je.PAD_PX:-je.PAD_PX])
+    inner = canvas[:, :, je.PAD_PX:-je.PAD_PX, je.PAD_PX:-je.PAD_PX]
+    # the banks a frame reads are float16: the heights within 1e-3 relative, exp(beta h) likewise
+    assert centre.dtype == np.float16 and lay.boltzmann.dtype == jnp.float16
+    np.testing.assert_allclose(centre.astype(np.float32), inner, rtol=1e-3, atol=1e-6)
+    boltzmann = np.asarray(lay.boltzmann).astype(np.float32)
+    np.testing.assert_allclose(boltzmann, np.exp(je._BETA_PER_A * canvas), rtol=1e-3)
     per = je.LAYOUTS // je.DENSITY_STRATA
     covered = (canvas[:, 0] > 0.05).mean(axis=(1, 2)).reshape(je.DENSITY_STRATA, per).mean(axis=1)
     assert covered[-1] > 1.5 * covered[0], covered
@@ -179,3 +185,28 @@ def test_substrate_bank_follows_density_and_width() -> None:
     ghost = frame2[:-3, :-5] - frame1[:-3, :-5]
     assert np.corrcoef(ghost.ravel(), frame1[3:, 5:].ravel())[0, 1] > 0.3
     assert np.corrcoef(ghost[3:, 5:].ravel(), frame1[:-6, :-10].ravel())[0, 1] < 0.3  # not the other way round
+
+
+def test_plane_fit_is_least_squares_and_packed_erosion_is_the_locators_rule(tables: je.Tables) -> None:
+    """`level_plane` subtracts numpy's least-squares plane over the clean pixels (a tilted frame with molecules
+    outside the mask comes out flat on the mask); the erosion over packed bits equals a plain sliding-window test."""
+    rng = np.random.default_rng(0)
+    v, u = np.mgrid[0:64, 0:64].astype(np.float64)
+    for trial in range(5):
+        clean = rng.random((64, 64)) < (0.3, 0.9, 0.05, 0.6, 0.99)[trial]
+        bumps = np.where(clean, rng.normal(0, 0.05, (64, 64)), rng.uniform(0.5, 2.0, (64, 64)))
+        z = 0.7 - 0.02 * v + 0.013 * u + bumps
+        a = np.stack([np.ones(int(clean.sum())), v[clean], u[clean]], axis=1)
+        coef = np.linalg.lstsq(a, z[clean], rcond=None)[0]
+        want = z - (coef[0] + coef[1] * v + coef[2] * u)
+        got = np.asarray(jax.jit(je.level_plane)(jnp.asarray(z, jnp.float32), jnp.asarray(clean)))
+        np.testing.assert_allclose(got, want, atol=2e-4, err_msg=f"trial {trial}")
+    empty = rng.random((200, 64, 64)) < rng.choice([0.97, 0.99, 0.995, 0.999], size=(200, 1, 1))
+    got_mask = np.asarray(jax.jit(lambda e: je.allowed_actions(e, tables))(jnp.asarray(empty)))
+    for a_index, side in enumerate(tables.required_px):
+        if side == 0:
+            assert got_mask[:, a_index].all()
+            continue
+        win = np.lib.stride_tricks.sliding_window_view(empty, (side, side), axis=(1, 2)).all(axis=(-2, -1))
+        np.testing.assert_array_equal(got_mask[:, a_index], win.any(axis=(1, 2)), err_msg=f"side {side}")
+    assert 0 < got_mask[:, -1].mean() < 1  # the masks exercise both outcomes for the largest square
