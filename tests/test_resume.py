@@ -29,16 +29,6 @@ def journal_lines(run_dir: Path) -> int:
         return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _shared_compile_cache(tmp_path_factory: pytest.TempPathFactory):
-    """One persistent JAX compilation cache for this module's processes (inherited through the environment):
-    each resumed process would compile its nets again otherwise (~3 s of CPU each, x 21 processes)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-cache")))
-        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        yield
-
-
 def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "deepspm.cli", "run", "--quiet", *args, *NETS],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
