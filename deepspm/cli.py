@@ -435,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", type=check.output_dir, required=True, metavar="CKPT", help="checkpoint directory to write")
     tc.add_argument("--recipe", choices=("auto", "standard", "hsi100"), default="auto",
                     help="the defaults of the options below: auto (default) = hsi100 for the H:Si(100) .npz alone "
-                         "(an ensemble of 5 compact nets, 20 epochs, good weight 1, the 8 dihedral symmetries, "
-                         "random crops 0.8-1, cosine learning rate, the set's fixed 20 %% hold-out), else standard "
+                         "(an ensemble of 5 compact nets, 20 epochs, good weight 8 with its prior correction: the "
+                         "output bias moved by -log 8 after training, flips, cosine learning rate, the set's fixed "
+                         "20 %% hold-out), else standard "
                          "(one compact net, 20 epochs, good weight 8, flips, constant learning rate: the paper's); "
                          "any option given overrides the recipe; the checkpoint's metadata records it")
     tc.add_argument("--preset", choices=("tiny", "compact", "original", "paper"),
@@ -446,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--val-fraction", dest="val_fraction", type=check.float_range(0, 1, hi_open=True), default=0.24,
                     help="fraction kept for validation, stratified by label (default 0.24, as the paper)")
     tc.add_argument("--good-weight", dest="good_weight", type=check.float_range(0, 1e6, lo_open=True),
-                    help="loss weight of good-probe images (recipe default: 8, the paper; hsi100: 1, a balanced set)")
+                    help="loss weight of good-probe images (recipe default: 8, the paper; hsi100 then moves the output "
+                         "bias by -log of it, so its probabilities are the data's)")
     tc.add_argument("--augment", choices=("flips", "dihedral"),
                     help="training augmentation: flips (random left-right and up-down) or dihedral (also the "
                          "transpose: all 8 symmetries of the square); recipe default")
