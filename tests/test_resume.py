@@ -252,3 +252,22 @@ def as_schema_2(run_dir: Path, out: Path) -> Path:
         records[seq:seq + 3] = [command, reply, decision]
     (out / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
+
+
+def test_freed_heap_is_handed_back_at_the_first_live_frame_and_every_100_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not while re-living (the re-live's records are still held), then at the handover and every
+    TRIM_EVERY_FRAMES live frames (the soak's memory check: glibc keeps freed pages otherwise)."""
+    from types import SimpleNamespace
+
+    from deepspm.controller import session
+
+    trims: list[int] = []
+    seen: list[int] = []
+    loop = SimpleNamespace(counters=SimpleNamespace(frames=0), journal=SimpleNamespace(replaying=True))
+    monkeypatch.setattr(session, "_malloc_trim", lambda: trims.append(loop.counters.frames))
+    hook = session._trimming_heap(lambda lp: seen.append(lp.counters.frames))
+    for frame in range(1, 400):
+        loop.counters.frames = frame
+        loop.journal.replaying = frame < 50
+        hook(loop)  # type: ignore[arg-type]
+    assert trims == [50, 150, 250, 350] and seen == list(range(1, 400))

@@ -348,7 +348,7 @@ async def _locked_session(
                         "piezo_range_m": [r.x_m, r.y_m, r.z_m],
                     }))
                     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg, control=control,
-                                   progress=progress, sleep=sleep, monotonic=monotonic,
+                                   progress=_trimming_heap(progress), sleep=sleep, monotonic=monotonic,
                                    outputs=SxmOutput(run_dir, run_dir.name, cfg),
                                    after_learning=_resume_points(run_dir, journal, brain))
                 else:
@@ -434,7 +434,7 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
                           classifier_version=brain.classifier_version),
         config=cfg,
         control=ReplayControl(replay_journal, relived, live=control),
-        progress=_release_relived_memory(progress), sleep=sleep, monotonic=monotonic,
+        progress=_trimming_heap(progress), sleep=sleep, monotonic=monotonic,
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
         outputs=SxmOutput(run_dir, recorded.run_id or run_dir.name, cfg),
         after_learning=_resume_points(run_dir, journal, brain),
@@ -496,17 +496,22 @@ async def save_learned(run_dir: Path, brain: Any) -> dict[str, str]:
     return {"agent": f"{CHECKPOINTS_DIR}/agent", "learner": f"{CHECKPOINTS_DIR}/learner"}
 
 
-def _release_relived_memory(progress: Callable[[RunLoop], None] | None) -> Callable[[RunLoop], None]:
-    """`progress`, plus: at the first frame judged live after a resume's re-live, hand the heap the re-live freed back
-    to the OS (glibc's malloc_trim). The re-lived records are released at the handover, but the allocator keeps
-    their pages: a process that re-lived 1282 frames stayed ~80 MB above one that re-lived 588 for the rest of its
-    life (the soak's memory check, issue 17)."""
-    done = False
+TRIM_EVERY_FRAMES = 100  # live frames between hand-backs of freed heap (each takes milliseconds)
+
+
+def _trimming_heap(progress: Callable[[RunLoop], None] | None) -> Callable[[RunLoop], None]:
+    """`progress`, plus: hand the heap freed since back to the OS (glibc's malloc_trim) at the first frame judged
+    live (after a resume's re-live) and every `TRIM_EVERY_FRAMES` live frames after it. The allocator keeps the
+    pages of freed memory: a process that re-lived 1282 frames stayed ~80 MB above one that re-lived 588 for the
+    rest of its life, and a run that learns online, whose worker threads allocate and free the update's arrays,
+    grew ~0.13 MB a frame in resident memory with nothing held (the soak's memory check, issue 17)."""
+    trimmed_at: int | None = None
 
     def hook(loop: RunLoop) -> None:
-        nonlocal done
-        if not done and not loop.journal.replaying:
-            done = True
+        nonlocal trimmed_at
+        frames = loop.counters.frames
+        if not loop.journal.replaying and (trimmed_at is None or frames - trimmed_at >= TRIM_EVERY_FRAMES):
+            trimmed_at = frames
             _malloc_trim()
         if progress is not None:
             progress(loop)
