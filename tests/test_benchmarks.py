@@ -173,5 +173,5 @@ def test_ensemble_smoke() -> None:
     from benchmarks import bench_ensemble
 
     result = bench_ensemble.main(smoke=True)
-    assert result["k"] == bench_ensemble.K and len(result["rows"]) == 3
+    assert result["k"] == bench_ensemble.K and len(result["rows"]) == 4  # one member, batched, K calls, 8 views
     assert all(r["median_s"] > 0 and r["median_s"] <= r["p95_s"] for r in result["rows"])

@@ -423,7 +423,7 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
     from deepspm.controller.replay import ReplayBrain, ReplayControl, ReplayInstrument, ReplayJournal
 
     relived = recorded.relived or Relived()  # _resumable keeps it
-    if brain.learn_online:
+    if getattr(brain, "learn_online", False) and getattr(brain, "learner", None) is not None:
         actions = sum(isinstance(entry.doc, ActionChosen) for entry in relived.decisions)
         adopt_resume_point(run_dir, brain.learner, actions)
     replay_journal = ReplayJournal(run_dir, relived.entries, live=journal)
@@ -442,9 +442,13 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
     )
 
 
-def _resume_points(run_dir: Path, journal: Journal, brain: NetBrain) -> Callable[[], Awaitable[None]] | None:
-    """The saver of the learner's resume points, for a run that learns online."""
-    return ResumePoints(run_dir, journal, brain.learner).after_learning if brain.learn_online else None
+def _resume_points(run_dir: Path, journal: Journal, brain: Any) -> Callable[[], Awaitable[None]] | None:
+    """The saver of the learner's resume points, for a run whose nets learn online (a `NetBrain`; any other
+    brain, e.g. a test's, has no learner to save)."""
+    learner = getattr(brain, "learner", None)
+    if not getattr(brain, "learn_online", False) or learner is None:
+        return None
+    return ResumePoints(run_dir, journal, learner).after_learning
 
 
 def scan_in_flight(calls: Sequence[RecordedCall]) -> StartScan | None:
