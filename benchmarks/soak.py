@@ -399,6 +399,23 @@ def coarse_motor_outcome(records: list[dict[str, Any]], soak_dir: Path) -> dict[
     return out
 
 
+def judged_scans(records: list[dict[str, Any]]) -> set[int]:
+    """The scans that classify decisions judged, each named by the seq of the grab_frame reply that brought its
+    frame (the newest one before the decision with that frame). Not by the frame's content hash: the fresh
+    embedded simulator of a resumed process repeats the random streams of the first one, so a scan at the same
+    place, the same number of steps after a resume, can be bit-identical to an earlier one (the 10 000-frame soak
+    had 7 such pairs) without being the same scan judged twice."""
+    grabbed: dict[str, int] = {}
+    judged: set[int] = set()
+    for r in records:
+        if r["kind"] == "reply" and r.get("op") == "grab_frame" and isinstance(r.get("result"), dict) \
+                and r["result"].get("frame"):
+            grabbed[r["result"]["frame"]] = r["seq"]
+        elif r.get("decision") == "classify" and r.get("frame") in grabbed:
+            judged.add(grabbed[r["frame"]])
+    return judged
+
+
 def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dict[str, Any]) -> dict[str, Any]:
     from deepspm.controller.journal import check_journal, read_journal
 
@@ -407,7 +424,7 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
     stop = records[-1] if records and records[-1]["kind"] == "stop" else {}
     counters = stop.get("counters") or {}
     classified = [r for r in records if r.get("decision") == "classify"]
-    judged_frames = {r["frame"] for r in classified}
+    judged_frames = judged_scans(records)
     grabbed = {r["result"]["frame"] for r in records if r["kind"] == "reply" and r.get("op") == "grab_frame"
                and isinstance(r.get("result"), dict) and r["result"].get("frame")}
     on_disk = {p.stem for p in (run_dir / "frames").glob("*.npy")}

@@ -96,3 +96,18 @@ def test_the_audit_allows_float32_rounding_at_the_envelopes_edge_but_not_a_picom
     assert audit.violations == []
     audit(request("Scan.FrameSet", x_m=edge - 5e-9 + 1e-12, y_m=0.0, width_m=1e-8, height_m=1e-8, angle_deg=0.0))
     assert [v.problem for v in audit.violations] == [f"frame corner outside +-({edge:.4g}, {edge:.4g}) m"]
+
+
+def test_scans_are_told_apart_by_their_grab_not_by_their_content() -> None:
+    """A resumed process's fresh simulator can scan a bit-identical frame again (same place, same steps after the
+    resume): two scans, not one judged twice; the same grab judged twice is one scan."""
+    from benchmarks.soak import judged_scans
+
+    def grab(seq: int, ref: str) -> dict:
+        return {"seq": seq, "kind": "reply", "op": "grab_frame", "result": {"frame": ref}}
+
+    def judge(seq: int, ref: str) -> dict:
+        return {"seq": seq, "kind": "decision", "decision": "classify", "frame": ref}
+
+    records = [grab(1, "a"), judge(2, "a"), grab(3, "b"), judge(4, "b"), grab(5, "a"), judge(6, "a"), judge(7, "a")]
+    assert judged_scans(records) == {1, 3, 5}
