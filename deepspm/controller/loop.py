@@ -27,7 +27,7 @@ from deepspm.controller.commands import Command, Withdraw
 from deepspm.controller.config import RunConfig
 from deepspm.controller.documents import Classification, Document, Note, OperatorRequestRecord, TransitionRecord
 from deepspm.controller.executor import Executor, JournalSink
-from deepspm.controller.journal import SUSPENDED, DiskFull
+from deepspm.controller.journal import SCHEMA_VERSION, SUSPENDED, DiskFull
 from deepspm.controller.messages import (
     Choose,
     Classify,
@@ -81,7 +81,7 @@ class RunLoop:
         self.model = RunModel()
         self.machine = build_machine(self.model, self._on_transition)
         self.plan_state = RunState.new(config, classifier_version=brain.classifier_version,
-                                       **({"schema": schema} if schema is not None else {}))
+                                       schema=schema if schema is not None else SCHEMA_VERSION)
         self.control = control or RunControl()
         self._progress = progress
         self._monotonic = monotonic or asyncio.get_running_loop().time

@@ -19,7 +19,7 @@ import structlog
 
 from deepspm.controller.journal import CHECKPOINTS_DIR, Journal
 from deepspm.nets.checkpoint_info import CheckpointError
-from deepspm.nets.checkpoints import empty_buffer_state, load_learner, write_learner_state
+from deepspm.nets.checkpoints import load_learner, write_learner_state
 from deepspm.nets.dqn import Learner
 
 log = structlog.get_logger(__name__)
@@ -45,14 +45,14 @@ class ResumePoints:
             self.saved_updates = learner.updates
         if learner.updates - self.saved_updates < self.every:
             return
-        state, sampling = learner.resume_point()
+        state, memory = learner.resume_point()
         # The experience behind `state` must be in the journal before a resume can use the point: a point ahead
         # of the journal would hold updates from experience the re-live never records.
         await self.journal.flush()
         meta = {"env_steps": int(state.env_steps), "updates": int(state.updates)}
         try:
-            await asyncio.to_thread(write_learner_state, self.path, learner, state,
-                                    empty_buffer_state(learner, sampling), metadata=meta, overwrite=True)
+            await asyncio.to_thread(write_learner_state, self.path, learner, state, memory, metadata=meta,
+                                    overwrite=True)
         except OSError as exc:  # the run goes on; a resume starts from the previous point (or re-learns)
             log.warning("resume_point.not_saved", error=f"{type(exc).__name__}: {exc}", path=str(self.path))
             return

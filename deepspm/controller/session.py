@@ -423,9 +423,10 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
     from deepspm.controller.replay import ReplayBrain, ReplayControl, ReplayInstrument, ReplayJournal
 
     relived = recorded.relived or Relived()  # _resumable keeps it
-    if getattr(brain, "learn_online", False) and getattr(brain, "learner", None) is not None:
+    learner = _online_learner(brain)
+    if learner is not None:
         actions = sum(isinstance(entry.doc, ActionChosen) for entry in relived.decisions)
-        adopt_resume_point(run_dir, brain.learner, actions)
+        adopt_resume_point(run_dir, learner, actions)
     replay_journal = ReplayJournal(run_dir, relived.entries, live=journal)
     return RunLoop(
         instrument=ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref), live=instrument),
@@ -442,13 +443,17 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
     )
 
 
-def _resume_points(run_dir: Path, journal: Journal, brain: Any) -> Callable[[], Awaitable[None]] | None:
-    """The saver of the learner's resume points, for a run whose nets learn online (a `NetBrain`; any other
-    brain, e.g. a test's, has no learner to save)."""
+def _online_learner(brain: Any) -> Learner | None:
+    """The learner of a brain whose nets learn online (a `NetBrain`'s); None for any other brain (a test's has
+    no learner)."""
     learner = getattr(brain, "learner", None)
-    if not getattr(brain, "learn_online", False) or learner is None:
-        return None
-    return ResumePoints(run_dir, journal, learner).after_learning
+    return learner if getattr(brain, "learn_online", False) and isinstance(learner, Learner) else None
+
+
+def _resume_points(run_dir: Path, journal: Journal, brain: Any) -> Callable[[], Awaitable[None]] | None:
+    """The saver of the learner's resume points, for a run whose nets learn online."""
+    learner = _online_learner(brain)
+    return ResumePoints(run_dir, journal, learner).after_learning if learner is not None else None
 
 
 def scan_in_flight(calls: Sequence[RecordedCall]) -> StartScan | None:
@@ -484,8 +489,8 @@ async def save_learned(run_dir: Path, brain: Any) -> dict[str, str]:
     `--agent-checkpoint`) and the learner's state (`checkpoints/learner`: both nets, Adam state, counters;
     the journal holds the experience, so the replay memory is left out). Returns the paths saved; a failure
     to save is logged, never raised over the run's own outcome."""
-    learner = getattr(brain, "learner", None)
-    if not getattr(brain, "learn_online", False) or learner is None or learner.env_steps == 0:
+    learner = _online_learner(brain)
+    if learner is None or learner.env_steps == 0:
         return {}
     folder = run_dir / CHECKPOINTS_DIR
     meta = {"run_id": run_dir.name, "env_steps": learner.env_steps, "updates": learner.updates}

@@ -214,20 +214,8 @@ def save_learner(
     nets, Adam state, counters) and the replay buffer beside it (with its sampling RNG), config and seed.
     `buffer=False` leaves the memory's rows out (a run's journal holds its experience): it loads back empty,
     with the sampling RNG where it was."""
-    if buffer:
-        state, buffer_state = learner.training_state()
-    else:
-        state, sampling = learner.resume_point()
-        buffer_state = empty_buffer_state(learner, sampling)
+    state, buffer_state = learner.training_state() if buffer else learner.resume_point()
     return write_learner_state(path, learner, state, buffer_state, metadata=metadata, overwrite=overwrite)
-
-
-def empty_buffer_state(learner: Learner, sampling: dict[str, Any]) -> dict[str, Any]:
-    """The state of `learner`'s replay memory emptied, its sampling RNG at `sampling`."""
-    empty = ReplayBuffer(learner.net.n_outputs, learner.config.buffer_capacity, learner.net.spec.image_side_px,
-                         seed=learner.seed).state_dict()
-    empty["meta"]["rng_state"] = sampling
-    return empty
 
 
 def write_learner_state(

@@ -392,10 +392,10 @@ class Learner:
             return self.state, self.buffer.state_dict()
 
     def resume_point(self) -> tuple[LearnerState, dict[str, Any]]:
-        """`training_state` without the memory's rows (cheap): the state and the sampling RNG's state, for a
-        run whose journal holds the experience (the memory is rebuilt from it)."""
+        """`training_state` without the memory's rows (cheap): the state, and the memory's state emptied with its
+        sampling RNG where it is, for a run whose journal holds the experience (the memory is rebuilt from it)."""
         with self._update_lock, self._lock:
-            return self.state, self.buffer.sampling_state()
+            return self.state, self.buffer.state_dict(rows=False)
 
     def adopt_resume_point(self, state: LearnerState, sampling_state: dict[str, Any]) -> None:
         """Take a state saved earlier in this run before a resume re-lives the run's experience: its nets, Adam

@@ -130,16 +130,18 @@ class ReplayBuffer:
             return np.arange(self.size)
         return (np.arange(self.capacity) + self.cursor) % self.capacity
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rows: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly: `arrays` (the filled rows in storage order, so sampled
         indices mean the same rows after a resume; the checkpoint layout of the stored copies) and `meta`
-        (JSON-able: sizes, cursor, RNG state)."""
-        batch = self.rows(np.arange(self.size))  # new arrays: the caller may write them out while the actor adds
+        (JSON-able: sizes, cursor, RNG state). `rows=False`: the state of this memory emptied, its sampling RNG
+        where it is (for a run whose journal holds the experience)."""
+        size = self.size if rows else 0
+        batch = self.rows(np.arange(size))  # new arrays: the caller may write them out while the actor adds
         arrays = {name: getattr(batch, name) for name in self._ARRAYS}
         meta = {
             "capacity": self.capacity, "n_actions": self.n_actions, "augment": self.augment,
-            "image_side_px": self.side, "size": self.size, "cursor": self.cursor,
-            "added": self.added, "rng_state": self._rng.bit_generator.state,
+            "image_side_px": self.side, "size": size, "cursor": self.cursor if rows else 0,
+            "added": self.added if rows else 0, "rng_state": self._rng.bit_generator.state,
         }
         return {"arrays": arrays, "meta": meta}
 
