@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepspm.controller.recipes import RECIPES, choose_recipe, resolve
+from deepspm.controller.recipes import RECIPES, announce, choose_recipe, resolve
 from deepspm.nets.classifier import ClassifierConfig, shift_output_bias, train_classifier
 from deepspm.nets.data import hsi100_holdout_rows, load_hsi100_npz
 from deepspm.nets.inference import Predictor
@@ -55,6 +55,9 @@ def test_given_options_override_the_recipe() -> None:
     tta, overrides = resolve(RECIPES["hsi100"], {"combine": "dihedral-mean"})  # test-time views on request
     assert overrides == {"combine": "dihedral-mean"} and "(dihedral-mean)" in tta.describe()
     assert "good weight 8 (prior-corrected" in RECIPES["hsi100"].describe()
+    # six-class members are unweighted sigmoids: the printed line must not claim a weight in force
+    six = announce(RECIPES["hsi100"], "auto", {}, multiclass=True)
+    assert "good weight 8" not in six and "six unweighted sigmoids" in six and "ensemble of 5" in six
     assert all(r.ensemble for r in RECIPES.values() if r.prior_correction)  # the single-net path has no correction
 
 

@@ -41,12 +41,16 @@ class Recipe:
         """The options, without the name."""
         return {k: v for k, v in asdict(self).items() if k != "name"}
 
-    def describe(self) -> str:
+    def describe(self, multiclass: bool = False) -> str:
+        """One line; `multiclass`: the six-class sigmoids are unweighted, so the good weight (and its
+        correction) is named as not applying rather than as a setting in force."""
         model = (f"ensemble of {self.ensemble} {self.preset} nets ({self.combine})" if self.ensemble
                  else f"one {self.preset} net")
         crops = f", random crops {self.crop_min_scale:g}-1" if self.crop_min_scale < 1 else ""
         prior = " (prior-corrected: output bias - log of it)" if self.prior_correction else ""
-        return (f"{model}, {self.epochs} epochs, good weight {self.good_weight:g}{prior}, {self.augment}{crops}, "
+        weight = ("six unweighted sigmoids (the good weight applies to good/bad labels only)" if multiclass
+                  else f"good weight {self.good_weight:g}{prior}")
+        return (f"{model}, {self.epochs} epochs, {weight}, {self.augment}{crops}, "
                 f"{self.lr_schedule} learning rate, keep {self.keep}")
 
 
@@ -88,10 +92,10 @@ def record(recipe: Recipe, reason: str, overrides: dict[str, Any]) -> dict[str, 
     return {"name": recipe.name, "reason": reason, "settings": recipe.settings(), "overridden": overrides}
 
 
-def announce(recipe: Recipe, reason: str, overrides: dict[str, Any]) -> str:
+def announce(recipe: Recipe, reason: str, overrides: dict[str, Any], multiclass: bool = False) -> str:
     """The line printed before training."""
     changed = f"; overridden: {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
-    return f"recipe {recipe.name} ({reason}): {recipe.describe()}{changed}"
+    return f"recipe {recipe.name} ({reason}): {recipe.describe(multiclass)}{changed}"
 
 
 def train_with_recipe(
@@ -109,7 +113,7 @@ def train_with_recipe(
 
     chosen, reason = choose_recipe(recipe, data, init=init is not None, lines=lines)
     chosen, overrides = resolve(chosen, given or {})
-    print(announce(chosen, reason, overrides))
+    print(announce(chosen, reason, overrides, multiclass))
     if chosen.ensemble:
         for flag, used in (("--init", init is not None), ("--lines", lines), ("--max-train", max_train is not None),
                            ("--freeze-epochs", freeze_epochs is not None), ("--patience", patience is not None),
