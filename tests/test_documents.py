@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from deepspm.cli import main
+from deepspm.controller import runfold
 from deepspm.controller.commands import MotorMove, Pulse, ReadZ, StartScan, Withdraw
 from deepspm.controller.config import load_config
 from deepspm.controller.documents import (
@@ -263,3 +264,78 @@ def test_a_killed_run_folds_up_to_its_last_complete_record(tmp_path: Path) -> No
         f.write(json.dumps(rec("note", seq=99, message="m")).encode()[:20])
     read = read_fold(tmp_path / "run")
     assert read.torn_tail_bytes == 20 and read.fold.stop is None and read.fold.frames_classified == 1
+
+
+def _scripted_run_with_a_stop(run_dir: Path, frames: int) -> list[dict[str, Any]]:
+    async def write() -> None:
+        run = ScriptedRun(run_dir).open()
+        for i in range(frames):
+            ref = await run.frame(i * NM, 0, 0.3 + 0.6 * (i % 2), start_episode=i == 0)
+            run.action(ref, 1 + i % 3, i * NM, 1 * NM, explored=i % 4 == 0)
+        run.journal.write(OperatorRequestRecord("stop", "stop_file", "enough"))
+        run.command(Withdraw())
+        await run.close("stopped", "operator stop")
+
+    asyncio.run(write())
+    return read_journal(run_dir)
+
+
+def test_a_journal_is_relived_as_the_loop_goes_holding_a_few_records(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume reads the journal as the loop re-lives it (issue 17: holding a 10 000-frame journal's records
+    kept a resumed process ~1 GB above a fresh one): the tapes give what the whole fold gives, in the same order,
+    with only a few records read ahead of the loop."""
+    records = _scripted_run_with_a_stop(tmp_path / "run", 30)
+    whole = fold_records(records, replay=True).relived
+    assert whole is not None
+    read: list[int] = []
+
+    class CountingReader(runfold.JournalReader):
+        def __next__(self) -> dict[str, Any]:
+            record = super().__next__()
+            read.append(record["seq"])
+            return record
+
+    monkeypatch.setattr(runfold, "JournalReader", CountingReader)
+    stream = runfold.relive_journal(tmp_path / "run")
+    calls, decisions = list(whole.calls), list(whole.decisions)
+    ahead = 0
+    for entry in whole.entries:  # the loop's order: a record, then its call or decision where it has one
+        assert stream.entries.take().seq == entry.seq
+        if calls and calls[0].seq == entry.seq:
+            call, expected = stream.calls.take(), calls.pop(0)
+            assert (call.seq, call.outcome and call.outcome.seq) == (expected.seq, expected.outcome and expected.outcome.seq)
+        if decisions and decisions[0].seq == entry.seq:
+            assert stream.decisions.take().seq == decisions.pop(0).seq
+        ahead = max(ahead, len(read) - stream.entries.taken)
+    assert not calls and not decisions
+    assert stream.entries.peek() is None and stream.calls.peek() is None and stream.decisions.peek() is None
+    assert read == [r["seq"] for r in records]  # each record read once, all of them
+    assert len(whole.entries) > 200 and ahead <= 4  # at most a command and its reply beyond the start record
+    assert stream.operator == whole.operator and stream.stop_point == whole.stop_point
+
+
+def test_a_resume_survey_reads_the_journal_once_and_stops_at_the_length_it_found(tmp_path: Path) -> None:
+    records = _scripted_run_with_a_stop(tmp_path / "run", 6)
+    path = tmp_path / "run" / "journal.jsonl"
+    data = path.read_bytes()
+    survey = runfold.survey_journal(tmp_path / "run")
+    assert survey.valid_bytes == len(data) and survey.first == records[0]
+    assert survey.actions == 6 and survey.scan_in_flight is None
+    assert survey.fold.relived is not None and list(survey.fold.relived.operator) == [
+        next(r["seq"] for r in records if r["kind"] == "operator")]
+    with path.open("ab") as f:  # records appended after the survey (the resumed run's own), and a torn line
+        f.write(data.splitlines(keepends=True)[-1] + b'{"seq": 1')
+    relived = runfold.relive_journal(tmp_path / "run", survey.valid_bytes)
+    taken = []
+    while relived.entries.peek() is not None:
+        taken.append(relived.entries.take().seq)
+    whole = fold_records(records, replay=True).relived
+    assert whole is not None and taken == [e.seq for e in whole.entries]  # up to the survey's length only
+
+    # cut inside a frame's scan: the survey names the scan a microscope would still be doing
+    scan_reply = next(i for i, r in enumerate(records) if r["kind"] == "reply" and r["op"] == "start_scan")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "journal.jsonl").write_bytes(b"".join(data.splitlines(keepends=True)[: scan_reply + 1]))
+    cut = runfold.survey_journal(tmp_path / "cut")
+    assert isinstance(cut.scan_in_flight, StartScan) and cut.actions == 0

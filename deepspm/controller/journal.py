@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePath
@@ -328,25 +328,65 @@ class JournalContents:
     valid_bytes: int
 
 
-def scan_journal(run_dir: Path) -> JournalContents:
-    """Parse journal.jsonl. Only the last line may be incomplete; any other bad line is a JournalError."""
-    path = Path(run_dir) / JOURNAL_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise JournalError(f"no journal in {run_dir}") from None
-    end = data.rfind(b"\n") + 1
-    body, tail = data[:end], data[end:]
-    records = []
-    for number, line in enumerate(body.splitlines(), start=1):
+class JournalReader:
+    """The records of journal.jsonl one at a time, in order, read as they are asked for: memory holds one line, not
+    the journal (a resumed multi-day run reads 10^5-10^6 records). Only the last line may be incomplete; any other
+    bad line is a JournalError naming it. After the last record: `torn_tail` (the bytes after the last newline) and
+    `valid_bytes` (the length without them). `limit`: read only the first `limit` bytes (a journal that is being
+    appended to is read as it was)."""
+
+    def __init__(self, run_dir: Path, limit: int | None = None) -> None:
+        self.path = Path(run_dir) / JOURNAL_FILE
+        try:
+            self._file = open(self.path, "rb")  # noqa: SIM115 (closed after the last record, or by close())
+        except FileNotFoundError:
+            raise JournalError(f"no journal in {run_dir}") from None
+        self._left = limit
+        self._line = 0
+        self.torn_tail = b""
+        self.valid_bytes = 0
+        self.done = False
+
+    def __iter__(self) -> JournalReader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.done:
+            raise StopIteration
+        if self._left is None:
+            line = self._file.readline()
+        else:
+            line = self._file.readline(self._left) if self._left > 0 else b""
+            self._left -= len(line)
+        if not line.endswith(b"\n"):  # the end of the file (or of the limit): a torn last line, or nothing
+            self.torn_tail = line
+            self.close()
+            raise StopIteration
+        self._line += 1
+        self.valid_bytes += len(line)
+        return self._parse(line)
+
+    def _parse(self, line: bytes) -> dict[str, Any]:
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise JournalError(f"{path}: line {number} is not JSON ({e})") from None
+            self.close()
+            raise JournalError(f"{self.path}: line {self._line} is not JSON ({e})") from None
         if not isinstance(record, dict):
-            raise JournalError(f"{path}: line {number} is not a JSON object")
-        records.append(record)
-    return JournalContents(records, tail, end)
+            self.close()
+            raise JournalError(f"{self.path}: line {self._line} is not a JSON object")
+        return record
+
+    def close(self) -> None:
+        self.done = True
+        self._file.close()
+
+
+def scan_journal(run_dir: Path) -> JournalContents:
+    """Parse journal.jsonl. Only the last line may be incomplete; any other bad line is a JournalError."""
+    reader = JournalReader(run_dir)
+    records = list(reader)
+    return JournalContents(records, reader.torn_tail, reader.valid_bytes)
 
 
 def read_journal(run_dir: Path) -> list[dict[str, Any]]:
@@ -410,49 +450,68 @@ def check_schema(start: Mapping[str, Any], verb: str) -> None:
                        f"read it")
 
 
-def check_journal(records: list[dict[str, Any]], *, require_stop: bool = False) -> list[str]:
-    """Problems of a journal's records (empty = sound): missing or repeated start, seq gaps, duplicates
-    or disorder, missing header fields, records after a stop that is not followed by a resume, t_mono
-    going backwards within one process's segment; with `require_stop`, a missing final stop."""
-    problems: list[str] = []
-    if not records:
-        return ["no records (missing start)"]
-    first = records[0]
-    if first.get("kind") != START or first.get("seq") != 0:
-        problems.append(f"missing start: the first record is {first.get('kind')!r} with seq {first.get('seq')!r}")
-    seen: dict[int, int] = {}
-    expected, last_mono, previous_kind = 0, -math.inf, None
-    for index, r in enumerate(records):
+class JournalCheck:
+    """`check_journal`, one record at a time (`add`), in O(1) memory but for the problems found."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.records = 0
+        self.first: dict[str, Any] | None = None
+        self.last: dict[str, Any] | None = None
+        self._expected, self._last_mono, self._previous_kind = 0, -math.inf, None
+        self._previous_seq: int | None = None
+
+    def add(self, r: dict[str, Any]) -> None:
+        index, problems = self.records, self.problems
+        self.records += 1
+        if index == 0:
+            self.first = r
+            if r.get("kind") != START or r.get("seq") != 0:
+                problems.append(f"missing start: the first record is {r.get('kind')!r} with seq {r.get('seq')!r}")
+        self.last = r
         missing = [k for k in _HEADER_KEYS if k not in r]
         if missing:
             problems.append(f"record {index} lacks {', '.join(missing)}")
         seq, kind = r.get("seq"), r.get("kind")
         if not isinstance(seq, int) or isinstance(seq, bool):
             problems.append(f"record {index}: seq {seq!r} is not an integer")
-            continue
-        if seq in seen:
-            problems.append(f"duplicate seq {seq} (records {seen[seq]} and {index})")
-        elif seq > expected:
-            problems.append(f"gap: seq {expected}..{seq - 1} missing before record {index}")
-        elif seq < expected:
-            problems.append(f"seq {seq} out of order at record {index} (expected {expected})")
-        seen.setdefault(seq, index)
-        expected = max(expected, seq + 1)
+            return
+        if seq == self._previous_seq:
+            problems.append(f"duplicate seq {seq} (records {index - 1} and {index})")
+        elif seq < self._expected:  # seqs only rise: a lower one repeats an earlier record or is out of order
+            problems.append(f"seq {seq} out of order at record {index} (expected {self._expected})")
+        elif seq > self._expected:
+            problems.append(f"gap: seq {self._expected}..{seq - 1} missing before record {index}")
+        self._expected, self._previous_seq = max(self._expected, seq + 1), seq
         if kind == START and index != 0:
             problems.append(f"second start at seq {seq}")
-        if previous_kind == STOP and kind != RESUME:
+        if self._previous_kind == STOP and kind != RESUME:
             problems.append(f"record after stop at seq {seq} without a resume")
         t_mono = r.get("t_mono")
         if kind == RESUME:
-            last_mono = -math.inf  # a new process: its monotonic clock has a new origin
+            self._last_mono = -math.inf  # a new process: its monotonic clock has a new origin
         if isinstance(t_mono, (int, float)):
-            if t_mono < last_mono:
+            if t_mono < self._last_mono:
                 problems.append(f"t_mono goes backwards at seq {seq}")
-            last_mono = t_mono
-        previous_kind = kind
-    if require_stop and records[-1].get("kind") != STOP:
-        problems.append("no stop record at the end")
-    return problems
+            self._last_mono = t_mono
+        self._previous_kind = kind
+
+    def finish(self, *, require_stop: bool = False) -> list[str]:
+        if not self.records:
+            return ["no records (missing start)"]
+        if require_stop and (self.last or {}).get("kind") != STOP:
+            return [*self.problems, "no stop record at the end"]
+        return self.problems
+
+
+def check_journal(records: Iterable[dict[str, Any]], *, require_stop: bool = False) -> list[str]:
+    """Problems of a journal's records (empty = sound): missing or repeated start, seq gaps, duplicates
+    or disorder, missing header fields, records after a stop that is not followed by a resume, t_mono
+    going backwards within one process's segment; with `require_stop`, a missing final stop."""
+    check = JournalCheck()
+    for r in records:
+        check.add(r)
+    return check.finish(require_stop=require_stop)
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -528,26 +587,30 @@ class Journal:
             return
         if not self.path.exists():
             raise JournalError(f"nothing to resume: no journal in {self.run_dir}")
-        contents = scan_journal(self.run_dir)
-        if not contents.records:  # killed before the start record was complete: begin afresh
+        # One pass over the journal, a record at a time (a multi-day journal is hundreds of MB of records).
+        reader, check, run_time = JournalReader(self.run_dir), JournalCheck(), RunTime()
+        for record in reader:
+            check.add(record)
+            run_time.add(record.get("kind"), record.get("t_mono"))
+        first, last = check.first, check.last
+        if first is None or last is None:  # killed before the start record was complete: begin afresh
             os.truncate(self.path, 0)
             return
-        problems = check_journal(contents.records)
+        problems = check.finish()
         if problems:
             raise JournalError(f"cannot resume {self.path}: " + "; ".join(problems[:5]))
-        check_schema(contents.records[0], "resumed")
-        if contents.torn_tail:
-            os.truncate(self.path, contents.valid_bytes)
-        last = contents.records[-1]
+        check_schema(first, "resumed")
+        torn = len(reader.torn_tail)
+        if torn:
+            os.truncate(self.path, reader.valid_bytes)
         self._next_seq = self._on_disk_next = last["seq"] + 1
         self._started = True
-        spent = time_spent_s(contents.records)
-        self.resume_info = ResumeInfo(contents.records[0], last, len(contents.torn_tail), removed, spent)
+        spent = run_time.spent_s
+        self.resume_info = ResumeInfo(first, last, torn, removed, spent)
         from deepspm.controller.documents import Resume  # documents.py builds on this module
 
-        self._enqueue(RESUME, Resume(previous_seq=last["seq"], previous_kind=last["kind"],
-                                     torn_bytes=len(contents.torn_tail), removed_temp_files=list(removed),
-                                     time_spent_s=spent).to_record())
+        self._enqueue(RESUME, Resume(previous_seq=last["seq"], previous_kind=last["kind"], torn_bytes=torn,
+                                     removed_temp_files=list(removed), time_spent_s=spent).to_record())
 
     # -- records ------------------------------------------------------------------------------------------
     @property

@@ -40,7 +40,7 @@ from deepspm.controller.documents import (
 from deepspm.controller.executor import digest, result_from_record
 from deepspm.controller.journal import Journal, frame_ref
 from deepspm.controller.runcontrol import OperatorRequest, RequestKind, RequestSource, RunControl
-from deepspm.controller.runfold import RecordedCall, Relived, fold_records
+from deepspm.controller.runfold import RecordedCall, Relived, Tape, fold_records
 from deepspm.io import errors as io_errors
 from deepspm.io import instrument as io_instrument
 from deepspm.io.errors import Interrupted
@@ -118,36 +118,32 @@ def recorded_calls(records: list[dict[str, Any]]) -> list[RecordedCall]:
     """The journal's instrument calls in order, with their outcomes (settle, wait and stall never reach the
     instrument): the fold's selection (`runfold.Relived.calls`)."""
     relived = fold_records(records, replay=True).relived
-    return relived.calls if relived is not None else []
+    return list(relived.calls) if relived is not None else []
 
 
 class ReplayInstrument:
     """The `Instrument` protocol answered from recorded calls, then (optionally) by a live instrument."""
 
-    def __init__(self, calls: list[RecordedCall], load_frame: Callable[[str], np.ndarray],
+    def __init__(self, calls: Tape[RecordedCall], load_frame: Callable[[str], np.ndarray],
                  live: Instrument | None = None) -> None:
         self._calls = calls
-        self._pos = 0
         self._load_frame = load_frame
         self.live = live
 
     @property
     def exhausted(self) -> bool:
-        return self._pos >= len(self._calls)
+        return self._calls.peek() is None
 
     async def _call(self, op: str, **args: Any) -> Any:
-        if self.exhausted and self.live is not None and self._calls:  # resumed: release the re-lived calls
-            self._calls.clear()
-            self._pos = 0
-        if self.exhausted:
+        call = self._calls.peek()
+        if call is None:
             if self.live is None:
                 raise Divergence(None, "the end of the journal", {"op": op, **args})
             return await getattr(self.live, op)(**args)
-        call = self._calls[self._pos]
         # the record also holds journal-only fields (a scan's purpose, an action's index): compare what is passed
         if call.op != op or not set(args) <= set(call.args) or not all(same(call.args[k], _plain(v)) for k, v in args.items()):
             raise Divergence(call.seq, {"op": call.op, **call.args}, {"op": op, **args})
-        self._pos += 1
+        self._calls.take()
         outcome = call.outcome
         if outcome is None:
             if self.live is None:
@@ -200,32 +196,32 @@ class ReplayJournal:
     (resume) or keeps the new documents (replay). Frames already recorded are not written again.
     `entries`: the records the loop writes, as the fold selected them (`runfold.Relived.entries`)."""
 
-    def __init__(self, run_dir: Path, entries: list[Entry], live: Journal | None = None) -> None:
+    def __init__(self, run_dir: Path, entries: Tape[Entry], live: Journal | None = None) -> None:
         self.run_dir = Path(run_dir)
         self._recorded = entries
-        self._pos = 0
         self.live = live
         self.extra: list[Written] = []  # documents produced after the journal ended (replay only)
         self.closed = False
 
     @property
     def replaying(self) -> bool:
-        return self._pos < len(self._recorded)
+        return self._recorded.peek() is not None
 
     @property
     def next_seq(self) -> int:
         """The seq the next record will get (for scheduling recorded operator requests)."""
-        if self.replaying:
-            return self._recorded[self._pos].seq
+        rec = self._recorded.peek()
+        if rec is not None:
+            return rec.seq
         return self.live.next_seq if self.live is not None else -1
 
     def write(self, doc: Written) -> int:
-        if not self.replaying:
+        rec = self._recorded.peek()
+        if rec is None:
             if self.live is not None:
                 return self.live.write(doc)
             self.extra.append(doc)
             return -len(self.extra)
-        rec = self._recorded[self._pos]
         kind = record_kind(doc)
         expected, got = {"kind": rec.kind, **record_of(rec.doc)}, {"kind": kind, **record_of(doc)}
         keys = _KEY_FIELDS.get(kind, ())
@@ -233,10 +229,7 @@ class ReplayJournal:
         if rec.kind != kind or not all(same(expected.get(k), got.get(k)) for k in fields_):
             raise Divergence(rec.seq, {k: expected.get(k) for k in ("kind", *fields_)},
                              {k: got.get(k) for k in ("kind", *fields_)})
-        self._pos += 1
-        if self.live is not None and self._pos == len(self._recorded):  # resumed: the past is no longer needed
-            self._recorded.clear()
-            self._pos = 0
+        self._recorded.take()
         return rec.seq
 
     async def flush(self) -> None:
@@ -268,7 +261,7 @@ class ReplayBrain:
     and require the same decisions, within `tolerance` on p(good)), "whatif" (run `nets` and stop at the first
     decision that differs). Past the journal's decisions it hands over to `live` (resume)."""
 
-    decisions: list[Entry]  # Classification and ActionChosen entries (`runfold.Relived.decisions`)
+    decisions: Tape[Entry]  # Classification, ActionChosen and LineJudgement entries (`runfold.Relived.decisions`)
     threshold: float
     mode: str = "recorded"
     nets: Brain | None = None
@@ -277,24 +270,19 @@ class ReplayBrain:
     classifier_version: str = "journal"
     points: list[DecisionPoint] = field(default_factory=list)
     max_p_difference: float = 0.0
-    _pos: int = 0
 
     def _next(self, kind: type[Classification] | type[ActionChosen] | type[LineJudgement]) -> Entry | None:
         # decisions no net answered: an interleaved evaluation's random choices, and the verdict on a frame stopped
         # early (the line-window judgement that stopped it was the answer)
-        while self._pos < len(self.decisions):
-            doc = self.decisions[self._pos].doc
+        while (entry := self.decisions.peek()) is not None:
+            doc = entry.doc
             if not ((isinstance(doc, ActionChosen) and doc.agent == "random")
                     or (isinstance(doc, Classification) and doc.lines is not None)):
                 break
-            self._pos += 1
-        if self._pos >= len(self.decisions):
-            if self.live is not None and self.decisions:  # resumed: release the re-lived decisions
-                self.decisions.clear()
-                self._pos = 0
+            self.decisions.take()
+        if entry is None:
             return None
-        entry = self.decisions[self._pos]
-        self._pos += 1
+        self.decisions.take()
         if not isinstance(entry.doc, kind):
             raise Divergence(entry.seq, f"a {record_of(entry.doc).get('decision')} decision", f"a {kind.name} decision")
         return entry

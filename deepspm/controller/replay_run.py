@@ -97,8 +97,8 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
             recorded_checkpoint(start, LINES))
         check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent),
                                                                          (LINES, None)) if given is None))
-    decisions = relived.decisions
-    brain = ReplayBrain(decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
+    decisions = list(relived.decisions)  # the brain takes them off the tape; the agreement table reads them after
+    brain = ReplayBrain(relived.decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
                         classifier_version=(fold.start.checkpoints or {}).get("classifier", "journal"))
     journal = ReplayJournal(run_dir, relived.entries)
     instrument = ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref))
@@ -114,7 +114,7 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
             report.divergence_seq = journal.next_seq
     except Divergence as d:
         report.divergence_seq, report.expected, report.got = d.seq, d.expected, d.got
-    report.decisions_checked = brain._pos
+    report.decisions_checked = brain.decisions.taken
     report.max_p_difference = brain.max_p_difference
     report.decision_points = brain.points
     if classifier is not None and nets is not None:

@@ -26,12 +26,13 @@ Counting rules (the loop's record layout, see controller/plans.py):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from deepspm.controller.commands import Command, Dip, Pulse
+from deepspm.controller.commands import Command, Dip, Pulse, StartScan
 from deepspm.controller.documents import (
     ActionChosen,
     Classification,
@@ -55,6 +56,7 @@ from deepspm.controller.journal import (
     SCHEMA_VERSION,
     SUSPENDED,
     JournalError,
+    JournalReader,
     RunTime,
     check_schema,
     scan_journal,
@@ -65,6 +67,8 @@ DEFAULT_PIEZO_RANGE_M = 850e-9
 DEFAULT_FRAME_SIZE_M = 10e-9
 DEFAULT_BAD_PROBE_THRESHOLD = 10
 MESSAGE_CHARS = 160
+
+T = TypeVar("T")
 
 GOOD, BAD, BAD_SAMPLE, CONTACT_LOST, CRASHED, UNJUDGED = (
     "good probe", "bad probe", "bad sample", "contact lost", "crashed", "not judged")
@@ -186,17 +190,111 @@ class RecordedCall:
         return {k: v for k, v in self.command.to_record().items() if k != "op"}
 
 
-@dataclass
-class Relived:
-    """What a replay or resume re-lives (kept only when asked)."""
+class Tape(Generic[T]):
+    """Items the loop re-lives, taken front to back. A tape of a whole fold holds them all; a tape of a journal
+    re-lived as the loop goes (`relive_journal`) asks `read_more` for the next record when it runs dry (False: the
+    journal has ended), so it holds a few at a time. Iterating shows the items held now."""
 
-    entries: list[Entry] = field(default_factory=list)  # every record the loop writes (no start, stop, resume)
-    calls: list[RecordedCall] = field(default_factory=list)  # commands that reach the instrument
-    decisions: list[Entry] = field(default_factory=list)  # Classification, ActionChosen, LineJudgement: the nets'
-    operator: dict[int, OperatorRequestRecord] = field(default_factory=dict)  # by seq
-    stop_point: int | None = None  # where the loop decided to stop at a safe point (budget or operator)
-    _open_calls: dict[int, int] = field(default_factory=dict)  # command seq -> index in `calls`
-    _withdraw_from: int | None = None  # first seq of the withdraw records just before
+    def __init__(self, read_more: Callable[[], bool] | None = None) -> None:
+        self._items: deque[T] = deque()
+        self._read_more = read_more
+        self.taken = 0
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+
+    def peek(self) -> T | None:
+        """The next item (None: the journal has no more)."""
+        while not self._items and self._read_more is not None:
+            if not self._read_more():
+                self._read_more = None
+        return self._items[0] if self._items else None
+
+    def take(self) -> T:
+        item = self.peek()
+        if item is None:
+            raise IndexError("the re-lived journal has no more")
+        self._items.popleft()
+        self.taken += 1
+        return item
+
+    def drain(self) -> Iterator[T]:
+        """Take every item held now (without reading more)."""
+        while self._items:
+            self.taken += 1
+            yield self._items.popleft()
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Relived:
+    """What a replay or resume re-lives (kept only when asked): three tapes of entries, in journal order, and the
+    operator requests and the stop point. A record reaches the tapes once nothing later can change it: a command
+    once its reply or failure is folded (a killed process's last command gets the resumed process's Interrupted
+    failure), the records of a withdraw once the
+    next record shows it was not the withdraw of a full disk's suspension (which a resumed run does not re-live).
+    At the journal's end everything folded is on the tapes."""
+
+    def __init__(self, read_more: Callable[[], bool] | None = None) -> None:
+        self.entries: Tape[Entry] = Tape(read_more)  # every record the loop writes (no start, stop, resume)
+        self.calls: Tape[RecordedCall] = Tape(read_more)  # commands that reach the instrument, with their outcomes
+        self.decisions: Tape[Entry] = Tape(read_more)  # Classification, ActionChosen, LineJudgement: the nets'
+        self.operator: dict[int, OperatorRequestRecord] = {}  # by seq
+        self.stop_point: int | None = None  # where the loop decided to stop at a safe point (budget or operator)
+        self._entries: deque[Entry] = deque()  # folded, not yet on the tape
+        self._calls: deque[RecordedCall] = deque()
+        self._open_calls: set[int] = set()  # seqs of commands waiting for their outcome
+        self._withdraw_from: int | None = None  # first seq of the withdraw records just before
+
+    def add(self, e: Entry) -> None:
+        doc = e.doc
+        if isinstance(doc, Stop) and doc.status == SUSPENDED and self._withdraw_from is not None:
+            # a full disk suspended the run: its withdraw was no step of a plan, and the resumed run does not re-live it
+            cut = self._withdraw_from
+            while self._entries and self._entries[-1].seq >= cut:
+                self._entries.pop()
+            while self._calls and self._calls[-1].seq >= cut:
+                self._open_calls.discard(self._calls.pop().seq)
+        if isinstance(doc, (Start, Stop, Resume)):
+            # (a command the killed process left without an outcome stays open: the resumed process journals its
+            # Interrupted failure)
+            self._withdraw_from = None
+            self.release()
+            return
+        self._entries.append(e)
+        if isinstance(doc, Command) and doc.touches_instrument:
+            self._open_calls.add(e.seq)
+            self._calls.append(RecordedCall(e.seq, doc, None))
+        elif isinstance(doc, (Reply, Failure)) and doc.of in self._open_calls:
+            self._open_calls.discard(doc.of)
+            index = next(i for i in range(len(self._calls) - 1, -1, -1) if self._calls[i].seq == doc.of)
+            self._calls[index] = RecordedCall(doc.of, self._calls[index].command, e)
+        elif isinstance(doc, (Classification, ActionChosen, LineJudgement)):
+            self.decisions.put(e)
+        elif isinstance(doc, OperatorRequestRecord):
+            self.operator[e.seq] = doc
+        # the stop sequence: [operator requests] [withdraw command + reply] stop transition
+        if isinstance(doc, (Command, Reply, Failure)) and doc.op == "withdraw":
+            self._withdraw_from = e.seq if self._withdraw_from is None else self._withdraw_from
+        elif isinstance(doc, TransitionRecord) and doc.trigger == "stop":
+            self.stop_point = self._withdraw_from if self._withdraw_from is not None else e.seq
+            self._withdraw_from = None
+        else:
+            self._withdraw_from = None
+        self.release()
+
+    def release(self, *, final: bool = False) -> None:
+        """Move what nothing later can change onto the tapes (`final`: the journal has ended: everything)."""
+        cut = None if final else self._withdraw_from
+        while self._entries and (cut is None or self._entries[0].seq < cut):
+            self.entries.put(self._entries.popleft())
+        while self._calls and (final or (self._calls[0].seq not in self._open_calls
+                                         and (cut is None or self._calls[0].seq < cut))):
+            self.calls.put(self._calls.popleft())
 
 
 # -- the fold ------------------------------------------------------------------------------------------------------
@@ -363,7 +461,7 @@ class RunFold:
                 self.history.actions.append(TakenAction(e.seq, self.area, doc.action, None, None, True, True, None))
                 self.history._awaiting_site = len(self.history.actions) - 1
         if self.relived is not None:
-            _relive(self.relived, e)
+            self.relived.add(e)
 
     def _start(self, s: Start) -> None:
         self.start, self.schema = s, s.schema
@@ -483,45 +581,81 @@ class RunFold:
             self.history.actions.append(TakenAction(e.seq, self.area, a.action, x, y, a.explored, False, number))
 
 
-def _relive(r: Relived, e: Entry) -> None:
-    doc = e.doc
-    if isinstance(doc, Stop) and doc.status == SUSPENDED and r._withdraw_from is not None:
-        # a full disk suspended the run: its withdraw was no step of a plan, and the resumed run does not re-live it
-        cut = r._withdraw_from
-        while r.entries and r.entries[-1].seq >= cut:
-            r.entries.pop()
-        while r.calls and r.calls[-1].seq >= cut:
-            r._open_calls.pop(r.calls.pop().seq, None)
-    if isinstance(doc, (Start, Stop, Resume)):
-        r._withdraw_from = None
-        return
-    r.entries.append(e)
-    if isinstance(doc, Command) and doc.touches_instrument:
-        r._open_calls[e.seq] = len(r.calls)
-        r.calls.append(RecordedCall(e.seq, doc, None))
-    elif isinstance(doc, (Reply, Failure)) and doc.of in r._open_calls:
-        index = r._open_calls.pop(doc.of)
-        r.calls[index] = RecordedCall(doc.of, r.calls[index].command, e)
-    elif isinstance(doc, (Classification, ActionChosen, LineJudgement)):
-        r.decisions.append(e)
-    elif isinstance(doc, OperatorRequestRecord):
-        r.operator[e.seq] = doc
-    # the stop sequence: [operator requests] [withdraw command + reply] stop transition
-    if isinstance(doc, (Command, Reply, Failure)) and doc.op == "withdraw":
-        r._withdraw_from = e.seq if r._withdraw_from is None else r._withdraw_from
-    elif isinstance(doc, TransitionRecord) and doc.trigger == "stop":
-        r.stop_point = r._withdraw_from if r._withdraw_from is not None else e.seq
-        r._withdraw_from = None
-    else:
-        r._withdraw_from = None
-
-
 def fold_records(records: Iterable[dict[str, Any]], run_id: str = "", *, history: bool = False,
                  replay: bool = False) -> RunFold:
+    """The fold of a whole journal's records (with `replay`: all of what is re-lived on its tapes)."""
     fold = RunFold.new(run_id, history=history, replay=replay)
     for record in records:
         fold.add(record)
+    if fold.relived is not None:
+        fold.relived.release(final=True)
     return fold
+
+
+def relive_journal(run_dir: Path, limit: int | None = None) -> Relived:
+    """What a resumed loop re-lives, read from `run_dir`'s journal as the loop goes: a record is read and folded
+    when a tape runs dry, so memory holds a few records, not the journal. `limit`: the journal's length in bytes
+    when it was surveyed (the records appended since are the resumed run's own)."""
+    reader = JournalReader(Path(run_dir), limit)
+    fold = RunFold.new(Path(run_dir).name)
+
+    def read_more() -> bool:
+        record = next(reader, None)
+        if record is None:
+            relived.release(final=True)
+            return False
+        fold.add(record)
+        return True
+
+    relived = fold.relived = Relived(read_more)
+    return relived
+
+
+@dataclass
+class JournalSurvey:
+    """A journal read once, a record at a time, for a resume: its fold (the tapes emptied as it went; the operator
+    requests and the stop point kept), and what the resume needs of the re-lived records."""
+
+    fold: RunFold
+    actions: int = 0  # conditioning actions chosen (ActionChosen): the learner's resume point is found by it
+    scan_in_flight: StartScan | None = None  # the scan the last process started and had not finished with
+    valid_bytes: int = 0  # the journal's length without a torn last line
+    first: dict[str, Any] | None = None  # the start record as written (None: the journal has no complete record)
+
+    def _call(self, call: RecordedCall) -> None:
+        """Follow the scans: a microscope outlives its controller and is still scanning a frame the killed process
+        started (no stop, no complete frame grabbed since)."""
+        if isinstance(call.command, StartScan):
+            self.scan_in_flight = call.command if call.outcome is not None and isinstance(call.outcome.doc, Reply) else None
+        elif call.op == "stop_scan":
+            self.scan_in_flight = None
+        elif call.op == "grab_frame" and call.outcome is not None and isinstance(call.outcome.doc, Reply):
+            result = call.outcome.doc.result
+            if isinstance(result, Mapping) and result.get("complete"):
+                self.scan_in_flight = None
+
+    def _take(self, relived: Relived) -> None:
+        for call in relived.calls.drain():
+            self._call(call)
+        self.actions += sum(isinstance(entry.doc, ActionChosen) for entry in relived.decisions.drain())
+        for _ in relived.entries.drain():
+            pass
+
+
+def survey_journal(run_dir: Path) -> JournalSurvey:
+    """Read `run_dir`'s journal once for a resume (JournalError for a record that is not sound)."""
+    reader = JournalReader(Path(run_dir))
+    survey = JournalSurvey(RunFold.new(Path(run_dir).name, replay=True))
+    relived = survey.fold.relived
+    assert relived is not None
+    for record in reader:
+        survey.first = survey.first or record
+        survey.fold.add(record)
+        survey._take(relived)
+    relived.release(final=True)
+    survey._take(relived)
+    survey.valid_bytes = reader.valid_bytes
+    return survey
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import importlib.metadata
 import platform
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import structlog
 from deepspm.controller.brain import NetBrain
 from deepspm.controller.commands import StartScan
 from deepspm.controller.config import RunConfig, ScanConfig, config_from_dict, config_to_dict
-from deepspm.controller.documents import ActionChosen, Reply, Start, record_of
+from deepspm.controller.documents import Start, record_of
 from deepspm.controller.journal import (
     CHECKPOINTS_DIR,
     JOURNAL_FILE,
@@ -38,13 +38,12 @@ from deepspm.controller.journal import (
     RunClock,
     check_schema,
     load_frame,
-    scan_journal,
 )
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.resume_points import ResumePoints, adopt_resume_point
 from deepspm.controller.runcontrol import RunControl
-from deepspm.controller.runfold import RecordedCall, Relived, RunFold, fold_records
+from deepspm.controller.runfold import JournalSurvey, Relived, relive_journal, survey_journal
 from deepspm.controller.runlock import RunDirLock
 from deepspm.fsm.table import table_as_records, table_hash
 from deepspm.io.actions import N_ACTIONS
@@ -293,7 +292,7 @@ async def _locked_session(
     resume: bool,
 ) -> SessionResult:
     recorded = _resumable(run_dir) if resume else None  # None: a new run (or nothing complete to resume)
-    start = record_of(recorded.start) if recorded is not None and recorded.start is not None else {}
+    start = record_of(recorded.fold.start) if recorded is not None and recorded.fold.start is not None else {}
     if recorded is not None:
         cfg = config_from_dict(start.get("config") or {})
     if brain is None:
@@ -353,7 +352,7 @@ async def _locked_session(
                                    after_learning=_resume_points(run_dir, journal, brain))
                 else:
                     if sim is not None and sim_thread is not None:
-                        scan = scan_in_flight((recorded.relived or Relived()).calls)
+                        scan = recorded.scan_in_flight
                         if scan is not None:
                             await sim_thread.call_async(functools.partial(continue_scan, sim.microscope, scan, cfg.scan))
                     loop = _fast_forward_loop(recorded, run_dir, instrument, journal, brain, cfg, control, progress,
@@ -401,32 +400,31 @@ class ResumeError(RuntimeError):
     """The run directory cannot be resumed (it stopped normally, or its journal is unsound)."""
 
 
-def _resumable(run_dir: Path) -> RunFold | None:
-    """The fold of a journal to resume, with what the loop re-lives; None if it has no complete record (the
-    run was killed while starting: it begins afresh). ResumeError for a stopped run, JournalError for a
-    journal of another schema."""
-    records = scan_journal(run_dir).records
-    if not records:
+def _resumable(run_dir: Path) -> JournalSurvey | None:
+    """The survey of a journal to resume (read once, a record at a time); None if it has no complete record (the
+    run was killed while starting: it begins afresh). ResumeError for a stopped run, JournalError for a journal of
+    another schema."""
+    survey = survey_journal(run_dir)
+    fold = survey.fold
+    if survey.first is None:
         return None
-    fold = fold_records(records, run_dir.name, replay=True)
     if fold.last_kind == "stop" and fold.stop is not None and fold.stop.status != SUSPENDED:
         raise ResumeError(f"{run_dir}: the run has stopped ({fold.stop.status}: {fold.stop.reason}); nothing to resume")
-    check_schema(records[0], "resumed")
-    return fold
+    check_schema(survey.first, "resumed")
+    return survey
 
 
-def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInstrument, journal: Journal,
+def _fast_forward_loop(recorded: JournalSurvey, run_dir: Path, instrument: NanonisInstrument, journal: Journal,
                        brain: NetBrain, cfg: RunConfig, control: RunControl, progress: Callable[[RunLoop], None] | None,
                        sleep: Callable[[float], Any], monotonic: Callable[[], float]) -> RunLoop:
-    """A loop that re-lives the journal (answered from it) and then hands over to the live instrument,
-    journal, nets and operator."""
+    """A loop that re-lives the journal (answered from it, read as the loop goes) and then hands over to the live
+    instrument, journal, nets and operator."""
     from deepspm.controller.replay import ReplayBrain, ReplayControl, ReplayInstrument, ReplayJournal
 
-    relived = recorded.relived or Relived()  # _resumable keeps it
     learner = _online_learner(brain)
     if learner is not None:
-        actions = sum(isinstance(entry.doc, ActionChosen) for entry in relived.decisions)
-        adopt_resume_point(run_dir, learner, actions)
+        adopt_resume_point(run_dir, learner, recorded.actions)
+    relived = relive_journal(run_dir, recorded.valid_bytes)
     replay_journal = ReplayJournal(run_dir, relived.entries, live=journal)
     return RunLoop(
         instrument=ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref), live=instrument),
@@ -434,12 +432,12 @@ def _fast_forward_loop(recorded: RunFold, run_dir: Path, instrument: NanonisInst
         brain=ReplayBrain(relived.decisions, cfg.classifier.threshold, live=brain,
                           classifier_version=brain.classifier_version),
         config=cfg,
-        control=ReplayControl(replay_journal, relived, live=control),
+        control=ReplayControl(replay_journal, recorded.fold.relived or Relived(), live=control),
         progress=_trimming_heap(progress), sleep=sleep, monotonic=monotonic,
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
-        outputs=SxmOutput(run_dir, recorded.run_id or run_dir.name, cfg),
+        outputs=SxmOutput(run_dir, recorded.fold.run_id or run_dir.name, cfg),
         after_learning=_resume_points(run_dir, journal, brain),
-        schema=recorded.schema,
+        schema=recorded.fold.schema,
     )
 
 
@@ -454,22 +452,6 @@ def _resume_points(run_dir: Path, journal: Journal, brain: Any) -> Callable[[], 
     """The saver of the learner's resume points, for a run whose nets learn online."""
     learner = _online_learner(brain)
     return ResumePoints(run_dir, journal, learner).after_learning if learner is not None else None
-
-
-def scan_in_flight(calls: Sequence[RecordedCall]) -> StartScan | None:
-    """The scan the killed process had started and not yet finished with (no stop, no complete frame grabbed
-    since), or None. A real microscope outlives its controller and is still scanning that frame."""
-    scan: StartScan | None = None
-    for call in calls:
-        if isinstance(call.command, StartScan):
-            scan = call.command if call.outcome is not None and isinstance(call.outcome.doc, Reply) else None
-        elif call.op == "stop_scan":
-            scan = None
-        elif call.op == "grab_frame" and call.outcome is not None and isinstance(call.outcome.doc, Reply):
-            result = call.outcome.doc.result
-            if isinstance(result, Mapping) and result.get("complete"):
-                scan = None
-    return scan
 
 
 async def continue_scan(microscope: Any, scan: StartScan, settings: ScanConfig) -> None:
