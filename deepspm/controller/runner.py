@@ -66,12 +66,13 @@ def run_from_cli(cfg: RunConfig, args: argparse.Namespace) -> int:
 def _resume_from_cli(args: argparse.Namespace) -> int:
     """Continue a killed run: config, nets, seed and simulator settings come from its journal."""
     from deepspm.controller.config import config_from_dict
-    from deepspm.controller.journal import scan_journal
+    from deepspm.controller.journal import JournalReader
 
-    records = scan_journal(args.resume).records
-    if not records:
+    reader = JournalReader(args.resume)  # the start record only (a multi-day journal is hundreds of MB)
+    start = next(reader, None)
+    reader.close()
+    if start is None:
         raise FileNotFoundError(f"{args.resume}: no journal records to resume from")
-    start = records[0]
     cfg = config_from_dict(start["config"])
     configure_logging(cfg.logging.level)
     sim = (start.get("instrument") or {}).get("simulator")
