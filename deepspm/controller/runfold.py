@@ -25,6 +25,7 @@ Counting rules (the loop's record layout, see controller/plans.py):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -59,7 +60,6 @@ from deepspm.controller.journal import (
     JournalReader,
     RunTime,
     check_schema,
-    scan_journal,
 )
 
 DEFAULT_THRESHOLD = 0.9
@@ -667,17 +667,18 @@ class JournalFold:
 
 
 def read_fold(run_dir: Path, *, history: bool = False, replay: bool = False) -> JournalFold:
-    """Fold a run directory's journal (a torn last line is left out and counted)."""
-    contents = scan_journal(Path(run_dir))
-    fold = fold_records(contents.records, Path(run_dir).name, history=history, replay=replay)
-    return JournalFold(fold, len(contents.torn_tail))
+    """Fold a run directory's journal, a record at a time (a torn last line is left out and counted)."""
+    reader = JournalReader(Path(run_dir))
+    fold = fold_records(reader, Path(run_dir).name, history=history, replay=replay)
+    return JournalFold(fold, len(reader.torn_tail))
 
 
 def read_relived(run_dir: Path, verb: str) -> RunFold:
-    """The fold of a journal to replay or resume (`verb`: "replayed" / "resumed"): it must have a start
-    record and this version's schema."""
-    contents = scan_journal(Path(run_dir))
-    if not contents.records:
+    """The fold of a journal to replay (`verb`: "replayed"), with everything it re-lives on its tapes: it must have a
+    start record and this version's schema."""
+    reader = JournalReader(Path(run_dir))
+    first = next(reader, None)
+    if first is None:
         raise JournalError(f"{run_dir}: the journal has no complete record; nothing can be {verb}")
-    check_schema(contents.records[0], verb)
-    return fold_records(contents.records, Path(run_dir).name, replay=True)
+    check_schema(first, verb)
+    return fold_records(itertools.chain([first], reader), Path(run_dir).name, replay=True)
