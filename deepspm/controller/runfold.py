@@ -235,9 +235,8 @@ class Relived:
     """What a replay or resume re-lives (kept only when asked): three tapes of entries, in journal order, and the
     operator requests and the stop point. A record reaches the tapes once nothing later can change it: a command
     once its reply or failure is folded (a killed process's last command gets the resumed process's Interrupted
-    failure), the records of a withdraw once the
-    next record shows it was not the withdraw of a full disk's suspension (which a resumed run does not re-live).
-    At the journal's end everything folded is on the tapes."""
+    failure), the records of a withdraw once the next record shows it was not the withdraw of a full disk's
+    suspension (which a resumed run does not re-live). At the journal's end everything folded is on the tapes."""
 
     def __init__(self, read_more: Callable[[], bool] | None = None) -> None:
         self.entries: Tape[Entry] = Tape(read_more)  # every record the loop writes (no start, stop, resume)
@@ -638,8 +637,7 @@ class JournalSurvey:
         for call in relived.calls.drain():
             self._call(call)
         self.actions += sum(isinstance(entry.doc, ActionChosen) for entry in relived.decisions.drain())
-        for _ in relived.entries.drain():
-            pass
+        deque(relived.entries.drain(), maxlen=0)  # the loop's records: not needed to survey
 
 
 def survey_journal(run_dir: Path) -> JournalSurvey:
