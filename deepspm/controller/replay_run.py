@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from deepspm.controller.config import config_from_dict
-from deepspm.controller.documents import Classification, Entry, record_of
-from deepspm.controller.journal import JournalError, load_frame
+from deepspm.controller.documents import Classification, record_of
+from deepspm.controller.journal import JournalError, check_schema, load_frame
 from deepspm.controller.loop import RunLoop
 from deepspm.controller.preprocess import preprocess
 from deepspm.controller.replay import (
@@ -24,7 +24,7 @@ from deepspm.controller.replay import (
     ReplayInstrument,
     ReplayJournal,
 )
-from deepspm.controller.runfold import read_relived
+from deepspm.controller.runfold import Relived, relive_journal, survey_journal
 from deepspm.controller.session import LINES, check_recorded_nets, load_brain, recorded_checkpoint
 
 MODES = ("recorded", "recompute")
@@ -79,10 +79,12 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     if mode not in MODES:
         raise ValueError(f"replay mode must be one of {MODES}, not {mode!r}")
     run_dir = Path(run_dir)
-    fold = read_relived(run_dir, "replayed")  # this version's schema only
-    relived = fold.relived
-    if fold.start is None or relived is None:  # read_relived folds a start record, keeping what is re-lived
-        raise JournalError(f"{run_dir}: nothing to replay")
+    # read a record at a time, twice: a survey (the start, operator requests, the stop point), then the re-live
+    survey = survey_journal(run_dir, classifications=classifier is not None)
+    fold = survey.fold
+    if survey.first is None or fold.start is None:
+        raise JournalError(f"{run_dir}: the journal has no complete record; nothing can be replayed")
+    check_schema(survey.first, "replayed")  # this version's schema only
     start = record_of(fold.start)
     cfg = config_from_dict(start.get("config") or {})
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, hours=None))  # the recorded stop point rules
@@ -97,13 +99,14 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
             recorded_checkpoint(start, LINES))
         check_recorded_nets(start, nets, tuple(name for name, given in (("classifier", classifier), ("agent", agent),
                                                                          (LINES, None)) if given is None))
-    decisions = list(relived.decisions)  # the brain takes them off the tape; the agreement table reads them after
+    relived = relive_journal(run_dir, survey.valid_bytes)
     brain = ReplayBrain(relived.decisions, cfg.classifier.threshold, mode="whatif" if what_if else mode, nets=nets,
                         classifier_version=(fold.start.checkpoints or {}).get("classifier", "journal"))
     journal = ReplayJournal(run_dir, relived.entries)
     instrument = ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref))
     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg,
-                   control=ReplayControl(journal, relived), sleep=_no_wait, monotonic=lambda: 0.0, schema=fold.schema)
+                   control=ReplayControl(journal, fold.relived or Relived()), sleep=_no_wait, monotonic=lambda: 0.0,
+                   schema=fold.schema)
     report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=fold.records,
                           target_state=cfg.probe.target_state)
     try:
@@ -118,13 +121,13 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     report.max_p_difference = brain.max_p_difference
     report.decision_points = brain.points
     if classifier is not None and nets is not None:
-        report.agreement = await asyncio.to_thread(_agreement, run_dir, decisions, nets, cfg.classifier.threshold)
+        report.agreement = await asyncio.to_thread(_agreement, run_dir, survey.classifications or [], nets,
+                                                   cfg.classifier.threshold)
     return report
 
 
-def _agreement(run_dir: Path, decisions: list[Entry], nets: Any, threshold: float) -> dict[str, int]:
+def _agreement(run_dir: Path, rows: list[Classification], nets: Any, threshold: float) -> dict[str, int]:
     """Re-classify every recorded frame with the new classifier (same pre-processing, same RANSAC seed)."""
-    rows = [e.doc for e in decisions if isinstance(e.doc, Classification)]
     if not rows:
         return {"good_good": 0, "good_bad": 0, "bad_good": 0, "bad_bad": 0}
     images = np.stack([preprocess(load_frame(run_dir, r.frame), r.ransac_seed).normalised for r in rows])

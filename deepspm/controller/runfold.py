@@ -25,7 +25,6 @@ Counting rules (the loop's record layout, see controller/plans.py):
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -59,7 +58,6 @@ from deepspm.controller.journal import (
     JournalError,
     JournalReader,
     RunTime,
-    check_schema,
 )
 
 DEFAULT_THRESHOLD = 0.9
@@ -620,6 +618,7 @@ class JournalSurvey:
     scan_in_flight: StartScan | None = None  # the scan the last process started and had not finished with
     valid_bytes: int = 0  # the journal's length without a torn last line
     first: dict[str, Any] | None = None  # the start record as written (None: the journal has no complete record)
+    classifications: list[Classification] | None = None  # every frame's classification, when asked (replay's what-if)
 
     def _call(self, call: RecordedCall) -> None:
         """Follow the scans: a microscope outlives its controller and is still scanning a frame the killed process
@@ -636,14 +635,18 @@ class JournalSurvey:
     def _take(self, relived: Relived) -> None:
         for call in relived.calls.drain():
             self._call(call)
-        self.actions += sum(isinstance(entry.doc, ActionChosen) for entry in relived.decisions.drain())
+        for entry in relived.decisions.drain():
+            if isinstance(entry.doc, ActionChosen):
+                self.actions += 1
+            elif isinstance(entry.doc, Classification) and self.classifications is not None:
+                self.classifications.append(entry.doc)
         deque(relived.entries.drain(), maxlen=0)  # the loop's records: not needed to survey
 
 
-def survey_journal(run_dir: Path) -> JournalSurvey:
-    """Read `run_dir`'s journal once for a resume (JournalError for a record that is not sound)."""
+def survey_journal(run_dir: Path, *, classifications: bool = False) -> JournalSurvey:
+    """Read `run_dir`'s journal once for a resume or a replay (JournalError for a record that is not sound)."""
     reader = JournalReader(Path(run_dir))
-    survey = JournalSurvey(RunFold.new(Path(run_dir).name, replay=True))
+    survey = JournalSurvey(RunFold.new(Path(run_dir).name, replay=True), classifications=[] if classifications else None)
     relived = survey.fold.relived
     assert relived is not None
     for record in reader:
@@ -669,14 +672,3 @@ def read_fold(run_dir: Path, *, history: bool = False, replay: bool = False) -> 
     reader = JournalReader(Path(run_dir))
     fold = fold_records(reader, Path(run_dir).name, history=history, replay=replay)
     return JournalFold(fold, len(reader.torn_tail))
-
-
-def read_relived(run_dir: Path, verb: str) -> RunFold:
-    """The fold of a journal to replay (`verb`: "replayed"), with everything it re-lives on its tapes: it must have a
-    start record and this version's schema."""
-    reader = JournalReader(Path(run_dir))
-    first = next(reader, None)
-    if first is None:
-        raise JournalError(f"{run_dir}: the journal has no complete record; nothing can be {verb}")
-    check_schema(first, verb)
-    return fold_records(itertools.chain([first], reader), Path(run_dir).name, replay=True)
