@@ -24,7 +24,7 @@ from deepspm.controller.replay import (
     ReplayInstrument,
     ReplayJournal,
 )
-from deepspm.controller.runfold import Relived, relive_journal, survey_journal
+from deepspm.controller.runfold import relive_journal, survey_journal
 from deepspm.controller.session import LINES, check_recorded_nets, load_brain, recorded_checkpoint
 
 MODES = ("recorded", "recompute")
@@ -105,7 +105,7 @@ async def replay_run(run_dir: Path, *, mode: str = "recorded", classifier: Path 
     journal = ReplayJournal(run_dir, relived.entries)
     instrument = ReplayInstrument(relived.calls, lambda ref: load_frame(run_dir, ref))
     loop = RunLoop(instrument=instrument, journal=journal, brain=brain, config=cfg,
-                   control=ReplayControl(journal, fold.relived or Relived()), sleep=_no_wait, monotonic=lambda: 0.0,
+                   control=ReplayControl(journal, survey.relived), sleep=_no_wait, monotonic=lambda: 0.0,
                    schema=fold.schema)
     report = ReplayReport(run_dir, "what-if" if what_if else mode, identical=False, records=fold.records,
                           target_state=cfg.probe.target_state)

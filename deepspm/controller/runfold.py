@@ -610,7 +610,7 @@ def relive_journal(run_dir: Path, limit: int | None = None) -> Relived:
 
 @dataclass
 class JournalSurvey:
-    """A journal read once, a record at a time, for a resume: its fold (the tapes emptied as it went; the operator
+    """A journal read once, a record at a time, for a resume or a replay: its fold (the tapes emptied as it went; the operator
     requests and the stop point kept), and what the resume needs of the re-lived records."""
 
     fold: RunFold
@@ -632,7 +632,14 @@ class JournalSurvey:
             if isinstance(result, Mapping) and result.get("complete"):
                 self.scan_in_flight = None
 
-    def _take(self, relived: Relived) -> None:
+    @property
+    def relived(self) -> Relived:
+        """The fold's Relived, its tapes emptied: the operator requests and the stop point a replay control needs."""
+        assert self.fold.relived is not None  # survey_journal folds with replay=True
+        return self.fold.relived
+
+    def _take(self) -> None:
+        relived = self.relived
         for call in relived.calls.drain():
             self._call(call)
         for entry in relived.decisions.drain():
@@ -647,14 +654,12 @@ def survey_journal(run_dir: Path, *, classifications: bool = False) -> JournalSu
     """Read `run_dir`'s journal once for a resume or a replay (JournalError for a record that is not sound)."""
     reader = JournalReader(Path(run_dir))
     survey = JournalSurvey(RunFold.new(Path(run_dir).name, replay=True), classifications=[] if classifications else None)
-    relived = survey.fold.relived
-    assert relived is not None
     for record in reader:
         survey.first = survey.first or record
         survey.fold.add(record)
-        survey._take(relived)
-    relived.release(final=True)
-    survey._take(relived)
+        survey._take()
+    survey.relived.release(final=True)
+    survey._take()
     survey.valid_bytes = reader.valid_bytes
     return survey
 

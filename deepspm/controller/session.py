@@ -43,7 +43,7 @@ from deepspm.controller.loop import RunLoop
 from deepspm.controller.outputs import SxmOutput
 from deepspm.controller.resume_points import ResumePoints, adopt_resume_point
 from deepspm.controller.runcontrol import RunControl
-from deepspm.controller.runfold import JournalSurvey, Relived, relive_journal, survey_journal
+from deepspm.controller.runfold import JournalSurvey, relive_journal, survey_journal
 from deepspm.controller.runlock import RunDirLock
 from deepspm.fsm.table import table_as_records, table_hash
 from deepspm.io.actions import N_ACTIONS
@@ -432,7 +432,7 @@ def _fast_forward_loop(recorded: JournalSurvey, run_dir: Path, instrument: Nanon
         brain=ReplayBrain(relived.decisions, cfg.classifier.threshold, live=brain,
                           classifier_version=brain.classifier_version),
         config=cfg,
-        control=ReplayControl(replay_journal, recorded.fold.relived or Relived(), live=control),
+        control=ReplayControl(replay_journal, recorded.relived, live=control),
         progress=_trimming_heap(progress), sleep=sleep, monotonic=monotonic,
         time_spent_s=journal.resume_info.time_spent_s if journal.resume_info else 0.0,
         outputs=SxmOutput(run_dir, recorded.fold.run_id or run_dir.name, cfg),
