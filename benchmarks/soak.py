@@ -408,12 +408,19 @@ def judged_scans(records: list[dict[str, Any]]) -> set[int]:
     grabbed: dict[str, int] = {}
     judged: set[int] = set()
     for r in records:
-        if r["kind"] == "reply" and r.get("op") == "grab_frame" and isinstance(r.get("result"), dict) \
-                and r["result"].get("frame"):
-            grabbed[r["result"]["frame"]] = r["seq"]
+        if (ref := grabbed_frame(r)) is not None:
+            grabbed[ref] = r["seq"]
         elif r.get("decision") == "classify" and r.get("frame") in grabbed:
             judged.add(grabbed[r["frame"]])
     return judged
+
+
+def grabbed_frame(record: dict[str, Any]) -> str | None:
+    """The frame a grab_frame reply brought (its content hash), or None for any other record."""
+    result = record.get("result")
+    if record["kind"] == "reply" and record.get("op") == "grab_frame" and isinstance(result, dict):
+        return result.get("frame") or None
+    return None
 
 
 def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dict[str, Any]) -> dict[str, Any]:
@@ -425,8 +432,7 @@ def analyse(args: argparse.Namespace, run_dir: Path, soak_dir: Path, driven: dic
     counters = stop.get("counters") or {}
     classified = [r for r in records if r.get("decision") == "classify"]
     judged_frames = judged_scans(records)
-    grabbed = {r["result"]["frame"] for r in records if r["kind"] == "reply" and r.get("op") == "grab_frame"
-               and isinstance(r.get("result"), dict) and r["result"].get("frame")}
+    grabbed = {ref for r in records if (ref := grabbed_frame(r)) is not None}
     on_disk = {p.stem for p in (run_dir / "frames").glob("*.npy")}
     triggers = Counter(r["trigger"] for r in records if r["kind"] == "transition")
     failures = Counter(f"{r['op']}: {r['error']}" for r in records if r["kind"] == "failure")
