@@ -624,3 +624,17 @@ def test_time_spent_sums_each_process_span() -> None:
     three = one + [rec(2, "resume", 2.0), rec(3, "note", 32.0), rec(4, "resume", 1.0), rec(5, "note", 11.0)]
     assert time_spent_s(three) == 60.0 + 30.0 + 10.0
     assert time_spent_s([]) == 0.0
+
+
+def test_a_reader_left_early_closes_its_file(tmp_path: Path) -> None:
+    """`run --resume` reads only the start record, and a survey stops at a record that is not sound: leaving the
+    `with` block closes the journal there and then, not when the reader is garbage-collected."""
+    lines = [json.dumps({"seq": i, "t_mono": float(i), "t_wall": 0.0, "kind": "note"}) for i in range(3)]
+    (tmp_path / JOURNAL_FILE).write_text("\n".join(lines) + "\n")
+    with journal_module.JournalReader(tmp_path) as reader:
+        assert next(reader)["seq"] == 0
+    assert reader._file.closed and list(reader) == []
+    (tmp_path / JOURNAL_FILE).write_text(lines[0] + "\n[1, 2]\n" + lines[2] + "\n")
+    with pytest.raises(JournalError, match="line 2 is not a JSON object"), journal_module.JournalReader(tmp_path) as bad:
+        list(bad)
+    assert bad._file.closed

@@ -350,6 +350,12 @@ class JournalReader:
     def __iter__(self) -> JournalReader:
         return self
 
+    def __enter__(self) -> JournalReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also when the caller stops early (a schema error, the start record only)
+
     def __next__(self) -> dict[str, Any]:
         if self.done:
             raise StopIteration
@@ -378,14 +384,15 @@ class JournalReader:
         return record
 
     def close(self) -> None:
+        """Stop reading (closing twice is harmless)."""
         self.done = True
         self._file.close()
 
 
 def scan_journal(run_dir: Path) -> JournalContents:
     """Parse journal.jsonl. Only the last line may be incomplete; any other bad line is a JournalError."""
-    reader = JournalReader(run_dir)
-    records = list(reader)
+    with JournalReader(run_dir) as reader:
+        records = list(reader)
     return JournalContents(records, reader.torn_tail, reader.valid_bytes)
 
 
@@ -588,10 +595,11 @@ class Journal:
         if not self.path.exists():
             raise JournalError(f"nothing to resume: no journal in {self.run_dir}")
         # One pass over the journal, a record at a time (a multi-day journal is hundreds of MB of records).
-        reader, check, run_time = JournalReader(self.run_dir), JournalCheck(), RunTime()
-        for record in reader:
-            check.add(record)
-            run_time.add(record.get("kind"), record.get("t_mono"))
+        check, run_time = JournalCheck(), RunTime()
+        with JournalReader(self.run_dir) as reader:
+            for record in reader:
+                check.add(record)
+                run_time.add(record.get("kind"), record.get("t_mono"))
         first, last = check.first, check.last
         if first is None or last is None:  # killed before the start record was complete: begin afresh
             os.truncate(self.path, 0)

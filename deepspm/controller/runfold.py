@@ -652,12 +652,12 @@ class JournalSurvey:
 
 def survey_journal(run_dir: Path, *, classifications: bool = False) -> JournalSurvey:
     """Read `run_dir`'s journal once for a resume or a replay (JournalError for a record that is not sound)."""
-    reader = JournalReader(Path(run_dir))
     survey = JournalSurvey(RunFold.new(Path(run_dir).name, replay=True), classifications=[] if classifications else None)
-    for record in reader:
-        survey.first = survey.first or record
-        survey.fold.add(record)
-        survey._take()
+    with JournalReader(Path(run_dir)) as reader:
+        for record in reader:
+            survey.first = survey.first or record
+            survey.fold.add(record)
+            survey._take()
     survey.relived.release(final=True)
     survey._take()
     survey.valid_bytes = reader.valid_bytes
@@ -674,6 +674,6 @@ class JournalFold:
 
 def read_fold(run_dir: Path, *, history: bool = False, replay: bool = False) -> JournalFold:
     """Fold a run directory's journal, a record at a time (a torn last line is left out and counted)."""
-    reader = JournalReader(Path(run_dir))
-    fold = fold_records(reader, Path(run_dir).name, history=history, replay=replay)
+    with JournalReader(Path(run_dir)) as reader:
+        fold = fold_records(reader, Path(run_dir).name, history=history, replay=replay)
     return JournalFold(fold, len(reader.torn_tail))

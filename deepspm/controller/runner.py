@@ -68,9 +68,8 @@ def _resume_from_cli(args: argparse.Namespace) -> int:
     from deepspm.controller.config import config_from_dict
     from deepspm.controller.journal import JournalReader
 
-    reader = JournalReader(args.resume)  # the start record only (a multi-day journal is hundreds of MB)
-    start = next(reader, None)
-    reader.close()
+    with JournalReader(args.resume) as reader:  # the start record only (a multi-day journal is hundreds of MB)
+        start = next(reader, None)
     if start is None:
         raise FileNotFoundError(f"{args.resume}: no journal records to resume from")
     cfg = config_from_dict(start["config"])
