@@ -72,17 +72,17 @@ def assert_completed_and_replays(run_dir: Path, resumes: int) -> None:
 
 def test_a_full_disk_during_a_frame_write_suspends_safely_and_resumes(tmp_path: Path, monkeypatch) -> None:
     disk = {"full": False}
-    write_atomic = journal_module._write_atomic
+    write_atomic = journal_module.write_atomic
 
-    def full_write(path: Path, write: Any, fsync: bool) -> None:
+    def full_write(path: Path, write: Any, *, fsync: bool) -> Path:
         if disk["full"] and path.parent.name == "frames":
             def half_then_full(f: Any) -> None:  # a temp file partly written, then the disk is full
                 f.write(b"\x93NUMPY partial")
                 raise disk_full(path)
-            return write_atomic(path, half_then_full, fsync)
-        return write_atomic(path, write, fsync)
+            return write_atomic(path, half_then_full, fsync=fsync)
+        return write_atomic(path, write, fsync=fsync)
 
-    monkeypatch.setattr(journal_module, "_write_atomic", full_write)
+    monkeypatch.setattr(journal_module, "write_atomic", full_write)
     sims: list[Any] = []
     run_dir = tmp_path / "run"
     result = session(run_dir, sims, fill_disk_at(FULL_AT, disk))

@@ -280,14 +280,14 @@ def test_a_full_disk_during_a_frame_write_is_disk_full_naming_the_frame(tmp_path
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     journal = new_journal(tmp_path)
 
-    def no_space(path: Path, write: object, fsync: bool) -> None:
+    def no_space(path: Path, write: object, *, fsync: bool) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(journal_module, "_write_atomic", no_space)
+    monkeypatch.setattr(journal_module, "write_atomic", no_space)
     with pytest.raises(journal_module.DiskFull, match=r"cannot write .*/frames/[0-9a-f]{64}\.npy"):
         journal._save_frame_sync(np.zeros((4, 4)))
     assert journal.disk_problem is not None
-    monkeypatch.setattr(journal_module, "_write_atomic", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(journal_module, "write_atomic", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):  # any other error is not a full disk
         journal._save_frame_sync(np.ones((4, 4)))
 

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from deepspm.controller.journal import JournalError, load_frame, read_journal
-from deepspm.io.sxm import FrameRecordInfo, frame_file_name, write_atomic, write_frame_sxm
+from deepspm.io.atomic import write_atomic
+from deepspm.io.sxm import FrameRecordInfo, frame_file_name, write_frame_sxm
 
 EXPORT_FORMATS = ("sxm", "gwy", "png")
 FRAME_CHOICES = ("all", "judged")

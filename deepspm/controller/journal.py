@@ -55,7 +55,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -68,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from deepspm.controller.runlock import RunDirLock
+from deepspm.io.atomic import TEMP_SUFFIX, write_atomic
 
 if TYPE_CHECKING:  # documents.py imports this module
     from deepspm.controller.documents import Start, Written
@@ -82,7 +82,6 @@ SCHEMA_HISTORY = {
 JOURNAL_FILE = "journal.jsonl"
 FRAMES_DIR = "frames"
 CHECKPOINTS_DIR = "checkpoints"
-TEMP_SUFFIX = ".tmp"
 
 START, STOP, RESUME = "start", "stop", "resume"
 # The event kinds the run writes (documents.py); the low-level `event()` accepts any lower-case name.
@@ -284,24 +283,6 @@ def list_frames(run_dir: Path) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.stem for p in folder.glob("*.npy") if _REF.match(p.stem))
-
-
-def _write_atomic(path: Path, write: Any, fsync: bool) -> None:
-    """Create `path` via a temp file in the same directory + os.replace: complete or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _remove_temp_files(folder: Path) -> list[str]:
@@ -847,7 +828,7 @@ class Journal:
         path = frame_path(self.run_dir, ref)
         if not path.exists():
             try:
-                _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), self.fsync)
+                write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), fsync=self.fsync)
             except OSError as e:
                 if not is_disk_full(e):
                     raise

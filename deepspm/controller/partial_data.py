@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from deepspm.controller.preprocess import PartialFrameError, normalise, preprocess_truncated
 from deepspm.controller.seeds import derived_seed
-from deepspm.nets.data import DataError, load_deepspm_folders, load_hsi100_npz
+from deepspm.controller.training import folder_set_info, read_hsi100_set
+from deepspm.nets.data import DataError, load_deepspm_folders
 from deepspm.nets.linewindow import check_lines, mask_rows
 
 _POOL_MIN_JOBS = 256  # below this, levelling in-process beats starting worker processes
@@ -36,31 +37,19 @@ _POOL_MIN_JOBS = 256  # below this, levelling in-process beats starting worker p
 def _part(path: Path, multiclass: bool, min_responses: int, seed: int) -> dict[str, Any]:
     """One set: normalised images (None where raw), raw frames (None where normalised), seeds, labels, info."""
     if path.is_file() and path.suffix == ".npz":
-        data = load_hsi100_npz(path, mode="multiclass" if multiclass else "binary", min_responses=min_responses)
-        info: dict[str, Any] = {
-            "kind": "hsi100_npz", "source": str(path), "n": len(data), "mode": "multiclass" if multiclass else "binary",
-            "min_responses": min_responses, "class_names": list(data.categories) if multiclass else None,
-        }
-        if not multiclass:
-            info.update(n_good=int(data.labels.sum()), n_bad=int(len(data) - data.labels.sum()))
+        data, info = read_hsi100_set(path, multiclass, min_responses)
         n = len(data)
         return {"normalised": list(data.images.astype(np.float32)), "raw": [None] * n, "seeds": [0] * n,
                 "labels": data.labels, "info": info, "names": [f"{path} image {i}" for i in data.indices]}
     if path.is_dir():
         if multiclass:
             raise DataError(f"{path}: a good/bad folder set has binary labels only")
-        from deepspm.controller.training import _kinds_from_labels_csv
-
         folder = load_deepspm_folders(path)
         seeds = [derived_seed(seed, p.relative_to(path).as_posix()) for p in folder.paths]
         normalised = [normalise(img) if levelled else None for img, levelled in zip(folder.images, folder.levelled)]
         raw = [None if levelled else img for img, levelled in zip(folder.images, folder.levelled)]
-        info = {
-            "kind": "folders", "source": str(path), "n": len(folder), "n_good": int(folder.labels.sum()),
-            "n_bad": int(len(folder) - folder.labels.sum()), "n_levelled_files": int(folder.levelled.sum()),
-            "ransac_seed": seed, "class_names": None, "kinds": _kinds_from_labels_csv(path, folder.paths),
-        }
-        return {"normalised": normalised, "raw": raw, "seeds": seeds, "labels": folder.labels, "info": info,
+        return {"normalised": normalised, "raw": raw, "seeds": seeds, "labels": folder.labels,
+                "info": folder_set_info(path, folder, seed),
                 "names": [str(p) for p in folder.paths]}
     raise DataError(f"{path}: neither a .npz file nor a folder with good/ and bad/")
 

@@ -32,7 +32,7 @@ from deepspm.controller.seeds import derived_seed
 from deepspm.controller.tipstates import RELIABILITY_PNG, evaluation_extras, print_extras, reliability_diagram
 from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.classifier import ClassifierConfig, evaluate, train_classifier
-from deepspm.nets.data import DataError, load_deepspm_folders, load_hsi100_npz
+from deepspm.nets.data import DataError, FolderDataset, NpzDataset, load_deepspm_folders, load_hsi100_npz
 from deepspm.nets.ensemble import require_single
 from deepspm.nets.inference import Predictor
 from deepspm.nets.linewindow import DEFAULT_MIN_LINES, LINE_WINDOW_KEY, LineWindowSpec, is_line_window, mask_rows
@@ -95,6 +95,27 @@ def _kinds_from_labels_csv(root: Path, paths: Sequence[Path]) -> list[str] | Non
     return None if any(k is None for k in kinds) else [str(k) for k in kinds]
 
 
+def read_hsi100_set(path: Path, multiclass: bool, min_responses: int) -> tuple[NpzDataset, dict[str, Any]]:
+    """The H:Si(100) `.npz` set, binary or six-class, and its `info` (what was read: counts, class names)."""
+    data = load_hsi100_npz(path, mode="multiclass" if multiclass else "binary", min_responses=min_responses)
+    info: dict[str, Any] = {
+        "kind": "hsi100_npz", "source": str(path), "n": len(data), "mode": "multiclass" if multiclass else "binary",
+        "min_responses": min_responses, "class_names": list(data.categories) if multiclass else None,
+    }
+    if not multiclass:
+        info.update(n_good=int(data.labels.sum()), n_bad=int(len(data) - data.labels.sum()))
+    return data, info
+
+
+def folder_set_info(path: Path, folder: FolderDataset, seed: int) -> dict[str, Any]:
+    """`info` of a good/bad folder set: counts, the RANSAC seed, and each frame's probe kind (`kinds`)."""
+    return {
+        "kind": "folders", "source": str(path), "n": len(folder), "n_good": int(folder.labels.sum()),
+        "n_bad": int(len(folder) - folder.labels.sum()), "n_levelled_files": int(folder.levelled.sum()),
+        "ransac_seed": seed, "class_names": None, "kinds": _kinds_from_labels_csv(path, folder.paths),
+    }
+
+
 def load_labelled(
     path: Path | str, *, multiclass: bool = False, min_responses: int = 1, seed: int = 0,
     workers: int | None = None, progress: bool = True,
@@ -110,13 +131,7 @@ def load_labelled(
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".npz":
-        data = load_hsi100_npz(path, mode="multiclass" if multiclass else "binary", min_responses=min_responses)
-        info: dict[str, Any] = {
-            "kind": "hsi100_npz", "source": str(path), "n": len(data), "mode": "multiclass" if multiclass else "binary",
-            "min_responses": min_responses, "class_names": list(data.categories) if multiclass else None,
-        }
-        if not multiclass:
-            info.update(n_good=int(data.labels.sum()), n_bad=int(len(data) - data.labels.sum()))
+        data, info = read_hsi100_set(path, multiclass, min_responses)
         return data.images.astype(np.float32), data.labels, info
     if path.is_dir():
         if multiclass:
@@ -124,12 +139,7 @@ def load_labelled(
         folder = load_deepspm_folders(path)
         seeds = [derived_seed(seed, p.relative_to(path).as_posix()) for p in folder.paths]
         images = normalise_frames(folder.images, folder.levelled, seeds, workers=workers, progress=progress)
-        info = {
-            "kind": "folders", "source": str(path), "n": len(folder), "n_good": int(folder.labels.sum()),
-            "n_bad": int(len(folder) - folder.labels.sum()), "n_levelled_files": int(folder.levelled.sum()),
-            "ransac_seed": seed, "class_names": None, "kinds": _kinds_from_labels_csv(path, folder.paths),
-        }
-        return images, folder.labels, info
+        return images, folder.labels, folder_set_info(path, folder, seed)
     raise DataError(f"{path}: neither a .npz file nor a folder with good/ and bad/")
 
 

@@ -63,6 +63,7 @@ from deepspm.controller.runcontrol import PAUSE_FILE, STOP_FILE
 from deepspm.controller.runfold import BAD, DEFAULT_THRESHOLD, GOOD, History, RunFold, fold_records
 from deepspm.controller.status import JournalFollower, format_duration, format_wall
 from deepspm.controller.validate import ArgumentProblem
+from deepspm.io.atomic import write_atomic
 
 log = logging.getLogger("deepspm.serve")
 
@@ -433,29 +434,15 @@ async def run_control(request: web.Request) -> web.StreamResponse:
         raise RequestProblem(409, "the run is not running")
     who = request.remote or "?"
     if action == "pause":
-        _write_atomic(run.run_dir / PAUSE_FILE, f"paused from the web page ({who})\n".encode())
+        write_atomic(run.run_dir / PAUSE_FILE, f"paused from the web page ({who})\n".encode())
     elif action == "resume":
         with contextlib.suppress(FileNotFoundError):
             (run.run_dir / PAUSE_FILE).unlink()
     elif action == "stop":
-        _write_atomic(run.run_dir / STOP_FILE, f"stop from the web page ({who})\n".encode())
+        write_atomic(run.run_dir / STOP_FILE, f"stop from the web page ({who})\n".encode())
     else:
         raise RequestProblem(404, f"no action {action!r} (pause, resume, stop)")
     return web.json_response({"ok": True, "action": action, **run.controls()})
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # -- labelling ---------------------------------------------------------------------------------------------------
@@ -528,7 +515,7 @@ class LabelSet:
         for item in self.items:
             if item.file in self.labels:
                 writer.writerow([item.file, self.labels[item.file]])
-        _write_atomic(self.csv_path, out.getvalue().encode())
+        write_atomic(self.csv_path, out.getvalue().encode())
 
     def _write_folders(self, item: LabelItem, cls: str | None) -> None:
         for name in CLASSES:
@@ -537,7 +524,7 @@ class LabelSet:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 buffer = io.BytesIO()
                 np.save(buffer, _load_npy(item.path), allow_pickle=False)
-                _write_atomic(target, buffer.getvalue())
+                write_atomic(target, buffer.getvalue())
             else:
                 with contextlib.suppress(FileNotFoundError):
                     target.unlink()

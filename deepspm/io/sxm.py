@@ -22,9 +22,7 @@ nanonispy2's on the real files and on files this writer makes.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepspm.io.atomic import write_atomic
 from deepspm.io.errors import InstrumentError
 
 END_KEY = "SCANIT_END"
@@ -457,23 +456,6 @@ def encode_sxm(header: Mapping[str, str], images: Mapping[tuple[str, str], np.nd
             plane = image_to_storage(image, scan_up=scan_up, backward=direction == "backward")
             body.append(np.ascontiguousarray(plane, dtype=dtype).tobytes())
     return encode_header(header) + b"".join(body)
-
-
-def write_atomic(path: Path | str, data: bytes) -> Path:
-    """Write bytes to `path` through a temporary file in the same folder and a rename (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_sxm(path: Path | str, images: Sequence[ScanImage], params: ScanParameters) -> Path:

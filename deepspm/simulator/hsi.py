@@ -35,11 +35,11 @@ import numpy as np
 
 from deepspm.simulator.sample import (
     AREA_PITCH_M,
-    HALF_AREA_M,
     AreaCache,
-    Patch,
     Step,
     area_rng,
+    make_patches,
+    step_table,
 )
 
 NM = 1e-9
@@ -106,17 +106,14 @@ class HsiSampleArea:
             az = float(rng.uniform(0.0, 180.0))
         self.azimuth_rad = math.radians(az)
         self.steps = self._make_steps(rng)
-        self.step_table = np.array(
-            [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase)
-             for st in self.steps]
-        ).reshape(-1, 7)
+        self.step_table = step_table(self.steps)
         # per terrace (indexed by the number of steps below it, offset so indices are >= 0): lattice registry
         # (fractions of a along and across the rows) and the buckling pattern (0 zigzag c(4x2), 1 p(2x2))
         n_t = len(self.steps) + 1
         self._terrace_shift = rng.uniform(0.0, 1.0, (n_t, 2))
         self._terrace_pattern = rng.integers(0, 2, n_t)
         self._terrace_parity0 = int(rng.integers(0, 2))
-        self.patches = self._make_patches(rng)
+        self.patches = make_patches(rng, c.bad_patch_density_per_um2, c.bad_patch_radius_m, c.bad_patch_roughness_m)
         self._tiles: dict[tuple[int, int], np.ndarray] = {}
         self._debris: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
         self.debris_sites: list[tuple[float, float, float]] = []
@@ -140,15 +137,6 @@ class HsiSampleArea:
                               float(rng.uniform(0, 2 * math.pi))))
         return tuple(steps)
 
-    def _make_patches(self, rng: np.random.Generator) -> tuple[Patch, ...]:
-        c = self.config
-        n = int(rng.poisson(c.bad_patch_density_per_um2 * (AREA_PITCH_M / 1e-6) ** 2))
-        out = []
-        for _ in range(n):
-            x, y = rng.uniform(-HALF_AREA_M, HALF_AREA_M, 2)
-            out.append(Patch(float(x), float(y), float(rng.uniform(*c.bad_patch_radius_m)),
-                             float(rng.uniform(*c.bad_patch_roughness_m))))
-        return tuple(out)
 
     def terrace_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """How many steps lie 'below' each point (0..len(steps)): which terrace it is on."""

@@ -19,7 +19,7 @@ What an area holds (all deterministic from (seed, area index), generated only wh
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -109,6 +109,26 @@ class Patch:
         return (np.asarray(x) - self.x_m) ** 2 + (np.asarray(y) - self.y_m) ** 2 <= (self.radius_m + margin_m) ** 2
 
 
+def make_patches(rng: np.random.Generator, density_per_um2: float, radius_m: tuple[float, float],
+                 roughness_m: tuple[float, float]) -> tuple[Patch, ...]:
+    """An approach area's bad patches: a Poisson number at `density_per_um2`, placed uniformly, radius and
+    roughness drawn from their ranges (every surface draws them in this order, so an area is reproducible)."""
+    n = int(rng.poisson(density_per_um2 * (AREA_PITCH_M / 1e-6) ** 2))
+    patches = []
+    for _ in range(n):
+        x, y = rng.uniform(-HALF_AREA_M, HALF_AREA_M, 2)
+        patches.append(Patch(float(x), float(y), float(rng.uniform(*radius_m)), float(rng.uniform(*roughness_m))))
+    return tuple(patches)
+
+
+def step_table(steps: Sequence[Step]) -> np.ndarray:
+    """(n, 7) columns nx, ny, offset, height, meander amplitude, meander k, phase: the steps, for vectorised queries."""
+    return np.array(
+        [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase)
+         for st in steps]
+    ).reshape(-1, 7)
+
+
 def _empty() -> np.ndarray:
     return np.zeros((4, 0))
 
@@ -144,12 +164,8 @@ class SampleArea:
         target = min(self.molecule_density_per_m2 * core, 0.95)
         self._candidate_density_per_m2 = -math.log(1.0 - target) / core
         self.steps = self._make_steps(rng)
-        # (n, 7) columns nx, ny, offset, height, meander amplitude, meander k, phase (vectorised step queries)
-        self.step_table = np.array(
-            [(st.nx, st.ny, st.offset_m, st.height_m, st.meander_amp_m, st.meander_k_per_m, st.meander_phase)
-             for st in self.steps]
-        ).reshape(-1, 7)
-        self.patches = self._make_patches(rng)
+        self.step_table = step_table(self.steps)
+        self.patches = make_patches(rng, c.bad_patch_density_per_um2, c.bad_patch_radius_m, c.bad_patch_roughness_m)
         self._raw_tiles: dict[tuple[int, int], np.ndarray] = {}
         self._tiles: dict[tuple[int, int], np.ndarray] = {}
         self._debris: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}  # tile -> (cluster number, comps)
@@ -176,15 +192,6 @@ class SampleArea:
             )
         return tuple(steps)
 
-    def _make_patches(self, rng: np.random.Generator) -> tuple[Patch, ...]:
-        c = self.config
-        n = int(rng.poisson(c.bad_patch_density_per_um2 * (AREA_PITCH_M / 1e-6) ** 2))
-        patches = []
-        for _ in range(n):
-            x, y = rng.uniform(-HALF_AREA_M, HALF_AREA_M, 2)
-            patches.append(Patch(float(x), float(y), float(rng.uniform(*c.bad_patch_radius_m)),
-                                 float(rng.uniform(*c.bad_patch_roughness_m))))
-        return tuple(patches)
 
     # --- tiles --------------------------------------------------------------------------------------------
     def _raw_molecules(self, key: tuple[int, int]) -> np.ndarray:
