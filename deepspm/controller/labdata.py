@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from deepspm.io.atomic import save_figure
 from deepspm.io.sxm import SxmError, SxmScan, read_sxm
 from deepspm.nets.data import DataError, halve_to
 
@@ -261,10 +262,6 @@ def manifest_gallery(dataset: Path | str, out_png: Path | str, *, columns: int =
                      fontsize=8, color=colours.get(r["label"], "black"))
     fig.suptitle("Imported scans as the classifier sees them (RANSAC-levelled, -1.5 to 1.5 = -0.5 to 2.5 A)",
                  fontsize=9)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    out = save_figure(fig, out_png, dpi=90)
     print(f"wrote {out}")
     return out

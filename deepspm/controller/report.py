@@ -62,6 +62,7 @@ from deepspm.controller.runfold import (
 )
 from deepspm.controller.status import format_duration
 from deepspm.io.actions import ACTIONS, ActionKind
+from deepspm.io.atomic import write_atomic
 
 __all__ = ["BAD", "BAD_SAMPLE", "CONTACT_LOST", "CRASHED", "GOOD", "PLOT_FILES", "UNJUDGED", "ReportSummary",
            "read_history", "summarise", "summary_rows", "write_report"]
@@ -325,8 +326,7 @@ def _site_nm(a: TakenAction) -> tuple[float, float]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
 
 
 def _empty(ax: Axes, text: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from deepspm.io.atomic import save_figure
 from deepspm.nets.data import (
     BINARY_FROM_MULTICLASS_RULE,
     GORDON2020_CATEGORIES,
@@ -115,12 +116,7 @@ def reliability_diagram(metrics: dict[str, Any], path: Path | str, title: str = 
         ax.title.set_fontsize(8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def print_extras(metrics: dict[str, Any]) -> None:

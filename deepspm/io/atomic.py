@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 TEMP_SUFFIX = ".tmp"
 
@@ -33,3 +33,14 @@ def write_atomic(path: Path | str, data: bytes | Callable[[BinaryIO], object], *
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_figure(fig: Any, path: Path | str, dpi: int) -> Path:
+    """A pyplot figure laid out tightly, written whole as a PNG, then closed (pyplot keeps open figures alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        return write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)

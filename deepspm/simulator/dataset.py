@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from deepspm.io.atomic import save_figure
 from deepspm.simulator.clock import SimClock
 from deepspm.simulator.environment import approach_and_settle
 from deepspm.simulator.microscope import Z_INDEX, MotorDirection, SimConfig, SimulatedMicroscope
@@ -156,9 +157,4 @@ def gallery(dataset_dir: str | Path, out_png: str | Path, n_per_class: int = 12,
         colour = "tab:green" if r["label"] == "good" else "tab:red"
         ax.set_title(f"{r['label']}: {r['kind']}", fontsize=9, color=colour)
     fig.suptitle("Synthetic 10 nm x 10 nm frames (plane-levelled, -0.5 to 2.5 Angstrom)", fontsize=10)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=90)

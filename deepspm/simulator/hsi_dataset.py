@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepspm.io.atomic import save_figure
 from deepspm.simulator import artefacts
 from deepspm.simulator.hsi import ANGSTROM, NM, HsiSampleArea, HsiSampleConfig
 from deepspm.simulator.hsi_probe import REAL_SET_CLASS, TIP_CHANGE_CLASS, HsiTipState, make_hsi_probe
@@ -306,12 +307,7 @@ def gallery(sim_npz: str | Path, out_png: str | Path, real_npz: str | Path | Non
             axes[i, per_class].set_title(f"real: {real_class[c]}", fontsize=8, loc="left")
     fig.suptitle("H:Si(100) tip states: simulated (left)" + (", real frames of the class (right)" if real is not None else ""),
                  fontsize=9)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=80)
 
 
 # -- frames as the run sees them (for a tip-state classifier that drives `deepspm run --target-state`) ----------
