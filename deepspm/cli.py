@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspm.controller import validate as check
+from deepspm.nets.presets import PRESETS
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -435,13 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", type=check.output_dir, required=True, metavar="CKPT", help="checkpoint directory to write")
     tc.add_argument("--recipe", choices=("auto", "standard", "hsi100"), default="auto",
                     help="the defaults of the options below: auto (default) = hsi100 for the H:Si(100) .npz alone "
-                         "(an ensemble of 5 compact nets, 20 epochs, good weight 8 with its prior correction: the "
+                         "(an ensemble of 5 wide nets, 20 epochs, good weight 8 with its prior correction: the "
                          "output bias moved by -log 8 after training, flips, cosine learning rate, the set's fixed "
                          "20 %% hold-out), else standard "
                          "(one compact net, 20 epochs, good weight 8, flips, constant learning rate: the paper's); "
                          "any option given overrides the recipe; the checkpoint's metadata records it")
-    tc.add_argument("--preset", choices=("tiny", "compact", "original", "paper"),
-                    help="network size (recipe default: compact; paper needs a GPU workstation)")
+    tc.add_argument("--preset", choices=tuple(PRESETS),
+                    help="network size (recipe default: wide for the H:Si(100) set, else compact; tiny is for tests; "
+                         "original and paper need a GPU workstation)")
     tc.add_argument("--epochs", type=check.int_range(1, 100_000), help="passes over the training split (recipe default)")
     tc.add_argument("--seed", type=check.seed, default=0, help="seed of the split, init, batches and flips (default 0)")
     tc.add_argument("--val-fraction", dest="val_fraction", type=check.float_range(0, 1, hi_open=True), default=0.24,

@@ -47,6 +47,14 @@ def test_compact_is_a_few_hundred_thousand_parameters() -> None:
     assert count_params("tiny", 1).trainable < 5_000
 
 
+def test_wide_is_compact_with_twice_the_maps() -> None:
+    """The H:Si(100) recipe's members: the same depth, pools and dense layers as compact, every conv twice as wide."""
+    compact, wide = get_preset("compact"), get_preset("wide")
+    assert wide.conv_sets == tuple(tuple(2 * m for m in s) for s in compact.conv_sets)
+    assert (wide.pool_after, wide.hidden, wide.global_pool) == (compact.pool_after, compact.hidden, compact.global_pool)
+    assert 2 * count_params("compact", 1).trainable < count_params("wide", 1).trainable < 1_000_000
+
+
 def test_presets_round_trip_through_json_dicts() -> None:
     for spec in PRESETS.values():
         assert NetSpec.from_dict(spec.to_dict()) == spec

@@ -55,6 +55,7 @@ def test_given_options_override_the_recipe() -> None:
     tta, overrides = resolve(RECIPES["hsi100"], {"combine": "dihedral-mean"})  # test-time views on request
     assert overrides == {"combine": "dihedral-mean"} and "(dihedral-mean)" in tta.describe()
     assert "good weight 8 (prior-corrected" in RECIPES["hsi100"].describe()
+    assert "ensemble of 5 wide nets" in RECIPES["hsi100"].describe()  # measured better out of fold than compact
     # six-class members are unweighted sigmoids: the printed line must not claim a weight in force
     six = announce(RECIPES["hsi100"], "auto", {}, multiclass=True)
     assert "good weight 8" not in six and "six unweighted sigmoids" in six and "ensemble of 5" in six

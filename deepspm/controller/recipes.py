@@ -59,7 +59,7 @@ RECIPES: dict[str, Recipe] = {
     "standard": Recipe("standard"),
     # measured best on the H:Si(100) set within 30 minutes of 2 CPU cores (docs/training.md, "Default H:Si
     # recipe": on the inner split it ranked best and, prior-corrected, was the most precise at 0.9)
-    "hsi100": Recipe("hsi100", epochs=20, good_weight=8.0, ensemble=5, combine="mean", augment="flips",
+    "hsi100": Recipe("hsi100", preset="wide", epochs=20, good_weight=8.0, ensemble=5, combine="mean", augment="flips",
                      lr_schedule="cosine", fixed_holdout=True, prior_correction=True),
 }
 RECIPE_CHOICES = (AUTO, *RECIPES)

@@ -3,7 +3,7 @@
 Imports only jax, flax, optax, orbax, numpy (and scikit-learn for metrics).
 
 Modules (import what you need; nothing is re-exported here, so `deepspm.nets.data` stays light):
-- `presets`: the layer plans `paper`, `original`, `compact`, `tiny` (`NetSpec`, `get_preset`).
+- `presets`: the layer plans `paper`, `original`, `compact`, `wide`, `tiny` (`NetSpec`, `get_preset`).
 - `model`: the NNX module and the functional core (`NetDef`, `NetVars`, `apply_eval`, `apply_train`,
   `count_params`).
 - `inference`: compiled eval-mode `Predictor` and `predict_async`.
