@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from deepspm.nets import inference
 from deepspm.nets.checkpoint_info import CheckpointError
 from deepspm.nets.checkpoints import load_net, save_net
 from deepspm.nets.classifier import ClassifierConfig
@@ -53,8 +54,23 @@ def test_ensemble_is_the_mean_of_its_members_in_one_trace(three) -> None:
     np.testing.assert_allclose(ensemble(images), expected, atol=1e-6)
     ensemble(_images(4, 1))
     ensemble.predict_batched(_images(9, 2), batch_size=4)
-    assert ensemble.traces["forward"] == 1  # one vmapped function for all members and calls of batch 4
+    assert ensemble.traces["forward"] == 1  # one function for all members and calls of batch 4
     assert ensemble(images).shape == (4, 3)
+
+
+@pytest.mark.parametrize("rule", ["mean", "vote", "dihedral-mean"])
+def test_unrolled_and_vmapped_members_agree(three, rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the members are unrolled inside the one call (faster there), on an accelerator vmapped: the same
+    outputs either way."""
+    net, members = three
+    images = _images(4, 5)
+    out = {}
+    for unroll in (True, False):
+        monkeypatch.setattr(inference, "UNROLL_MEMBERS_ON_CPU", unroll)
+        predictor = Predictor(EnsembleDef.of_member(net, 3, rule), stack_members(members), "probability")
+        out[unroll] = predictor(images)
+        assert predictor.traces["forward"] == 1
+    np.testing.assert_allclose(out[True], out[False], atol=1e-6)
 
 
 def test_vote_is_the_fraction_of_members_above_one_half(three) -> None:

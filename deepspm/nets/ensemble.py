@@ -2,8 +2,9 @@
 
 An ensemble is K members of ONE net definition whose variables are stacked along a new leading axis
 (every leaf gets shape (K, ...)). It is stored as one checkpoint (`checkpoints.save_net` with an
-`EnsembleDef`) and run as one batched call: `Predictor` vmaps the serving forward pass over the member axis
-(the images are shared), then combines the members' outputs inside the same jitted function.
+`EnsembleDef`) and run as one call: `Predictor` runs the serving forward pass of every member (vmapped over the
+member axis on an accelerator, unrolled on a CPU, where that is faster; the images are shared), then combines
+the members' outputs inside the same jitted function.
 
 Combination rules (`COMBINE_RULES`), per output:
 - "mean": the mean of the members' probabilities (sigmoid of each member's logits);
