@@ -4,6 +4,7 @@ temporary file is named `.NAME.XXXX.tmp` (a resumed run removes them by TEMP_SUF
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,7 +31,8 @@ def write_atomic(path: Path | str, data: bytes | Callable[[BinaryIO], object], *
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the write's own error is the one to report
+            os.unlink(tmp)
         raise
     return path
 

@@ -91,7 +91,7 @@ PRESETS: dict[str, NetSpec] = {
         # CPU-sized (~0.40 M): thin sets at high resolution, pooling after every set, 4x4x64 flattened;
         # ~1 ms at batch 1 on one CPU core versus ~0.2 s for `paper`.
         NetSpec("compact", ((8,), (16, 16), (32, 32), (64, 64)), (True, True, True, True), (256, 256)),
-        # compact with every conv set twice as wide (~0.88 M; ~4x the conv arithmetic, ~2.3x compact's training
+        # compact with every conv set twice as wide (~0.88 M; ~4x the conv arithmetic, ~2x compact's training
         # time): the members of the H:Si(100) recipe, measured better out of fold (docs/training.md).
         NetSpec("wide", ((16,), (32, 32), (64, 64), (128, 128)), (True, True, True, True), (256, 256)),
         # For tests only: a few thousand parameters, compiles in well under a second.

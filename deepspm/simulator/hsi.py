@@ -137,7 +137,6 @@ class HsiSampleArea:
                               float(rng.uniform(0, 2 * math.pi))))
         return tuple(steps)
 
-
     def terrace_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """How many steps lie 'below' each point (0..len(steps)): which terrace it is on."""
         x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))

@@ -192,7 +192,6 @@ class SampleArea:
             )
         return tuple(steps)
 
-
     # --- tiles --------------------------------------------------------------------------------------------
     def _raw_molecules(self, key: tuple[int, int]) -> np.ndarray:
         """Candidate molecules of one tile (4, n): x, y, angle, priority mark."""
