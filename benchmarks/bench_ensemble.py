@@ -32,42 +32,44 @@ K = 5
 TTA_RULE = "dihedral-mean"
 
 
+def _predictors(preset: str, rules: tuple[str, ...]) -> tuple[list[Predictor], dict[str, Predictor]]:
+    """K members of `preset` (seeds 0..K-1) as K single predictors and one ensemble predictor per combination rule,
+    all compiled for batch 1 (as the run compiles them)."""
+    net = NetDef.of(preset, 1)
+    members = [net.init(jax.random.key(seed)) for seed in range(K)]
+    singles = [Predictor(net, variables, "probability") for variables in members]
+    ensembles = {rule: Predictor(EnsembleDef.of_member(net, K, rule), stack_members(members), "probability")
+                 for rule in rules}
+    for predictor in (*singles, *ensembles.values()):
+        predictor.compile([1])
+    return singles, ensembles
+
+
 def main(smoke: bool = False) -> dict[str, Any]:
     """`smoke` (or `--quick`): tiny members and a few rounds, nothing written (keeps the module working)."""
     preset = "tiny" if smoke else "compact"
-    net = NetDef.of(preset, 1)
-    members = [net.init(jax.random.key(seed)) for seed in range(K)]
-    ensemble = Predictor(EnsembleDef.of_member(net, K, "mean"), stack_members(members), "probability")
-    # the hsi100 recipe's rule: every member also judges the 8 symmetries of the image, in the same call
-    tta = Predictor(EnsembleDef.of_member(net, K, TTA_RULE), stack_members(members), "probability")
-    singles = [Predictor(net, variables, "probability") for variables in members]
-    for predictor in (ensemble, tta, *singles):
-        predictor.compile([1])
+    # TTA_RULE: every member also judges the 8 symmetries of the image, in the same call
+    singles, ensembles = _predictors(preset, ("mean", TTA_RULE))
     image = np.random.default_rng(3).uniform(-1.0, 1.0, (1, 64, 64)).astype(np.float32)
     expected = np.mean([p(image) for p in singles], axis=0)
-    got = ensemble(image)
+    got = ensembles["mean"](image)
     assert np.allclose(got, expected, atol=1e-5), (got, expected)
 
-    def k_calls() -> Any:
-        return np.mean([p(image) for p in singles], axis=0)
+    def k_calls(predictors: list[Predictor]) -> Callable[[], Any]:
+        return lambda: np.mean([p(image) for p in predictors], axis=0)
 
     calls: dict[str, Callable[[], Any]] = {
         "one member": lambda: singles[0](image),
-        f"ensemble of {K}, one batched call": lambda: ensemble(image),
-        f"{K} separate calls": k_calls,
-        f"ensemble of {K}, {TTA_RULE} (8 views), one batched call": lambda: tta(image),
+        f"ensemble of {K}, one batched call": lambda: ensembles["mean"](image),
+        f"{K} separate calls": k_calls(singles),
+        f"ensemble of {K}, {TTA_RULE} (8 views), one batched call": lambda: ensembles[TTA_RULE](image),
     }
     reference = dict.fromkeys(calls, "one member")
     if not smoke:  # the H:Si(100) recipe's members
-        wide = NetDef.of("wide", 1)
-        wide_members = [wide.init(jax.random.key(seed)) for seed in range(K)]
-        wide_singles = [Predictor(wide, variables, "probability") for variables in wide_members]
-        wide_ensemble = Predictor(EnsembleDef.of_member(wide, K, "mean"), stack_members(wide_members), "probability")
-        for predictor in (*wide_singles, wide_ensemble):
-            predictor.compile([1])
+        wide_singles, wide_ensembles = _predictors("wide", ("mean",))
         calls["one wide member"] = lambda: wide_singles[0](image)
-        calls[f"ensemble of {K} wide (H:Si recipe), one batched call"] = lambda: wide_ensemble(image)
-        calls[f"{K} separate wide calls"] = lambda: np.mean([p(image) for p in wide_singles], axis=0)
+        calls[f"ensemble of {K} wide (H:Si recipe), one batched call"] = lambda: wide_ensembles["mean"](image)
+        calls[f"{K} separate wide calls"] = k_calls(wide_singles)
         reference.update(dict.fromkeys(list(calls)[-3:], "one wide member"))
     rounds = 5 if smoke else 300
     times: dict[str, list[float]] = {name: [] for name in calls}
